@@ -1,0 +1,3 @@
+from sffn_lab.cli import main
+
+main()

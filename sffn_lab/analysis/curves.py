@@ -1,0 +1,77 @@
+"""Validation curves read from run directories (``metrics.csv``) and drawn into PNG files."""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from sffn_lab.errors import UserError
+
+X_COLUMNS = {"steps": ("step", "step"), "tokens": ("tokens_seen", "tokens seen"), "time": ("elapsed_s", "seconds")}
+
+
+@dataclass
+class Curve:
+    label: str
+    metric: str  # the y-axis name, e.g. "val/bits"
+    x: list[float]
+    y: list[float]
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, float]]:
+    """Rows of a run's metrics.csv as floats (empty cells dropped); later rows win for a repeated step."""
+    path = Path(run_dir) / "metrics.csv"
+    if not path.is_file():
+        raise UserError(f"'{run_dir}' has no metrics.csv: is it a run directory of sffn train?")
+    rows = []
+    with path.open(newline="") as f:
+        for row in csv.DictReader(f):
+            rows.append({k: float(v) for k, v in row.items() if v not in ("", None)})
+    return rows
+
+
+def curve_metric(run_dir: Path) -> str:
+    """Perplexity for word corpora, bits per character/token otherwise."""
+    config_path = Path(run_dir) / "summary.json"
+    unit = json.loads(config_path.read_text()).get("unit") if config_path.is_file() else None
+    return "val/ppl" if unit == "word" else "val/bits"
+
+
+def validation_curve(run_dir: Path, x_axis: str = "steps", metric: str | None = None) -> Curve:
+    """The validation curve of one run: one point per validation, de-duplicated by step."""
+    metric = metric or curve_metric(run_dir)
+    x_key = X_COLUMNS[x_axis][0]
+    by_step: dict[float, tuple[float, float]] = {}
+    for row in read_metrics(run_dir):
+        if metric in row and x_key in row:
+            by_step[row["step"]] = (row[x_key], row[metric])
+    if not by_step:
+        raise UserError(f"'{run_dir}' has no '{metric}' values against '{x_axis}' yet.")
+    points = [by_step[s] for s in sorted(by_step)]
+    return Curve(Path(run_dir).name, metric, [p[0] for p in points], [p[1] for p in points])
+
+
+def plot_runs(run_dirs: list[Path], output: Path, x_axis: str = "steps") -> None:
+    """Overlay the validation curves of ``run_dirs`` in one labelled PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves = [validation_curve(r, x_axis) for r in run_dirs]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for c in curves:
+        ax.plot(c.x, c.y, marker="o", markersize=3, label=c.label)
+    metric = curves[0].metric
+    ax.set_xlabel(X_COLUMNS[x_axis][1])
+    ax.set_ylabel({"val/ppl": "validation perplexity", "val/bits": "validation bits per token"}[metric])
+    if metric == "val/ppl":
+        ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    output.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(output, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,174 @@
+"""The ``sffn`` command line: one Typer command per toolkit function.
+
+User mistakes raise ``UserError``; ``main`` prints them as one short paragraph and exits with 2.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from sffn_lab.errors import UserError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="sffn-lab: train, evaluate and ablate sparse feed-forward layers in language models.",
+)
+console = Console()
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "experiments" / "default.yaml"
+
+
+def _typed_overrides(**values) -> list[str]:
+    """Typed CLI options → dotted overrides, for the options the user actually gave."""
+    keys = {
+        "data": "data.corpus",
+        "max_steps": "train.max_steps",
+        "seed": "train.seed",
+        "accelerator": "train.accelerator",
+        "devices": "train.devices",
+        "strategy": "train.strategy",
+        "precision": "train.precision",
+        "out": "train.out_dir",
+        "name": "name",
+    }
+    return [f"{keys[k]}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in values.items() if v is not None]
+
+
+def _format_summary(summary) -> Table:
+    table = Table(title="Run summary", show_header=False)
+    if summary.val_loss is not None:
+        table.add_row("validation loss (nats/token)", f"{summary.val_loss:.4f}")
+        unit_name = {"byte": "bits per character", "word": "bits per word", "token": "bits per token"}
+        table.add_row(f"validation {unit_name.get(summary.unit, 'bits')}", f"{summary.val_bits:.4f}")
+    if summary.val_ppl is not None:
+        table.add_row("validation perplexity", f"{summary.val_ppl:.2f}")
+    if summary.entropy_rate_bits is not None and summary.entropy_gap_bits is not None:
+        table.add_row("true entropy rate (bits/token)", f"{summary.entropy_rate_bits:.4f}")
+        table.add_row("gap to the entropy rate (bits/token)", f"{summary.entropy_gap_bits:+.4f}")
+    table.add_row("steps", str(summary.step))
+    table.add_row("tokens seen", f"{summary.tokens_seen:,}")
+    table.add_row("wall time", f"{summary.wall_time_s:.1f} s")
+    table.add_row("run directory", summary.run_dir)
+    return table
+
+
+@app.command()
+def train(
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML experiment file."),
+    set_: list[str] = typer.Option([], "--set", "-s", help="Override a key: --set model.d_model=256."),
+    data: Optional[str] = typer.Option(None, help="Corpus name or path to a text file."),
+    max_steps: Optional[int] = typer.Option(None, help="Training steps."),
+    seed: Optional[int] = typer.Option(None, help="Random seed."),
+    accelerator: Optional[str] = typer.Option(None, help="cpu, gpu, auto ..."),
+    devices: Optional[int] = typer.Option(None, help="Number of devices."),
+    strategy: Optional[str] = typer.Option(None, help="Lightning strategy: auto, ddp, fsdp ..."),
+    precision: Optional[str] = typer.Option(None, help="32-true, bf16-mixed, 16-mixed ..."),
+    out: Optional[str] = typer.Option(None, help="Directory that holds run directories."),
+    name: Optional[str] = typer.Option(None, help="Run name (prefix of the run directory)."),
+    resume: Optional[Path] = typer.Option(None, help="Continue the run in this run directory."),
+    progress: bool = typer.Option(True, help="Show the progress bar."),
+) -> None:
+    """Train a language model (the default experiment when run without options)."""
+    from sffn_lab import training
+    from sffn_lab.config import load_config
+
+    overrides = _typed_overrides(
+        data=data, max_steps=max_steps, seed=seed, accelerator=accelerator, devices=devices,
+        strategy=strategy, precision=precision, out=out, name=name,
+    ) + list(set_)
+    if resume is not None:
+        if config is not None:
+            raise UserError("--resume continues a run with its own config; do not pass --config with it.")
+        cfg = training.load_run_config(resume, overrides)
+    else:
+        cfg = load_config(config or DEFAULT_CONFIG, overrides)
+    summary = training.train(cfg, progress=progress, resume_dir=resume)
+    console.print(_format_summary(summary))
+
+
+class Split(str, Enum):
+    valid = "valid"
+    test = "test"
+
+
+@app.command("eval")
+def eval_(
+    checkpoint: Path = typer.Argument(..., help="A .ckpt file or a run directory."),
+    split: Split = typer.Option(Split.valid, help="Which split to score."),
+    set_: list[str] = typer.Option([], "--set", "-s", help="Override a key (e.g. data.corpus=...)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Exact loss and bits / perplexity over every token of a split."""
+    from sffn_lab.training import evaluate
+
+    result = evaluate(checkpoint, split.value, list(set_))
+    if as_json:
+        print(json.dumps(result))
+        return
+    table = Table(title=f"{result['corpus']} — {split.value}", show_header=False)
+    for key, value in result.items():
+        table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+    console.print(table)
+
+
+@app.command()
+def sample(
+    checkpoint: Path = typer.Argument(..., help="A .ckpt file or a run directory."),
+    prompt: str = typer.Option("", help="Text to continue."),
+    tokens: int = typer.Option(200, help="Number of tokens to generate."),
+    temperature: float = typer.Option(1.0, help="Sampling temperature (0: greedy)."),
+    top_k: Optional[int] = typer.Option(None, help="Sample from the k most likely tokens."),
+    seed: int = typer.Option(0, help="Random seed."),
+) -> None:
+    """Generate text from a trained model."""
+    import torch
+
+    from sffn_lab.data.datamodule import LMDataModule
+    from sffn_lab.models.sampling import generate
+    from sffn_lab.training import load_checkpoint
+
+    if tokens < 1:
+        raise UserError("--tokens must be at least 1.")
+    module = load_checkpoint(checkpoint)
+    data = LMDataModule(module.config.data, seed=module.config.train.seed)
+    ids = data.encode(prompt) if prompt else [0]
+    prompt_ids = torch.tensor([ids], dtype=torch.long)
+    generator = torch.Generator().manual_seed(seed)
+    out = generate(module.model, prompt_ids, tokens, module.config.data.seq_len, temperature, top_k, generator)
+    print(data.decode(out[0].tolist()))
+
+
+class XAxis(str, Enum):
+    steps = "steps"
+    tokens = "tokens"
+    time = "time"
+
+
+@app.command()
+def plot(
+    runs: list[Path] = typer.Argument(..., help="Run directories to overlay."),
+    x: XAxis = typer.Option(XAxis.steps, help="Horizontal axis."),
+    output: Path = typer.Option(Path("curves.png"), "--output", "-o", help="PNG file to write."),
+) -> None:
+    """Plot validation bpc / perplexity curves of one or more runs into a PNG."""
+    from sffn_lab.analysis.curves import plot_runs
+
+    plot_runs(runs, output, x.value)
+    console.print(f"wrote {output}")
+
+
+def main() -> None:
+    try:
+        app()
+    except UserError as exc:
+        Console(stderr=True).print(f"[bold red]error:[/] {exc}", highlight=False)
+        sys.exit(2)

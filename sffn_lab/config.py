@@ -1,0 +1,350 @@
+"""Typed experiment configuration: dataclasses, YAML files and ``--set key=value`` overrides.
+
+A config is a tree of dataclasses (``Config`` at the root). ``load_config`` reads a YAML file,
+applies dotted overrides and checks every key and type: an unknown key fails with the closest
+valid key suggested, a value of the wrong type fails with the expected type named. Both raise
+``UserError`` so that the CLI can print them without a traceback.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from sffn_lab.errors import UserError
+
+# ----------------------------------------------------------------------------------------------
+# Feed-forward layer (the part every S-FFN variant configures)
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SigmaMoEOptions:
+    """σ-MoE (Csordás et al. 2023): sigmoid gates on W_sel x, top-K experts, no renormalisation."""
+
+    entropy_coef: float = 1e-3  # γ of the entropy regulariser on the batch-mean selection softmax
+    expert_dropout: float = 0.0  # δ: probability of dropping a whole expert from selection (training)
+    gate: str = "sigmoid"  # "sigmoid" (paper) or "softmax" (ablation)
+    renormalize: bool = False  # renormalise the K selected gates to sum to 1 (ablation)
+    init: str = "paper"  # "paper" (the paper's scaled init) or "standard" (ablation)
+
+
+@dataclass
+class SwitchOptions:
+    """Switch Transformer routing: softmax gate, top-1, load-balancing loss."""
+
+    balance_coef: float = 0.01  # α of α·N·Σ f_i P_i
+    capacity_factor: float = 0.0  # 0 = unlimited; otherwise tokens beyond capacity are dropped
+
+
+@dataclass
+class SBaseOptions:
+    """S-BASE: Sinkhorn-balanced selection in training, top-K of the logits at eval."""
+
+    sinkhorn_iters: int = 3
+    entropy_coef: float = 0.0  # optional γ entropy regulariser as in σ-MoE
+
+
+@dataclass
+class HashOptions:
+    """HashLayer: a fixed random hash of the token id picks the expert."""
+
+    seed: int = 0
+
+
+@dataclass
+class AvgKOptions:
+    """Avg-K: score a block by x · mean of its key vectors."""
+
+    gate: str = "none"  # "none" (paper) or "softmax" / "sigmoid" over the selected scores
+
+
+@dataclass
+class PKMOptions:
+    """Product-key memory: sub-key tables per head, top-k per half, cartesian top-k."""
+
+    heads: int = 4
+    n_keys: int = 32  # sub-keys per half: the memory has n_keys² value slots
+    knn: int = 32  # slots selected per head
+    activation: str = "softmax"  # "softmax" (original PKM) or "relu" (improved PKM)
+    query_batchnorm: bool = False
+
+
+@dataclass
+class FFNConfig:
+    """Sizes shared by all variants, plus per-variant options in sub-sections.
+
+    ``d_ff`` is the dense width (number of memory cells); block-sparse variants use
+    ``n_experts`` blocks of ``expert_size`` cells and select ``top_k`` blocks per token.
+    """
+
+    kind: str = "dense"
+    d_ff: int = 512
+    activation: str = "relu"  # "relu" or "gelu"
+    n_experts: int = 8  # N_E
+    expert_size: int = 64  # G (cells per block)
+    top_k: int = 2  # K (blocks per token; for kind=topk: cells per token)
+    dropout: float = 0.0
+    sigma_moe: SigmaMoEOptions = field(default_factory=SigmaMoEOptions)
+    switch: SwitchOptions = field(default_factory=SwitchOptions)
+    sbase: SBaseOptions = field(default_factory=SBaseOptions)
+    hash: HashOptions = field(default_factory=HashOptions)
+    avgk: AvgKOptions = field(default_factory=AvgKOptions)
+    pkm: PKMOptions = field(default_factory=PKMOptions)
+
+
+# ----------------------------------------------------------------------------------------------
+# Model, data, training
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SMLPConfig:
+    """Options of the attention-free sMLP backbone (used when model.backbone=smlp)."""
+
+    n_dense_blocks: int = 2  # N1 gMLP blocks
+    n_sparse_blocks: int = 2  # N2 sparse blocks (sMoE + tMoE)
+    n_chunks: int = 4  # sMoE experts: the hidden dimension is split into this many chunks
+    routing: str = "deterministic"  # "deterministic" or "partial_prediction"
+    prediction_fraction: float = 0.2  # partial prediction: the router sees this leading fraction
+    expansion: int = 4  # gMLP hidden width = expansion * d_model
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "transformer"  # "transformer" or "smlp"
+    d_model: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    positions: str = "rope"  # "rope" or "learned"
+    dropout: float = 0.0
+    tie_embeddings: bool = True
+    ffn: FFNConfig = field(default_factory=FFNConfig)
+    smlp: SMLPConfig = field(default_factory=SMLPConfig)
+
+
+@dataclass
+class SyntheticConfig:
+    """The embedded synthetic corpus: documents drawn from several latent Markov sources."""
+
+    seed: int = 0
+    n_sources: int = 4
+    vocab_size: int = 32
+    order: int = 2
+    doc_length: int = 512
+    train_tokens: int = 2_000_000
+    valid_tokens: int = 100_000
+    test_tokens: int = 100_000
+
+
+@dataclass
+class DataConfig:
+    corpus: str = "synthetic"  # a registered corpus name or a path to a local text file
+    seq_len: int = 128
+    batch_size: int = 32
+    eval_batch_size: int = 64
+    cache_dir: str = ""  # empty: $SFFN_DATA or the user's cache directory
+    num_workers: int = 0
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 1000
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    val_every: int = 250  # steps between validations
+    val_batches: int = 0  # 0: the whole validation split; N: its first N batches (fast curves)
+    log_every: int = 10
+    seed: int = 0
+    accelerator: str = "auto"
+    devices: int = 1
+    strategy: str = "auto"
+    precision: str = "32-true"
+    skip_nonfinite: bool = False
+    out_dir: str = "runs"
+
+
+@dataclass
+class Config:
+    name: str = "default"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading, overriding, saving
+# ----------------------------------------------------------------------------------------------
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _suggest(key: str, options: list[str]) -> str:
+    close = difflib.get_close_matches(key, options, n=1, cutoff=0.5)
+    if close:
+        return f" Did you mean '{close[0]}'?"
+    return f" Valid keys: {', '.join(sorted(options))}."
+
+
+def _coerce(value: Any, expected: Any, where: str) -> Any:
+    """Check ``value`` against the annotation ``expected``; ints are accepted for floats."""
+    origin = typing.get_origin(expected)
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(expected):
+            try:
+                return _coerce(value, option, where)
+            except UserError:
+                continue
+        raise UserError(f"Config key '{where}' got {value!r}, which is not a valid {expected}.")
+    if expected is type(None):
+        if value is None:
+            return None
+    elif expected is bool:
+        if isinstance(value, bool):
+            return value
+    elif expected is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif expected is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif expected is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+    else:
+        raise TypeError(f"unsupported config annotation {expected}")
+    name = getattr(expected, "__name__", str(expected))
+    raise UserError(f"Config key '{where}' expects a {name}, got {value!r} ({type(value).__name__}).")
+
+
+def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from a nested dict, rejecting unknown keys and wrong types."""
+    if not isinstance(data, dict):
+        raise UserError(f"Config section '{prefix or '<root>'}' must be a mapping, got {data!r}.")
+    types_ = _field_types(cls)
+    kwargs = {}
+    for key, value in data.items():
+        where = f"{prefix}{key}"
+        if key not in types_:
+            raise UserError(f"Unknown config key '{where}'.{_suggest(str(key), list(types_))}")
+        expected = types_[key]
+        if dataclasses.is_dataclass(expected):
+            kwargs[key] = from_dict(expected, value or {}, prefix=f"{where}.")
+        else:
+            kwargs[key] = _coerce(value, expected, where)
+    return cls(**kwargs)
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def all_keys(cls: type = Config, prefix: str = "") -> list[str]:
+    """Every dotted leaf key of a config class, e.g. ``model.ffn.top_k``."""
+    keys = []
+    for name, expected in _field_types(cls).items():
+        if dataclasses.is_dataclass(expected):
+            keys += all_keys(expected, f"{prefix}{name}.")
+        else:
+            keys.append(f"{prefix}{name}")
+    return keys
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"model.d_model=256"`` → (["model", "d_model"], 256). Values are parsed as YAML scalars."""
+    if "=" not in text:
+        raise UserError(f"Override '{text}' is not of the form key=value (e.g. model.d_model=256).")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise UserError(f"Override '{text}' has an empty key.")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise UserError(f"Override '{text}': the value is not valid YAML ({exc}).") from None
+    return key.split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply dotted overrides to a nested dict, validating each key path against ``Config``."""
+    valid = all_keys()
+    for text in overrides:
+        path, value = parse_override(text)
+        dotted = ".".join(path)
+        if dotted not in valid:
+            raise UserError(f"Unknown config key '{dotted}'.{_suggest(dotted, valid)}")
+        node = data
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise UserError(f"Config key '{dotted}': '{part}' is not a section in the config file.")
+        node[path[-1]] = value
+    return data
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"Config file '{path}' does not exist.")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise UserError(f"Config file '{path}' is not valid YAML: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"Config file '{path}' must hold a mapping at the top level.")
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config (or the defaults), apply overrides, validate and return a ``Config``."""
+    data = read_yaml(path) if path else {}
+    data = apply_overrides(data, overrides or [])
+    config = from_dict(Config, data)
+    validate(config)
+    return config
+
+
+def save_config(config: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+
+
+def validate(config: Config) -> None:
+    """Cross-field checks that a single key's type cannot express."""
+    m, d, t = config.model, config.data, config.train
+    if m.backbone not in ("transformer", "smlp"):
+        raise UserError(f"model.backbone must be 'transformer' or 'smlp', got '{m.backbone}'.")
+    if m.positions not in ("rope", "learned"):
+        raise UserError(f"model.positions must be 'rope' or 'learned', got '{m.positions}'.")
+    if m.d_model <= 0 or m.n_layers <= 0 or m.n_heads <= 0:
+        raise UserError("model.d_model, model.n_layers and model.n_heads must be positive.")
+    if m.backbone == "transformer" and m.d_model % m.n_heads:
+        raise UserError(f"model.d_model ({m.d_model}) must be divisible by model.n_heads ({m.n_heads}).")
+    if m.positions == "rope" and (m.d_model // m.n_heads) % 2:
+        raise UserError("RoPE needs an even head dimension (model.d_model / model.n_heads).")
+    if d.seq_len < 2 or d.batch_size < 1 or d.eval_batch_size < 1:
+        raise UserError("data.seq_len must be at least 2 and the batch sizes at least 1.")
+    if t.max_steps < 1 or t.lr <= 0 or t.warmup_steps < 0 or t.val_every < 1:
+        raise UserError("train.max_steps and train.val_every must be ≥ 1, train.lr > 0, warmup ≥ 0.")
+    from sffn_lab.layers.registry import validate_ffn
+
+    validate_ffn(m.ffn, m.d_model)

@@ -1,0 +1,224 @@
+"""The LightningModule that trains and evaluates any backbone with any FFN variant.
+
+Training minimises the mean next-token cross-entropy plus the FFN layers' auxiliary losses.
+Evaluation sums token losses and token counts with torchmetrics, so the reported loss is exact
+over the whole split (every token scored once) and reduced correctly across devices.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torchmetrics import SumMetric
+
+from sffn_lab.config import Config, from_dict, to_dict
+from sffn_lab.errors import UserError
+from sffn_lab.models import build_model
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class CorpusInfo:
+    """What the model and the reports need to know about the corpus."""
+
+    vocab_size: int
+    unit: str  # "byte", "word" or "token" (synthetic)
+    entropy_rate_bits: float | None = None  # bits per token of the true process (synthetic only)
+    unigram_entropy_bits: float | None = None
+
+
+class NonFiniteLossError(UserError):
+    """The training loss became NaN or infinite."""
+
+
+def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """LR multiplier: linear warmup over ``warmup`` steps, then cosine decay to ``min_ratio``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def token_losses(
+    logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token cross-entropy [B, S] in nats (0 where not scored) and the scored mask [B, S].
+
+    logits [B, S, V], targets [B, S] (IGNORE_INDEX where there is no target), mask [S] or None:
+    when given, only positions where it is True are scored.
+    """
+    if mask is not None:
+        targets = targets.masked_fill(~mask, IGNORE_INDEX)
+    flat = F.cross_entropy(
+        logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
+    )
+    return flat.view_as(targets), targets != IGNORE_INDEX
+
+
+class LanguageModelModule(L.LightningModule):
+    """Wraps a backbone built from ``config.model`` for a corpus described by ``corpus``."""
+
+    def __init__(self, config: dict, corpus: dict):
+        super().__init__()
+        self.save_hyperparameters()
+        self.config: Config = from_dict(Config, config)
+        self.corpus = CorpusInfo(**corpus)
+        self.model = build_model(self.config.model, self.corpus.vocab_size, self.config.data.seq_len)
+        self.val_nll = SumMetric()
+        self.val_tokens = SumMetric()
+        self.usage_counts: dict[str, dict[int, torch.Tensor]] = {}  # stage → layer → [N_E] counts
+        self.last_val_usage: dict[int, torch.Tensor] = {}  # layer → [N_E] counts of the last validation
+        self.nonfinite_skips = 0
+        self.tokens_seen = 0
+        self._clock: float | None = None
+        self.elapsed_s = 0.0
+
+    @classmethod
+    def create(cls, config: Config, corpus: CorpusInfo) -> "LanguageModelModule":
+        return cls(to_dict(config), corpus.__dict__)
+
+    def forward(self, tokens: torch.Tensor):
+        return self.model(tokens)
+
+    # ------------------------------------------------------------------ training
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        out = self.model(x)
+        losses, scored = token_losses(out.logits, y, out.loss_mask)
+        lm_loss = losses.sum() / scored.sum().clamp(min=1)
+        loss = lm_loss + out.aux_loss
+        if not torch.isfinite(loss):
+            return self._handle_nonfinite(loss)
+        self._accumulate_usage("train", out.layer_outputs)
+        self.tokens_seen += int(scored.sum()) * self.trainer.world_size
+        now = time.perf_counter()
+        if self._clock is not None:
+            self.elapsed_s += now - self._clock
+        self._clock = now
+        self.log("train/loss", lm_loss, prog_bar=True)
+        self.log("train/aux_loss", out.aux_loss)
+        if self.global_step % self.config.train.log_every == 0:
+            self.log("tokens_seen", float(self.tokens_seen))
+            if self.elapsed_s > 0:
+                self.log("tok/s", self.tokens_seen / self.elapsed_s, prog_bar=True)
+            self._log_usage("train")
+        return loss
+
+    def _handle_nonfinite(self, loss: torch.Tensor):
+        if self.config.train.skip_nonfinite:
+            self.nonfinite_skips += 1
+            self.log("train/nonfinite_skips", float(self.nonfinite_skips))
+            return None  # Lightning skips the optimizer step
+        ckpt = getattr(self.trainer.checkpoint_callback, "last_model_path", "") or "none saved yet"
+        raise NonFiniteLossError(
+            f"The training loss became {loss.item()} at step {self.global_step}. The last good checkpoint "
+            f"is {ckpt}. Lower train.lr, raise train.warmup_steps, or set train.skip_nonfinite=true "
+            "to skip such batches."
+        )
+
+    def configure_optimizers(self):
+        t = self.config.train
+        decay, no_decay = [], []
+        for name, p in self.model.named_parameters():
+            if not p.requires_grad:
+                continue
+            (decay if p.dim() >= 2 and "embed" not in name else no_decay).append(p)
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=t.lr,
+            betas=(t.beta1, t.beta2),
+        )
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: warmup_cosine(s, t.warmup_steps, t.max_steps, t.min_lr_ratio)
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    # ------------------------------------------------------------------ evaluation
+    def validation_step(self, batch, batch_idx):
+        self._eval_step("val", batch)
+
+    def test_step(self, batch, batch_idx):
+        self._eval_step("test", batch)
+
+    def _eval_step(self, stage: str, batch) -> None:
+        x, y = batch
+        out = self.model(x)
+        losses, scored = token_losses(out.logits, y, out.loss_mask)
+        self.val_nll.update(losses.sum().double())
+        self.val_tokens.update(scored.sum().double())
+        self._accumulate_usage(stage, out.layer_outputs)
+
+    def on_validation_epoch_end(self):
+        self._log_eval("val")
+
+    def on_test_epoch_end(self):
+        self._log_eval("test")
+
+    def _log_eval(self, split: str) -> None:
+        nll, n = self.val_nll.compute(), self.val_tokens.compute()
+        self.val_nll.reset()
+        self.val_tokens.reset()
+        loss = nll / n.clamp(min=1)
+        self.log_dict(self.eval_metrics(split, loss.float()), sync_dist=False)
+        self.log(f"{split}/tokens", n.float())
+        if split == "val":
+            self.log("tokens_seen", float(self.tokens_seen))
+            self.log("elapsed_s", self.elapsed_s)
+        self._log_usage(split)
+
+    def eval_metrics(self, split: str, loss: torch.Tensor) -> dict[str, torch.Tensor]:
+        """loss in nats/token → the corpus' customary numbers (bpc for bytes, perplexity for words)."""
+        bits = loss / math.log(2)
+        metrics = {f"{split}/loss": loss, f"{split}/bits": bits}
+        if self.corpus.unit == "word":
+            metrics[f"{split}/ppl"] = loss.exp()
+        if self.corpus.entropy_rate_bits is not None:
+            metrics[f"{split}/entropy_gap_bits"] = bits - self.corpus.entropy_rate_bits
+        return metrics
+
+    # ------------------------------------------------------------------ expert usage
+    def _accumulate_usage(self, stage: str, layer_outputs) -> None:
+        counts_of_stage = self.usage_counts.setdefault(stage, {})
+        for i, out in enumerate(layer_outputs):
+            if out.expert_counts is not None:
+                counts_of_stage[i] = counts_of_stage.get(i, 0) + out.expert_counts.detach().float()
+
+    def _log_usage(self, stage: str) -> None:
+        """Log usage statistics per layer, summed over all devices, and start counting afresh."""
+        counts_of_stage = self.usage_counts.pop(stage, {})
+        if not counts_of_stage:
+            return
+        from sffn_lab.analysis.usage import usage_stats
+
+        for layer, counts in sorted(counts_of_stage.items()):
+            counts = self.trainer.strategy.reduce(counts, reduce_op="sum")
+            for key, value in usage_stats(counts).items():
+                self.log(f"{stage}_usage/layer{layer}/{key}", float(value))
+            if stage == "val":
+                self.last_val_usage[layer] = counts.cpu()
+
+    # ------------------------------------------------------------------ checkpoint extras
+    def on_save_checkpoint(self, checkpoint):
+        checkpoint["sffn"] = {
+            "torch_rng": torch.get_rng_state(),
+            "tokens_seen": self.tokens_seen,
+            "elapsed_s": self.elapsed_s,
+            "nonfinite_skips": self.nonfinite_skips,
+        }
+
+    def on_load_checkpoint(self, checkpoint):
+        extra = checkpoint.get("sffn")
+        if extra:
+            torch.set_rng_state(extra["torch_rng"])
+            self.tokens_seen = extra["tokens_seen"]
+            self.elapsed_s = extra["elapsed_s"]
+            self.nonfinite_skips = extra["nonfinite_skips"]
+
+    def on_train_start(self):
+        self._clock = None

@@ -1,0 +1,28 @@
+"""The output record every backbone returns."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from sffn_lab.layers.base import FFNOutput
+
+
+@dataclass
+class LMOutput:
+    """logits [B, S, V]; layer_outputs: one ``FFNOutput`` per sparse/dense FFN layer, in depth order.
+
+    ``loss_mask`` [S] (bool) marks positions whose prediction counts towards the loss, or None for all
+    (sMLP partial prediction scores only the tail of each sequence).
+    """
+
+    logits: torch.Tensor
+    layer_outputs: list[FFNOutput] = field(default_factory=list)
+    loss_mask: torch.Tensor | None = None
+
+    @property
+    def aux_loss(self) -> torch.Tensor:
+        """Sum of the layers' weighted auxiliary losses (0 when no layer has one)."""
+        losses = [o.aux_loss for o in self.layer_outputs if o.aux_loss is not None]
+        return torch.stack(losses).sum() if losses else self.logits.new_zeros(())

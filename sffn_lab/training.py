@@ -1,0 +1,301 @@
+"""Run directories, the Lightning Trainer, and the train / resume / evaluate entry points.
+
+A run directory holds ``config.yaml`` (the resolved config), ``metrics.csv`` (CSVLogger),
+``checkpoints/`` (last and best), ``status.json`` (running / finished / failed) and, when the
+run ends, ``summary.json``. Everything that can fail because of the user's input (config, corpus,
+model sizes) is checked before the run directory is created.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
+from lightning.pytorch.loggers import CSVLogger
+
+from sffn_lab.config import (
+    Config,
+    apply_overrides,
+    from_dict,
+    load_config,
+    read_yaml,
+    save_config,
+    to_dict,
+    validate,
+)
+from sffn_lab.data.datamodule import LMDataModule
+from sffn_lab.errors import UserError
+from sffn_lab.lm_module import CorpusInfo, LanguageModelModule
+
+CONFIG_FILE = "config.yaml"
+STATUS_FILE = "status.json"
+SUMMARY_FILE = "summary.json"
+LAST_CKPT = "last.ckpt"
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes each checkpoint to a temporary file and renames it into place.
+
+    A run killed mid-save leaves the previous checkpoint intact; a half-written file is never
+    under the checkpoint's name.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        try:
+            torch.save(checkpoint, tmp)
+            os.replace(tmp, path)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise UserError(f"Could not write checkpoint '{path}': {exc}. Earlier checkpoints are intact.") from None
+
+
+@dataclass
+class RunSummary:
+    run_dir: str
+    status: str
+    step: int
+    val_loss: float | None
+    val_bits: float | None
+    val_ppl: float | None
+    entropy_rate_bits: float | None
+    entropy_gap_bits: float | None
+    unit: str
+    tokens_seen: int
+    wall_time_s: float
+    best_checkpoint: str | None
+
+
+def corpus_info(data: LMDataModule) -> CorpusInfo:
+    return CorpusInfo(
+        vocab_size=data.vocab_size,
+        unit=data.unit,
+        entropy_rate_bits=data.entropy_rate_bits,
+        unigram_entropy_bits=data.unigram_entropy_bits,
+    )
+
+
+def new_run_dir(config: Config) -> Path:
+    """A fresh directory ``<train.out_dir>/<name>-<timestamp>`` (suffixed if it already exists)."""
+    out = Path(config.train.out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"Cannot create the output directory '{out}': {exc}.") from None
+    if not os.access(out, os.W_OK):
+        raise UserError(f"The output directory '{out}' is not writable. Choose another with --out.")
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    run_dir = out / f"{config.name}-{stamp}"
+    suffix = 1
+    while run_dir.exists():
+        suffix += 1
+        run_dir = out / f"{config.name}-{stamp}-{suffix}"
+    run_dir.mkdir()
+    return run_dir
+
+
+def write_status(run_dir: Path, status: str, **extra: Any) -> None:
+    tmp = run_dir / f".{STATUS_FILE}.tmp"
+    tmp.write_text(json.dumps({"status": status, **extra}, indent=2))
+    os.replace(tmp, run_dir / STATUS_FILE)
+
+
+def read_status(run_dir: Path) -> dict[str, Any]:
+    path = Path(run_dir) / STATUS_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def build_trainer(config: Config, run_dir: Path, progress: bool) -> L.Trainer:
+    t = config.train
+    checkpoint = ModelCheckpoint(
+        dirpath=run_dir / "checkpoints",
+        filename="best-{step}",
+        monitor="val/loss",
+        mode="min",
+        save_top_k=1,
+        save_last=True,
+        auto_insert_metric_name=False,
+    )
+    callbacks: list[L.Callback] = [checkpoint]
+    if progress:
+        callbacks.append(RichProgressBar(leave=True))
+    loggers: list = [CSVLogger(save_dir=str(run_dir), name="", version="")]
+    try:
+        from lightning.pytorch.loggers import TensorBoardLogger
+        import tensorboard  # noqa: F401
+
+        loggers.append(TensorBoardLogger(save_dir=str(run_dir), name="tensorboard", version=""))
+    except ImportError:
+        pass
+    return L.Trainer(
+        max_steps=t.max_steps,
+        val_check_interval=t.val_every,
+        check_val_every_n_epoch=None,
+        limit_val_batches=t.val_batches or 1.0,
+        log_every_n_steps=t.log_every,
+        gradient_clip_val=t.grad_clip or None,
+        accelerator=t.accelerator,
+        devices=t.devices,
+        strategy=t.strategy,
+        precision=t.precision,
+        logger=loggers,
+        callbacks=callbacks,
+        plugins=[AtomicCheckpointIO()],
+        enable_progress_bar=progress,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        default_root_dir=str(run_dir),
+        deterministic=True,
+    )
+
+
+def prepare(config: Config) -> tuple[LMDataModule, LanguageModelModule]:
+    """Load the corpus and build the model; raises ``UserError`` before anything is written."""
+    L.seed_everything(config.train.seed, workers=True, verbose=False)
+    data = LMDataModule(config.data, seed=config.train.seed)
+    module = LanguageModelModule.create(config, corpus_info(data))
+    return data, module
+
+
+def train(config: Config, progress: bool = True, resume_dir: Path | None = None) -> RunSummary:
+    """Train ``config`` in a new run directory, or continue the run in ``resume_dir``."""
+    data, module = prepare(config)
+    ckpt_path = None
+    if resume_dir is None:
+        run_dir = new_run_dir(config)
+        save_config(config, run_dir / CONFIG_FILE)
+    else:
+        run_dir = Path(resume_dir)
+        last = run_dir / "checkpoints" / LAST_CKPT
+        ckpt_path = str(last) if last.is_file() else None
+    write_status(run_dir, "running", step=0)
+    start = time.perf_counter()
+    trainer = build_trainer(config, run_dir, progress)
+    try:
+        trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+    except BaseException as exc:
+        _record_failure(run_dir, trainer, exc)
+        raise
+    if trainer.interrupted:
+        write_status(run_dir, "interrupted", step=trainer.global_step)
+        raise UserError(f"Training was interrupted at step {trainer.global_step}; resume with --resume {run_dir}.")
+    summary = summarize(run_dir, trainer, module, time.perf_counter() - start)
+    write_status(run_dir, "finished", step=trainer.global_step)
+    return summary
+
+
+def _record_failure(run_dir: Path, trainer: L.Trainer, exc: BaseException) -> None:
+    """Mark the run failed; a run that never reached a checkpoint is removed entirely."""
+    checkpoints = run_dir / "checkpoints"
+    if not any(checkpoints.glob("*.ckpt")) and not (run_dir / SUMMARY_FILE).exists():
+        shutil.rmtree(run_dir, ignore_errors=True)
+        return
+    write_status(run_dir, "failed", step=trainer.global_step, error=str(exc) or type(exc).__name__)
+
+
+def summarize(run_dir: Path, trainer: L.Trainer, module: LanguageModelModule, wall: float) -> RunSummary:
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    ckpt = trainer.checkpoint_callback
+    summary = RunSummary(
+        run_dir=str(run_dir),
+        status="finished",
+        step=trainer.global_step,
+        val_loss=metrics.get("val/loss"),
+        val_bits=metrics.get("val/bits"),
+        val_ppl=metrics.get("val/ppl"),
+        entropy_rate_bits=module.corpus.entropy_rate_bits,
+        entropy_gap_bits=metrics.get("val/entropy_gap_bits"),
+        unit=module.corpus.unit,
+        tokens_seen=module.tokens_seen,
+        wall_time_s=wall,
+        best_checkpoint=ckpt.best_model_path or None if ckpt else None,
+    )
+    (run_dir / SUMMARY_FILE).write_text(json.dumps(asdict(summary), indent=2))
+    return summary
+
+
+def load_run_config(run_dir: Path, overrides: list[str]) -> Config:
+    """The config a run was made with; only ``train.max_steps`` may be changed when resuming."""
+    run_dir = Path(run_dir)
+    if not (run_dir / CONFIG_FILE).is_file():
+        raise UserError(f"'{run_dir}' is not a run directory (no {CONFIG_FILE} in it).")
+    config = load_config(run_dir / CONFIG_FILE, overrides)
+    saved = from_dict(Config, read_yaml(run_dir / CONFIG_FILE))
+    changed = _diff(to_dict(saved), to_dict(config))
+    changed.discard("train.max_steps")
+    if changed:
+        raise UserError(
+            f"Cannot resume '{run_dir}' with a different config (changed: {', '.join(sorted(changed))}). "
+            "Only train.max_steps may change when resuming; start a new run for anything else."
+        )
+    return config
+
+
+def _diff(a: dict, b: dict, prefix: str = "") -> set[str]:
+    keys = set()
+    for k in a.keys() | b.keys():
+        if isinstance(a.get(k), dict) and isinstance(b.get(k), dict):
+            keys |= _diff(a[k], b[k], f"{prefix}{k}.")
+        elif a.get(k) != b.get(k):
+            keys.add(f"{prefix}{k}")
+    return keys
+
+
+def load_checkpoint(path: Path) -> LanguageModelModule:
+    """A trained module from a checkpoint file, or a run directory (its best, else last, checkpoint)."""
+    path = Path(path)
+    if path.is_dir():
+        candidates = sorted((path / "checkpoints").glob("best-*.ckpt")) or [path / "checkpoints" / LAST_CKPT]
+        path = candidates[-1]
+    if not path.is_file():
+        raise UserError(f"Checkpoint '{path}' does not exist.")
+    try:
+        return LanguageModelModule.load_from_checkpoint(str(path), map_location="cpu", weights_only=False)
+    except RuntimeError as exc:
+        if "size mismatch" in str(exc) or "Missing key" in str(exc) or "Unexpected key" in str(exc):
+            raise UserError(
+                f"Checkpoint '{path}' does not match the model its config describes ({str(exc).splitlines()[0]})."
+            ) from None
+        raise UserError(f"Checkpoint '{path}' cannot be read: {exc}") from None
+    except (EOFError, OSError, KeyError, TypeError, ValueError) as exc:
+        raise UserError(f"Checkpoint '{path}' is not a valid sffn-lab checkpoint ({type(exc).__name__}: {exc}).") from None
+
+
+def evaluate(ckpt: Path, split: str, config_overrides: list[str] | None = None, progress: bool = False) -> dict:
+    """Exact loss over every token of ``split`` ("valid" or "test") with a trained checkpoint."""
+    module = load_checkpoint(ckpt)
+    config = module.config
+    if config_overrides:
+        config = from_dict(Config, apply_overrides(to_dict(config), config_overrides))
+        validate(config)
+    data = LMDataModule(config.data, seed=config.train.seed)
+    if data.vocab_size != module.corpus.vocab_size:
+        raise UserError(
+            f"The corpus '{config.data.corpus}' has {data.vocab_size} tokens but the checkpoint's model "
+            f"expects {module.corpus.vocab_size}: it was trained on a different corpus."
+        )
+    trainer = L.Trainer(
+        accelerator=config.train.accelerator,
+        devices=1,
+        logger=False,
+        enable_progress_bar=progress,
+        enable_model_summary=False,
+    )
+    loader = data.test_dataloader() if split == "test" else data.val_dataloader()
+    results = trainer.test(module, dataloaders=loader, verbose=False)[0]
+    out = {k.split("/", 1)[1]: float(v) for k, v in results.items() if k.startswith("test/")}
+    out.update(split=split, corpus=config.data.corpus, unit=module.corpus.unit, checkpoint=str(ckpt))
+    out["tokens"] = int(out["tokens"])
+    return out
+
