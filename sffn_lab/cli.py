@@ -57,7 +57,6 @@ def _format_summary(summary) -> Table:
     table.add_row("steps", str(summary.step))
     table.add_row("tokens seen", f"{summary.tokens_seen:,}")
     table.add_row("wall time", f"{summary.wall_time_s:.1f} s")
-    table.add_row("run directory", summary.run_dir)
     return table
 
 
@@ -93,6 +92,7 @@ def train(
         cfg = load_config(config or DEFAULT_CONFIG, overrides)
     summary = training.train(cfg, progress=progress, resume_dir=resume)
     console.print(_format_summary(summary))
+    console.print(f"run directory: {summary.run_dir}", soft_wrap=True)
 
 
 class Split(str, Enum):
@@ -171,4 +171,4 @@ def main() -> None:
         app()
     except UserError as exc:
         Console(stderr=True).print(f"[bold red]error:[/] {exc}", highlight=False)
-        sys.exit(2)
+        sys.exit(exc.exit_code)

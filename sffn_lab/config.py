@@ -165,7 +165,8 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0
-    val_every: int = 250  # steps between validations
+    val_every: int = 250  # steps between validations (each also saves the best checkpoint)
+    checkpoint_every: int = 0  # steps between saves of last.ckpt; 0: at every validation
     val_batches: int = 0  # 0: the whole validation split; N: its first N batches (fast curves)
     log_every: int = 10
     seed: int = 0

@@ -6,3 +6,5 @@ The CLI prints its message as a short paragraph and exits with code 2, without a
 
 class UserError(Exception):
     """A problem with the user's input, explained in plain words in the message."""
+
+    exit_code = 2

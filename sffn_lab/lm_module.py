@@ -21,6 +21,7 @@ from sffn_lab.errors import UserError
 from sffn_lab.models import build_model
 
 IGNORE_INDEX = -100
+MAX_CONSECUTIVE_SKIPS = 20  # with train.skip_nonfinite: give up after this many non-finite batches in a row
 
 
 @dataclass
@@ -75,6 +76,7 @@ class LanguageModelModule(L.LightningModule):
         self.usage_counts: dict[str, dict[int, torch.Tensor]] = {}  # stage → layer → [N_E] counts
         self.last_val_usage: dict[int, torch.Tensor] = {}  # layer → [N_E] counts of the last validation
         self.nonfinite_skips = 0
+        self.consecutive_skips = 0
         self.tokens_seen = 0
         self._clock: float | None = None
         self.elapsed_s = 0.0
@@ -95,6 +97,7 @@ class LanguageModelModule(L.LightningModule):
         loss = lm_loss + out.aux_loss
         if not torch.isfinite(loss):
             return self._handle_nonfinite(loss)
+        self.consecutive_skips = 0
         self._accumulate_usage("train", out.layer_outputs)
         self.tokens_seen += int(scored.sum()) * self.trainer.world_size
         now = time.perf_counter()
@@ -111,13 +114,16 @@ class LanguageModelModule(L.LightningModule):
         return loss
 
     def _handle_nonfinite(self, loss: torch.Tensor):
-        if self.config.train.skip_nonfinite:
+        self.consecutive_skips += 1
+        if self.config.train.skip_nonfinite and self.consecutive_skips <= MAX_CONSECUTIVE_SKIPS:
             self.nonfinite_skips += 1
             self.log("train/nonfinite_skips", float(self.nonfinite_skips))
-            return None  # Lightning skips the optimizer step
-        ckpt = getattr(self.trainer.checkpoint_callback, "last_model_path", "") or "none saved yet"
+            return None  # Lightning skips backward and the optimizer step
+        saved = [c.last_model_path for c in self.trainer.checkpoint_callbacks if c.last_model_path]
+        ckpt = saved[0] if saved else "none saved yet"
+        repeated = f" in {self.consecutive_skips} consecutive batches" if self.consecutive_skips > 1 else ""
         raise NonFiniteLossError(
-            f"The training loss became {loss.item()} at step {self.global_step}. The last good checkpoint "
+            f"The training loss became {loss.item()}{repeated} at step {self.global_step}. The last good checkpoint "
             f"is {ckpt}. Lower train.lr, raise train.warmup_steps, or set train.skip_nonfinite=true "
             "to skip such batches."
         )

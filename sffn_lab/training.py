@@ -9,9 +9,11 @@ model sizes) is checked before the run directory is created.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -19,7 +21,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
-from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
 from sffn_lab.config import (
@@ -32,6 +34,7 @@ from sffn_lab.config import (
     to_dict,
     validate,
 )
+from sffn_lab.callbacks import CheckpointOnInterrupt, StepProgressBar, TrainingInterrupted, ValidateAtLastStep
 from sffn_lab.data.datamodule import LMDataModule
 from sffn_lab.errors import UserError
 from sffn_lab.lm_module import CorpusInfo, LanguageModelModule
@@ -40,6 +43,19 @@ CONFIG_FILE = "config.yaml"
 STATUS_FILE = "status.json"
 SUMMARY_FILE = "summary.json"
 LAST_CKPT = "last.ckpt"
+
+
+def quiet_lightning() -> None:
+    """Silence Lightning's notices that say nothing about this run (tips, device lists, known layouts)."""
+    for name in ("lightning.pytorch", "lightning.fabric", "lightning.pytorch.utilities.rank_zero"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    for pattern in (
+        ".*exists and is not empty.*",
+        ".*LeafSpec.*",
+        ".*does not have many workers.*",
+        ".*weights_only.*",
+    ):
+        warnings.filterwarnings("ignore", message=pattern)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -118,18 +134,17 @@ def read_status(run_dir: Path) -> dict[str, Any]:
 
 def build_trainer(config: Config, run_dir: Path, progress: bool) -> L.Trainer:
     t = config.train
-    checkpoint = ModelCheckpoint(
-        dirpath=run_dir / "checkpoints",
-        filename="best-{step}",
-        monitor="val/loss",
-        mode="min",
-        save_top_k=1,
-        save_last=True,
+    checkpoints = run_dir / "checkpoints"
+    best = ModelCheckpoint(
+        dirpath=checkpoints, filename="best-{step}", monitor="val/loss", mode="min", save_top_k=1,
         auto_insert_metric_name=False,
     )
-    callbacks: list[L.Callback] = [checkpoint]
+    last = ModelCheckpoint(
+        dirpath=checkpoints, save_top_k=0, save_last=True, every_n_train_steps=t.checkpoint_every or t.val_every,
+    )
+    callbacks: list[L.Callback] = [best, last, ValidateAtLastStep(), CheckpointOnInterrupt(checkpoints / LAST_CKPT)]
     if progress:
-        callbacks.append(RichProgressBar(leave=True))
+        callbacks.append(StepProgressBar(leave=True))
     loggers: list = [CSVLogger(save_dir=str(run_dir), name="", version="")]
     try:
         from lightning.pytorch.loggers import TensorBoardLogger
@@ -162,6 +177,7 @@ def build_trainer(config: Config, run_dir: Path, progress: bool) -> L.Trainer:
 
 def prepare(config: Config) -> tuple[LMDataModule, LanguageModelModule]:
     """Load the corpus and build the model; raises ``UserError`` before anything is written."""
+    quiet_lightning()
     L.seed_everything(config.train.seed, workers=True, verbose=False)
     data = LMDataModule(config.data, seed=config.train.seed)
     module = LanguageModelModule.create(config, corpus_info(data))
@@ -184,12 +200,12 @@ def train(config: Config, progress: bool = True, resume_dir: Path | None = None)
     trainer = build_trainer(config, run_dir, progress)
     try:
         trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+    except TrainingInterrupted:
+        write_status(run_dir, "interrupted", step=trainer.global_step)
+        raise
     except BaseException as exc:
         _record_failure(run_dir, trainer, exc)
         raise
-    if trainer.interrupted:
-        write_status(run_dir, "interrupted", step=trainer.global_step)
-        raise UserError(f"Training was interrupted at step {trainer.global_step}; resume with --resume {run_dir}.")
     summary = summarize(run_dir, trainer, module, time.perf_counter() - start)
     write_status(run_dir, "finished", step=trainer.global_step)
     return summary
@@ -219,7 +235,7 @@ def summarize(run_dir: Path, trainer: L.Trainer, module: LanguageModelModule, wa
         unit=module.corpus.unit,
         tokens_seen=module.tokens_seen,
         wall_time_s=wall,
-        best_checkpoint=ckpt.best_model_path or None if ckpt else None,
+        best_checkpoint=(ckpt.best_model_path or None) if ckpt else None,
     )
     (run_dir / SUMMARY_FILE).write_text(json.dumps(asdict(summary), indent=2))
     return summary
@@ -274,6 +290,7 @@ def load_checkpoint(path: Path) -> LanguageModelModule:
 
 def evaluate(ckpt: Path, split: str, config_overrides: list[str] | None = None, progress: bool = False) -> dict:
     """Exact loss over every token of ``split`` ("valid" or "test") with a trained checkpoint."""
+    quiet_lightning()
     module = load_checkpoint(ckpt)
     config = module.config
     if config_overrides:

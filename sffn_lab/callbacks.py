@@ -1,0 +1,64 @@
+"""Lightning callbacks of sffn-lab: step-based progress, a final validation, and Ctrl-C handling."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.callbacks import RichProgressBar
+
+from sffn_lab.errors import UserError
+
+
+class TrainingInterrupted(UserError):
+    """The user pressed Ctrl-C; a checkpoint was saved at a step boundary."""
+
+    exit_code = 130
+
+
+class StepProgressBar(RichProgressBar):
+    """A rich progress bar counted in optimizer steps (runs are step-based, not epoch-based)."""
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        return "train"
+
+    @property
+    def total_train_batches(self) -> int | float:
+        return self.trainer.max_steps - self.trainer.global_step if self.trainer.max_steps > 0 else float("inf")
+
+
+class ValidateAtLastStep(L.Callback):
+    """Stop at ``max_steps`` through ``should_stop`` so that Lightning validates the final model."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step >= trainer.max_steps:
+            trainer.should_stop = True
+
+
+class CheckpointOnInterrupt(L.Callback):
+    """First Ctrl-C: finish the current step, save ``last.ckpt``, stop. Second Ctrl-C: stop at once."""
+
+    def __init__(self, last_checkpoint: Path):
+        self.last_checkpoint = Path(last_checkpoint)
+        self.requested = False
+        self._previous_handler = None
+
+    def _on_sigint(self, signum, frame) -> None:
+        self.requested = True
+        signal.signal(signal.SIGINT, self._previous_handler or signal.default_int_handler)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._previous_handler = signal.signal(signal.SIGINT, self._on_sigint)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        signal.signal(signal.SIGINT, self._previous_handler or signal.default_int_handler)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.requested:
+            trainer.save_checkpoint(self.last_checkpoint)
+            self.on_train_end(trainer, pl_module)
+            raise TrainingInterrupted(
+                f"Interrupted at step {trainer.global_step}; saved {self.last_checkpoint}. "
+                f"Continue with: sffn train --resume {self.last_checkpoint.parent.parent}"
+            )

@@ -1,0 +1,205 @@
+"""End to end through the ``sffn`` command: train, eval, sample, plot, resume, and bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import lightning as L
+import pytest
+
+from sffn_lab import training
+from sffn_lab.cli import main
+
+TINY = [
+    "--set", "model.d_model=32", "--set", "model.n_layers=1", "--set", "model.n_heads=2",
+    "--set", "model.ffn.d_ff=64", "--set", "data.seq_len=32", "--set", "data.batch_size=8",
+    "--set", "data.eval_batch_size=64", "--set", "data.synthetic.train_tokens=40000",
+    "--set", "data.synthetic.valid_tokens=3000", "--set", "data.synthetic.test_tokens=2000",
+    "--set", "train.val_every=10", "--set", "train.log_every=5", "--set", "train.warmup_steps=5",
+    "--set", "model.dropout=0.1",
+]
+
+
+def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
+    """Run ``sffn ARGS`` in this process → (exit code, stdout, stderr)."""
+    import sys
+
+    old_argv = sys.argv
+    sys.argv = ["sffn", *map(str, args)]
+    try:
+        main()
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    finally:
+        sys.argv = old_argv
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def train_tiny(tmp_path, capsys, *extra) -> Path:
+    code, out, err = run_cli(["train", *TINY, "--out", tmp_path / "runs", "--no-progress", *extra], capsys)
+    assert code == 0, err
+    return Path(json.loads(next((tmp_path / "runs").glob("*/summary.json")).read_text())["run_dir"])
+
+
+def test_train_eval_sample_plot(tmp_path, capsys):
+    code, out, err = run_cli(["train", *TINY, "--max-steps", "20", "--out", tmp_path / "runs", "--no-progress"], capsys)
+    assert code == 0, err
+    assert "gap to the entropy rate" in out and "tokens seen" in out
+    run_dir = next((tmp_path / "runs").iterdir())
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["step"] == 20 and summary["status"] == "finished"
+    assert summary["tokens_seen"] == 20 * 8 * 32
+    assert (run_dir / "config.yaml").is_file() and (run_dir / "checkpoints" / "last.ckpt").is_file()
+    assert json.loads((run_dir / "status.json").read_text())["status"] == "finished"
+
+    # eval over the whole validation split reproduces the final validation loss of training
+    code, out, err = run_cli(["eval", run_dir / "checkpoints" / "last.ckpt", "--json"], capsys)
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["tokens"] == 3000 - 1 or result["tokens"] == 3000
+    assert result["loss"] == pytest.approx(summary["val_loss"], rel=1e-5)
+    code, out, err = run_cli(["eval", run_dir, "--split", "test", "--json"], capsys)
+    assert code == 0 and json.loads(out)["split"] == "test"
+
+    code, out, err = run_cli(["sample", run_dir, "--tokens", "15", "--prompt", "", "--top-k", "5"], capsys)
+    assert code == 0, err
+    assert len(out.rstrip("\n")) == 16  # the start token and 15 generated ones, one character each
+
+    png = tmp_path / "curve.png"
+    code, out, err = run_cli(["plot", run_dir, run_dir, "--x", "tokens", "-o", png], capsys)
+    assert code == 0, err
+    import matplotlib.image
+
+    image = matplotlib.image.imread(png)
+    assert image.shape[0] > 200 and image.std() > 0.05
+
+
+def test_same_seed_gives_the_same_curve(tmp_path, capsys):
+    a = train_tiny(tmp_path / "a", capsys, "--max-steps", "12")
+    b = train_tiny(tmp_path / "b", capsys, "--max-steps", "12")
+    assert (a / "summary.json").read_text().split('"val_loss"')[1].split(",")[0] == (
+        (b / "summary.json").read_text().split('"val_loss"')[1].split(",")[0]
+    )
+    rows = lambda d: [r.split(",") for r in (d / "metrics.csv").read_text().splitlines()]  # noqa: E731
+    strip_time = lambda rs: [[v for i, v in enumerate(r) if rs[0][i] not in ("elapsed_s", "tok/s")] for r in rs]  # noqa: E731
+    assert strip_time(rows(a)) == strip_time(rows(b))
+
+
+class InterruptAtStep(L.Callback):
+    """Sends this process a real SIGINT (Ctrl-C) when training reaches ``step``."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_start(self, trainer, *args):
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+def test_ctrl_c_saves_and_resume_equals_uninterrupted(tmp_path, capsys, monkeypatch):
+    full = train_tiny(tmp_path / "full", capsys, "--max-steps", "25")
+    build = training.build_trainer
+
+    def with_interrupt(*args, **kwargs):
+        trainer = build(*args, **kwargs)
+        trainer.callbacks.append(InterruptAtStep(13))
+        return trainer
+
+    monkeypatch.setattr(training, "build_trainer", with_interrupt)
+    code, out, err = run_cli(["train", *TINY, "--max-steps", "25", "--out", tmp_path / "part", "--no-progress"], capsys)
+    assert code == 130 and "Interrupted at step 14" in err
+    part = next((tmp_path / "part").iterdir())
+    assert json.loads((part / "status.json").read_text())["status"] == "interrupted"
+    monkeypatch.setattr(training, "build_trainer", build)
+
+    code, out, err = run_cli(["train", "--resume", part, "--no-progress"], capsys)
+    assert code == 0, err
+    a, b = (json.loads((d / "summary.json").read_text()) for d in (full, part))
+    assert a["val_loss"] == b["val_loss"]  # bitwise: same data, same dropout masks, same optimizer state
+    assert a["tokens_seen"] == b["tokens_seen"]
+
+
+def test_resume_with_a_changed_config_is_refused(tmp_path, capsys):
+    run_dir = train_tiny(tmp_path, capsys, "--max-steps", "5")
+    code, out, err = run_cli(["train", "--resume", run_dir, "--set", "model.d_model=64"], capsys)
+    assert code == 2 and "different config" in err and "model.d_model" in err
+
+
+def test_eval_of_a_checkpoint_on_a_mismatched_model_is_refused(tmp_path, capsys):
+    run_dir = train_tiny(tmp_path, capsys, "--max-steps", "5")
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    import torch
+
+    state = torch.load(ckpt, weights_only=False)
+    state["hyper_parameters"]["config"]["model"]["d_model"] = 64
+    torch.save(state, tmp_path / "other.ckpt")
+    code, out, err = run_cli(["eval", tmp_path / "other.ckpt"], capsys)
+    assert code == 2 and "does not match" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["train", "--set", "model.d_modle=8"], "Did you mean 'model.d_model'"),
+        (["train", "--set", "train.lr=fast"], "expects a float"),
+        (["train", "--set", "model.ffn.kind=sigma_moa"], "model.ffn.kind"),
+        (["train", "--data", "/nonexistent/corpus.txt"], "/nonexistent/corpus.txt"),
+        (["train", "--config", "{bad_yaml}"], "not valid YAML"),
+        (["train", "--config", "/nonexistent.yaml"], "does not exist"),
+        (["eval", "/nonexistent.ckpt"], "does not exist"),
+        (["eval", "{garbage_ckpt}"], "not a valid sffn-lab checkpoint"),
+        (["train", "--resume", "/nonexistent_run"], "not a run directory"),
+    ],
+)
+def test_bad_input_gives_a_short_error_and_exit_2(tmp_path, capsys, args, message):
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("model: {d_model: [\n")
+    garbage = tmp_path / "garbage.ckpt"
+    garbage.write_bytes(os.urandom(100))
+    args = [a.format(bad_yaml=bad_yaml, garbage_ckpt=garbage) for a in args]
+    code, out, err = run_cli([*args, "--out", tmp_path / "runs"] if args[0] == "train" else args, capsys)
+    assert code == 2
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+def test_nan_loss_stops_with_the_step_and_last_checkpoint(tmp_path, capsys):
+    code, out, err = run_cli(
+        ["train", *TINY, "--max-steps", "30", "--set", "train.lr=1e30", "--set", "train.warmup_steps=0",
+         "--set", "train.checkpoint_every=1", "--out", tmp_path / "runs", "--no-progress"],
+        capsys,
+    )
+    assert code == 2 and "became nan" in err.lower() and "at step" in err and "last.ckpt" in err
+    run_dir = next((tmp_path / "runs").iterdir())
+    assert json.loads((run_dir / "status.json").read_text())["status"] == "failed"
+
+
+def test_skip_nonfinite_skips_a_poisoned_batch_and_counts_it(tmp_path, capsys, monkeypatch):
+    import torch
+
+    from sffn_lab import lm_module
+
+    calls = {"n": 0}
+    real = lm_module.token_losses
+
+    def poisoned(logits, targets, mask):
+        losses, scored = real(logits, targets, mask)
+        if torch.is_grad_enabled():
+            calls["n"] += 1
+            if calls["n"] == 3:
+                losses = losses * float("nan")
+        return losses, scored
+
+    monkeypatch.setattr(lm_module, "token_losses", poisoned)
+    run_dir = train_tiny(tmp_path, capsys, "--max-steps", "8", "--set", "train.skip_nonfinite=true")
+    import csv
+
+    rows = list(csv.DictReader((run_dir / "metrics.csv").open()))
+    assert max(float(r["train/nonfinite_skips"]) for r in rows if r.get("train/nonfinite_skips")) == 1
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["step"] == 8 and summary["val_loss"] == summary["val_loss"]  # finished, finite
