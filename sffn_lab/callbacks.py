@@ -62,3 +62,18 @@ class CheckpointOnInterrupt(L.Callback):
                 f"Interrupted at step {trainer.global_step}; saved {self.last_checkpoint}. "
                 f"Continue with: sffn train --resume {self.last_checkpoint.parent.parent}"
             )
+
+
+class UsageHeatmap(L.Callback):
+    """At the end of training, draw the last validation's expert usage (layer × expert) into a PNG."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        usage = pl_module.last_val_usage
+        if not usage or not trainer.is_global_zero:
+            return
+        from sffn_lab.analysis.usage import plot_usage_heatmap
+
+        plot_usage_heatmap({f"layer {layer}": counts for layer, counts in sorted(usage.items())}, self.path)

@@ -9,7 +9,6 @@ import json
 import sys
 from enum import Enum
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.console import Console
@@ -62,18 +61,18 @@ def _format_summary(summary) -> Table:
 
 @app.command()
 def train(
-    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML experiment file."),
+    config: Path | None = typer.Option(None, "--config", "-c", help="YAML experiment file."),
     set_: list[str] = typer.Option([], "--set", "-s", help="Override a key: --set model.d_model=256."),
-    data: Optional[str] = typer.Option(None, help="Corpus name or path to a text file."),
-    max_steps: Optional[int] = typer.Option(None, help="Training steps."),
-    seed: Optional[int] = typer.Option(None, help="Random seed."),
-    accelerator: Optional[str] = typer.Option(None, help="cpu, gpu, auto ..."),
-    devices: Optional[int] = typer.Option(None, help="Number of devices."),
-    strategy: Optional[str] = typer.Option(None, help="Lightning strategy: auto, ddp, fsdp ..."),
-    precision: Optional[str] = typer.Option(None, help="32-true, bf16-mixed, 16-mixed ..."),
-    out: Optional[str] = typer.Option(None, help="Directory that holds run directories."),
-    name: Optional[str] = typer.Option(None, help="Run name (prefix of the run directory)."),
-    resume: Optional[Path] = typer.Option(None, help="Continue the run in this run directory."),
+    data: str | None = typer.Option(None, help="Corpus name or path to a text file."),
+    max_steps: int | None = typer.Option(None, help="Training steps."),
+    seed: int | None = typer.Option(None, help="Random seed."),
+    accelerator: str | None = typer.Option(None, help="cpu, gpu, auto ..."),
+    devices: int | None = typer.Option(None, help="Number of devices."),
+    strategy: str | None = typer.Option(None, help="Lightning strategy: auto, ddp, fsdp ..."),
+    precision: str | None = typer.Option(None, help="32-true, bf16-mixed, 16-mixed ..."),
+    out: str | None = typer.Option(None, help="Directory that holds run directories."),
+    name: str | None = typer.Option(None, help="Run name (prefix of the run directory)."),
+    resume: Path | None = typer.Option(None, help="Continue the run in this run directory."),
     progress: bool = typer.Option(True, help="Show the progress bar."),
 ) -> None:
     """Train a language model (the default experiment when run without options)."""
@@ -91,8 +90,9 @@ def train(
     else:
         cfg = load_config(config or DEFAULT_CONFIG, overrides)
     summary = training.train(cfg, progress=progress, resume_dir=resume)
-    console.print(_format_summary(summary))
-    console.print(f"run directory: {summary.run_dir}", soft_wrap=True)
+    if not training.is_launched_rank():
+        console.print(_format_summary(summary))
+        console.print(f"run directory: {summary.run_dir}", soft_wrap=True)
 
 
 class Split(str, Enum):
@@ -126,7 +126,7 @@ def sample(
     prompt: str = typer.Option("", help="Text to continue."),
     tokens: int = typer.Option(200, help="Number of tokens to generate."),
     temperature: float = typer.Option(1.0, help="Sampling temperature (0: greedy)."),
-    top_k: Optional[int] = typer.Option(None, help="Sample from the k most likely tokens."),
+    top_k: int | None = typer.Option(None, help="Sample from the k most likely tokens."),
     seed: int = typer.Option(0, help="Random seed."),
 ) -> None:
     """Generate text from a trained model."""
@@ -170,5 +170,5 @@ def main() -> None:
     try:
         app()
     except UserError as exc:
-        Console(stderr=True).print(f"[bold red]error:[/] {exc}", highlight=False)
+        Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {exc}", highlight=False, markup=True)
         sys.exit(exc.exit_code)

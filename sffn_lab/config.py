@@ -175,6 +175,7 @@ class TrainConfig:
     strategy: str = "auto"
     precision: str = "32-true"
     skip_nonfinite: bool = False
+    deterministic: bool = False  # torch deterministic algorithms (CPU runs are reproducible without it)
     out_dir: str = "runs"
 
 
@@ -225,6 +226,11 @@ def _coerce(value: Any, expected: Any, where: str) -> Any:
     elif expected is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
     elif expected is str:
         if isinstance(value, str):
             return value

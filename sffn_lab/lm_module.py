@@ -82,7 +82,7 @@ class LanguageModelModule(L.LightningModule):
         self.elapsed_s = 0.0
 
     @classmethod
-    def create(cls, config: Config, corpus: CorpusInfo) -> "LanguageModelModule":
+    def create(cls, config: Config, corpus: CorpusInfo) -> LanguageModelModule:
         return cls(to_dict(config), corpus.__dict__)
 
     def forward(self, tokens: torch.Tensor):
@@ -104,7 +104,7 @@ class LanguageModelModule(L.LightningModule):
         if self._clock is not None:
             self.elapsed_s += now - self._clock
         self._clock = now
-        self.log("train/loss", lm_loss, prog_bar=True)
+        self.log("train/loss", lm_loss, prog_bar=True, sync_dist=True)
         self.log("train/aux_loss", out.aux_loss)
         if self.global_step % self.config.train.log_every == 0:
             self.log("tokens_seen", float(self.tokens_seen))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import shutil
 import time
 import warnings
@@ -24,6 +25,13 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
+from sffn_lab.callbacks import (
+    CheckpointOnInterrupt,
+    StepProgressBar,
+    TrainingInterrupted,
+    UsageHeatmap,
+    ValidateAtLastStep,
+)
 from sffn_lab.config import (
     Config,
     apply_overrides,
@@ -34,7 +42,6 @@ from sffn_lab.config import (
     to_dict,
     validate,
 )
-from sffn_lab.callbacks import CheckpointOnInterrupt, StepProgressBar, TrainingInterrupted, ValidateAtLastStep
 from sffn_lab.data.datamodule import LMDataModule
 from sffn_lab.errors import UserError
 from sffn_lab.lm_module import CorpusInfo, LanguageModelModule
@@ -43,6 +50,7 @@ CONFIG_FILE = "config.yaml"
 STATUS_FILE = "status.json"
 SUMMARY_FILE = "summary.json"
 LAST_CKPT = "last.ckpt"
+RUN_DIR_ENV = "SFFN_RUN_DIR"  # passes rank 0's run directory to the other DDP ranks
 
 
 def quiet_lightning() -> None:
@@ -143,12 +151,13 @@ def build_trainer(config: Config, run_dir: Path, progress: bool) -> L.Trainer:
         dirpath=checkpoints, save_top_k=0, save_last=True, every_n_train_steps=t.checkpoint_every or t.val_every,
     )
     callbacks: list[L.Callback] = [best, last, ValidateAtLastStep(), CheckpointOnInterrupt(checkpoints / LAST_CKPT)]
+    callbacks.append(UsageHeatmap(run_dir / "expert_usage.png"))
     if progress:
         callbacks.append(StepProgressBar(leave=True))
     loggers: list = [CSVLogger(save_dir=str(run_dir), name="", version="")]
     try:
-        from lightning.pytorch.loggers import TensorBoardLogger
         import tensorboard  # noqa: F401
+        from lightning.pytorch.loggers import TensorBoardLogger
 
         loggers.append(TensorBoardLogger(save_dir=str(run_dir), name="tensorboard", version=""))
     except ImportError:
@@ -170,8 +179,9 @@ def build_trainer(config: Config, run_dir: Path, progress: bool) -> L.Trainer:
         enable_progress_bar=progress,
         enable_model_summary=False,
         num_sanity_val_steps=0,
+        use_distributed_sampler=False,
         default_root_dir=str(run_dir),
-        deterministic=True,
+        deterministic=t.deterministic,
     )
 
 
@@ -184,30 +194,50 @@ def prepare(config: Config) -> tuple[LMDataModule, LanguageModelModule]:
     return data, module
 
 
+def is_launched_rank() -> bool:
+    """True in the processes Lightning's DDP launcher starts for ranks other than 0."""
+    return os.environ.get("LOCAL_RANK", "0") != "0" or os.environ.get("NODE_RANK", "0") != "0"
+
+
 def train(config: Config, progress: bool = True, resume_dir: Path | None = None) -> RunSummary:
-    """Train ``config`` in a new run directory, or continue the run in ``resume_dir``."""
+    """Train ``config`` in a new run directory, or continue the run in ``resume_dir``.
+
+    Under multi-process strategies every rank runs this function; rank 0 creates the run
+    directory and the other ranks find it in the environment they inherit.
+    """
     data, module = prepare(config)
     ckpt_path = None
-    if resume_dir is None:
-        run_dir = new_run_dir(config)
-        save_config(config, run_dir / CONFIG_FILE)
-    else:
+    if resume_dir is not None:
         run_dir = Path(resume_dir)
         last = run_dir / "checkpoints" / LAST_CKPT
         ckpt_path = str(last) if last.is_file() else None
-    write_status(run_dir, "running", step=0)
+    elif is_launched_rank():
+        run_dir = Path(os.environ[RUN_DIR_ENV])
+    else:
+        run_dir = new_run_dir(config)
+        save_config(config, run_dir / CONFIG_FILE)
+    os.environ[RUN_DIR_ENV] = str(run_dir)
+    rank_zero = not is_launched_rank()
+    if rank_zero:
+        write_status(run_dir, "running", step=0)
     start = time.perf_counter()
-    trainer = build_trainer(config, run_dir, progress)
+    trainer = build_trainer(config, run_dir, progress and rank_zero)
     try:
         trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
     except TrainingInterrupted:
-        write_status(run_dir, "interrupted", step=trainer.global_step)
+        if rank_zero:
+            write_status(run_dir, "interrupted", step=trainer.global_step)
         raise
     except BaseException as exc:
-        _record_failure(run_dir, trainer, exc)
+        if rank_zero:
+            _record_failure(run_dir, trainer, exc)
         raise
+    finally:
+        os.environ.pop(RUN_DIR_ENV, None)
     summary = summarize(run_dir, trainer, module, time.perf_counter() - start)
-    write_status(run_dir, "finished", step=trainer.global_step)
+    if rank_zero:
+        (run_dir / SUMMARY_FILE).write_text(json.dumps(asdict(summary), indent=2))
+        write_status(run_dir, "finished", step=trainer.global_step)
     return summary
 
 
@@ -237,7 +267,6 @@ def summarize(run_dir: Path, trainer: L.Trainer, module: LanguageModelModule, wa
         wall_time_s=wall,
         best_checkpoint=(ckpt.best_model_path or None) if ckpt else None,
     )
-    (run_dir / SUMMARY_FILE).write_text(json.dumps(asdict(summary), indent=2))
     return summary
 
 
@@ -279,12 +308,13 @@ def load_checkpoint(path: Path) -> LanguageModelModule:
     try:
         return LanguageModelModule.load_from_checkpoint(str(path), map_location="cpu", weights_only=False)
     except RuntimeError as exc:
-        if "size mismatch" in str(exc) or "Missing key" in str(exc) or "Unexpected key" in str(exc):
+        problems = [line.strip() for line in str(exc).splitlines()[1:] if line.strip()]
+        if problems:
             raise UserError(
-                f"Checkpoint '{path}' does not match the model its config describes ({str(exc).splitlines()[0]})."
+                f"Checkpoint '{path}' does not match the model its config describes: {problems[0]}"
             ) from None
         raise UserError(f"Checkpoint '{path}' cannot be read: {exc}") from None
-    except (EOFError, OSError, KeyError, TypeError, ValueError) as exc:
+    except (EOFError, OSError, KeyError, TypeError, ValueError, pickle.UnpicklingError) as exc:
         raise UserError(f"Checkpoint '{path}' is not a valid sffn-lab checkpoint ({type(exc).__name__}: {exc}).") from None
 
 

@@ -1,0 +1,313 @@
+"""The corpus registry: named corpora, local text files and the synthetic default, as token splits.
+
+``load_corpus(cfg)`` returns a ``Corpus``: train/valid/test token arrays (memory-mapped from a
+cache), a tokenizer, and what the reports need (unit, entropy rate for the synthetic corpus).
+
+Named corpora are downloaded into ``cache_dir`` (``data.cache_dir``, else ``$SFFN_DATA``, else
+``~/.cache/sffn-lab``) to a temporary name, verified, then renamed, so a half-written or corrupt
+file is never used. Verification uses the published size of the file (and its sha256 where we
+know it); after the first verified use, the file's sha256 is recorded beside it and checked
+every later time, so later corruption or truncation is caught too.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import io
+import json
+import os
+import urllib.request
+import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from sffn_lab.config import DataConfig
+from sffn_lab.data import synthetic
+from sffn_lab.data.tokenizers import ByteTokenizer, SymbolTokenizer, Tokenizer, WordTokenizer
+from sffn_lab.errors import UserError
+
+SPLITS = ("train", "valid", "test")
+
+
+@dataclass
+class Corpus:
+    name: str
+    unit: str  # "byte", "word" or "token"
+    tokenizer: Tokenizer
+    splits: dict[str, np.ndarray]  # 1-D token arrays (often np.memmap)
+    entropy_rate_bits: float | None = None
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.vocab_size
+
+    def unigram_entropy_bits(self) -> float:
+        counts = np.bincount(np.asarray(self.splits["train"]), minlength=self.vocab_size)
+        p = counts[counts > 0] / counts.sum()
+        return float(-(p * np.log2(p)).sum())
+
+
+@dataclass(frozen=True)
+class RemoteFile:
+    """A file published at ``url``; ``member`` names the file inside it when it is a zip archive."""
+
+    url: str
+    filename: str
+    size: int | None = None  # bytes of the downloaded file, when published
+    sha256: str | None = None
+
+
+@dataclass(frozen=True)
+class CorpusSpec:
+    name: str
+    unit: str
+    remote: RemoteFile
+    members: dict[str, str]  # split → file in the archive (or "*" for one file split by fractions)
+    fractions: tuple[int, int, int] | None = None  # byte counts of train/valid/test for "*"
+    expected_tokens: dict[str, int] | None = None  # word corpora: published token counts with <eos>
+
+
+TINYSHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+REGISTRY: dict[str, CorpusSpec] = {
+    "tinyshakespeare": CorpusSpec(
+        "tinyshakespeare",
+        "byte",
+        RemoteFile(
+            TINYSHAKESPEARE_URL,
+            "input.txt",
+            size=1_115_394,
+            sha256="86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed",
+        ),
+        {"*": "input.txt"},
+    ),
+    "enwik8": CorpusSpec(
+        "enwik8",
+        "byte",
+        RemoteFile("http://mattmahoney.net/dc/enwik8.zip", "enwik8.zip"),
+        {"*": "enwik8"},
+        fractions=(90_000_000, 5_000_000, 5_000_000),
+    ),
+    "text8": CorpusSpec(
+        "text8",
+        "byte",
+        RemoteFile("http://mattmahoney.net/dc/text8.zip", "text8.zip"),
+        {"*": "text8"},
+        fractions=(90_000_000, 5_000_000, 5_000_000),
+    ),
+    "wikitext2": CorpusSpec(
+        "wikitext2",
+        "word",
+        RemoteFile("https://wikitext.smerity.com/wikitext-2-v1.zip", "wikitext-2-v1.zip"),
+        {s: f"wikitext-2/wiki.{s}.tokens" for s in SPLITS},
+        expected_tokens={"train": 2_088_628, "valid": 217_646, "test": 245_569},
+    ),
+    "wikitext103": CorpusSpec(
+        "wikitext103",
+        "word",
+        RemoteFile("https://wikitext.smerity.com/wikitext-103-v1.zip", "wikitext-103-v1.zip"),
+        {s: f"wikitext-103/wiki.{s}.tokens" for s in SPLITS},
+        expected_tokens={"train": 103_227_021, "valid": 217_646, "test": 245_569},
+    ),
+}
+CORPUS_NAMES = ("synthetic", *REGISTRY)
+
+
+def cache_root(cfg: DataConfig) -> Path:
+    if cfg.cache_dir:
+        return Path(cfg.cache_dir).expanduser()
+    if os.environ.get("SFFN_DATA"):
+        return Path(os.environ["SFFN_DATA"]).expanduser()
+    return Path.home() / ".cache" / "sffn-lab"
+
+
+def load_corpus(cfg: DataConfig) -> Corpus:
+    """The corpus ``cfg.corpus`` names: "synthetic", a registered name, or a path to a text file."""
+    name = cfg.corpus
+    if name == "synthetic":
+        return synthetic_corpus(cfg)
+    if name in REGISTRY:
+        return named_corpus(REGISTRY[name], cache_root(cfg))
+    path = Path(name).expanduser()
+    if path.is_file():
+        return text_file_corpus(path, cache_root(cfg))
+    if "/" in name or "." in name:
+        raise UserError(f"Corpus file '{name}' does not exist. Give a path to a text file or a corpus name.")
+    close = difflib.get_close_matches(name, CORPUS_NAMES, n=1)
+    hint = f" Did you mean '{close[0]}'?" if close else ""
+    raise UserError(f"Unknown corpus '{name}'.{hint} Known corpora: {', '.join(CORPUS_NAMES)}, or a file path.")
+
+
+# --------------------------------------------------------------------------------------------- synthetic
+
+
+def synthetic_corpus(cfg: DataConfig) -> Corpus:
+    s = cfg.synthetic
+    sources = synthetic.make_sources(s)
+    sizes = {"train": s.train_tokens, "valid": s.valid_tokens, "test": s.test_tokens}
+    splits = {split: synthetic.generate_tokens(s, sources, n, stream=i) for i, (split, n) in enumerate(sizes.items())}
+    return Corpus("synthetic", "token", SymbolTokenizer(s.vocab_size), splits, synthetic.entropy_rate_bits(s, sources))
+
+
+# --------------------------------------------------------------------------------------------- bytes
+
+
+def check_text(data: bytes, source: str) -> None:
+    """Refuse empty or binary input: NUL bytes or mostly invalid UTF-8 in the first MiB."""
+    if not data:
+        raise UserError(f"Corpus '{source}' is empty.")
+    head = data[: 1 << 20]
+    invalid = len(head) - len(head.decode("utf-8", errors="ignore").encode("utf-8"))
+    if b"\x00" in head or invalid > 0.01 * len(head):
+        raise UserError(f"Corpus '{source}' looks like a binary file, not text. Give a UTF-8 or ASCII text file.")
+
+
+def byte_splits(data: np.ndarray, sizes: tuple[int, int, int] | None) -> dict[str, np.ndarray]:
+    """Contiguous train/valid/test: the given byte counts, or 90% / 5% / 5%."""
+    n = len(data)
+    if sizes is None:
+        n_valid = n_test = n // 20
+        sizes = (n - n_valid - n_test, n_valid, n_test)
+    ends = np.cumsum(sizes)
+    return {"train": data[: ends[0]], "valid": data[ends[0] : ends[1]], "test": data[ends[1] : ends[2]]}
+
+
+def text_file_corpus(path: Path, cache: Path) -> Corpus:
+    """Any local text file as bytes, split 90/5/5 by position (memory-mapped, nothing copied)."""
+    try:
+        with path.open("rb") as f:
+            check_text(f.read(1 << 20), str(path))
+        data = np.memmap(path, dtype=np.uint8, mode="r")
+    except OSError as exc:
+        raise UserError(f"Cannot read corpus file '{path}': {exc}.") from None
+    except ValueError:  # numpy refuses to map an empty file
+        raise UserError(f"Corpus '{path}' is empty.") from None
+    return Corpus(path.name, "byte", ByteTokenizer(), byte_splits(data, None))
+
+
+# --------------------------------------------------------------------------------------------- named corpora
+
+
+def named_corpus(spec: CorpusSpec, cache: Path) -> Corpus:
+    folder = cache / spec.name
+    raw = fetch(spec.remote, folder)
+    if spec.unit == "byte":
+        (member,) = spec.members.values()
+        data = cached_tokens(folder, "bytes", lambda: np.frombuffer(read_member(raw, member), dtype=np.uint8), raw)
+        check_text(bytes(data[: 1 << 20]), str(raw))
+        return Corpus(spec.name, "byte", ByteTokenizer(), byte_splits(data, spec.fractions))
+    texts = {split: (lambda s=split: read_member(raw, spec.members[s]).decode("utf-8")) for split in SPLITS}
+    tokenizer = cached_vocabulary(folder, raw, texts["train"])
+    splits = {split: cached_tokens(folder, split, lambda s=split: tokenizer.encode_text(texts[s]()), raw)
+              for split in SPLITS}
+    for split, expected in (spec.expected_tokens or {}).items():
+        if len(splits[split]) != expected:
+            raise UserError(
+                f"{spec.name} {split} has {len(splits[split]):,} tokens, but the published split has "
+                f"{expected:,}: the file '{raw}' is not the expected one. Delete it and download again."
+            )
+    return Corpus(spec.name, "word", tokenizer, splits)
+
+
+def read_member(path: Path, member: str) -> bytes:
+    """The bytes of ``member`` from a zip archive, or of the file itself when it is not a zip."""
+    if not zipfile.is_zipfile(path):
+        return path.read_bytes()
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return archive.read(member)
+    except (KeyError, zipfile.BadZipFile) as exc:
+        raise UserError(f"Archive '{path}' is corrupt or lacks '{member}' ({exc}). Delete it and retry.") from None
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verify(remote: RemoteFile, path: Path) -> None:
+    """Check size and sha256 (published, or recorded at the first verified use) of a cached file."""
+    size = path.stat().st_size
+    if remote.size is not None and size != remote.size:
+        raise UserError(
+            f"'{path}' has {size:,} bytes but {remote.url} has {remote.size:,}: the file is truncated or "
+            "not the right one. Delete it; sffn will download it again."
+        )
+    recorded = path.with_name(path.name + ".sha256")
+    expected = remote.sha256 or (recorded.read_text().strip() if recorded.is_file() else None)
+    actual = sha256_of(path)
+    if expected is not None and actual != expected:
+        raise UserError(
+            f"Checksum mismatch for '{path}': sha256 {actual}, expected {expected}. The file is corrupt; "
+            f"delete it and download {remote.url} again."
+        )
+    if not recorded.is_file():
+        write_atomically(recorded, actual.encode())
+
+
+def fetch(remote: RemoteFile, folder: Path) -> Path:
+    """The verified local copy of ``remote`` in ``folder``, downloading it first if needed."""
+    path = folder / remote.filename
+    if not path.is_file():
+        download(remote, path)
+    verify(remote, path)
+    return path
+
+
+def download(remote: RemoteFile, path: Path, timeout: float = 30.0) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with urllib.request.urlopen(remote.url, timeout=timeout) as response:
+            data = response.read()
+    except OSError as exc:
+        raise UserError(
+            f"Could not download {remote.url} ({exc}). Without network access, download the file elsewhere "
+            f"and place it at '{path}' (or set $SFFN_DATA / data.cache_dir to a folder holding "
+            f"'{path.parent.name}/{path.name}')."
+        ) from None
+    if remote.size is not None and len(data) != remote.size:
+        raise UserError(f"Download of {remote.url} is incomplete ({len(data):,} of {remote.size:,} bytes). Retry.")
+    write_atomically(path, data)
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def cached_tokens(folder: Path, key: str, make: Callable[[], np.ndarray], source: Path) -> np.ndarray:
+    """A token array stored as .npy next to its source and memory-mapped; rebuilt when the source changes."""
+    stat = source.stat()
+    path = folder / f"{key}.{stat.st_size}-{int(stat.st_mtime)}.npy"
+    if not path.is_file():
+        buffer = io.BytesIO()
+        np.save(buffer, np.ascontiguousarray(make()))
+        write_atomically(path, buffer.getvalue())
+    try:
+        return np.load(path, mmap_mode="r")
+    except ValueError as exc:
+        path.unlink(missing_ok=True)
+        raise UserError(f"Cached tokens '{path}' were corrupt ({exc}) and have been removed; run again.") from None
+
+
+def cached_vocabulary(folder: Path, source: Path, train_text: Callable[[], str]) -> WordTokenizer:
+    stat = source.stat()
+    path = folder / f"vocab.{stat.st_size}-{int(stat.st_mtime)}.json"
+    if path.is_file():
+        try:
+            return WordTokenizer(json.loads(path.read_text()))
+        except json.JSONDecodeError:
+            path.unlink()
+    tokenizer = WordTokenizer.from_text(train_text())
+    write_atomically(path, json.dumps(tokenizer.words).encode())
+    return tokenizer

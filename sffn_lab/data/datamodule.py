@@ -1,0 +1,128 @@
+"""The LightningDataModule for every corpus: random training windows, exact evaluation windows.
+
+Training: the batch of optimizer step s is a pure function of (seed, s): ``batch_size`` random
+windows (the global batch); with W processes, rank r takes the r-th of W equal slices. Resuming
+at step s therefore continues with exactly the data an uninterrupted run would see, and W ranks
+see together what one process sees. Evaluation: non-overlapping windows in which every token of
+the split except the first is a target exactly once (the last window is padded, its padding is
+ignored); with W processes, rank r evaluates windows r, r+W, ... (no duplicates).
+"""
+
+from __future__ import annotations
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, IterableDataset
+
+from sffn_lab.config import DataConfig
+from sffn_lab.data.corpora import Corpus, load_corpus
+from sffn_lab.errors import UserError
+
+IGNORE_INDEX = -100
+
+
+class TrainWindows(IterableDataset):
+    """Yields (x [b, S], y [b, S]) int64 batches for steps start_step, start_step + 1, ..."""
+
+    def __init__(self, tokens: np.ndarray, seq_len: int, batch_size: int, seed: int, start_step: int,
+                 rank: int = 0, world_size: int = 1):
+        self.tokens, self.seq_len, self.batch_size = tokens, seq_len, batch_size
+        self.seed, self.start_step, self.rank, self.world_size = seed, start_step, rank, world_size
+
+    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        rng = np.random.default_rng([self.seed, step])
+        starts = rng.integers(0, len(self.tokens) - self.seq_len, size=self.batch_size)
+        per_rank = self.batch_size // self.world_size
+        starts = starts[self.rank * per_rank : (self.rank + 1) * per_rank]
+        windows = np.stack([np.asarray(self.tokens[s : s + self.seq_len + 1], dtype=np.int64) for s in starts])
+        windows = torch.from_numpy(windows)
+        return windows[:, :-1], windows[:, 1:]
+
+    def __iter__(self):
+        step = self.start_step
+        while True:
+            yield self.batch(step)
+            step += 1
+
+
+class EvalWindows(Dataset):
+    """Window i: inputs tokens[iS : iS+S], targets tokens[iS+1 : iS+S+1] (padded with IGNORE_INDEX)."""
+
+    def __init__(self, tokens: np.ndarray, seq_len: int, rank: int = 0, world_size: int = 1):
+        self.tokens, self.seq_len = tokens, seq_len
+        n_windows = -(-(len(tokens) - 1) // seq_len)
+        self.windows = list(range(rank, n_windows, world_size))
+
+    def __len__(self) -> int:
+        return len(self.windows)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        start, S = self.windows[i] * self.seq_len, self.seq_len
+        chunk = np.asarray(self.tokens[start : start + S + 1], dtype=np.int64)
+        x = torch.zeros(S, dtype=torch.long)
+        y = torch.full((S,), IGNORE_INDEX, dtype=torch.long)
+        x[: len(chunk) - 1] = torch.from_numpy(chunk[:-1])
+        y[: len(chunk) - 1] = torch.from_numpy(chunk[1:])
+        return x, y
+
+
+class LMDataModule(L.LightningDataModule):
+    """Loads ``cfg.corpus`` at construction, so vocabulary and unit are known before the model is built."""
+
+    def __init__(self, cfg: DataConfig, seed: int):
+        super().__init__()
+        self.cfg, self.seed = cfg, seed
+        self.corpus: Corpus = load_corpus(cfg)
+        for split, tokens in self.corpus.splits.items():
+            if len(tokens) < cfg.seq_len + 1:
+                raise UserError(
+                    f"The {split} split of '{cfg.corpus}' has {len(tokens):,} tokens, fewer than one window of "
+                    f"data.seq_len + 1 = {cfg.seq_len + 1}. Use a longer corpus or a shorter data.seq_len."
+                )
+        self.unigram_entropy_bits = self.corpus.unigram_entropy_bits()
+
+    vocab_size = property(lambda self: self.corpus.vocab_size)
+    unit = property(lambda self: self.corpus.unit)
+    entropy_rate_bits = property(lambda self: self.corpus.entropy_rate_bits)
+
+    def encode(self, text: str) -> list[int]:
+        return self.corpus.tokenizer.encode(text)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.corpus.tokenizer.decode(ids)
+
+    def split_tokens(self, split: str) -> np.ndarray:
+        return self.corpus.splits[split]
+
+    def _placement(self) -> tuple[int, int, int]:
+        """(start step, rank, world size) from the attached trainer, or a fresh single process."""
+        if self.trainer is None:
+            return 0, 0, 1
+        return self.trainer.global_step, self.trainer.global_rank, self.trainer.world_size
+
+    def train_dataloader(self) -> DataLoader:
+        step, rank, world = self._placement()
+        if self.cfg.batch_size % world:
+            raise UserError(f"data.batch_size ({self.cfg.batch_size}) is the global batch; it must be divisible "
+                            f"by the number of processes ({world}).")
+        windows = TrainWindows(self.corpus.splits["train"], self.cfg.seq_len, self.cfg.batch_size, self.seed, step,
+                               rank, world)
+        return self._loader(windows, batch_size=None)
+
+    def val_dataloader(self) -> DataLoader:
+        return self.eval_dataloader("valid")
+
+    def test_dataloader(self) -> DataLoader:
+        return self.eval_dataloader("test")
+
+    def eval_dataloader(self, split: str) -> DataLoader:
+        _, rank, world = self._placement()
+        windows = EvalWindows(self.corpus.splits[split], self.cfg.seq_len, rank, world)
+        return self._loader(windows, batch_size=self.cfg.eval_batch_size)
+
+    def _loader(self, dataset, batch_size: int | None) -> DataLoader:
+        # A private generator: iterating a loader never draws from the global torch RNG, which
+        # keeps dropout masks identical between a resumed and an uninterrupted run.
+        return DataLoader(dataset, batch_size=batch_size, num_workers=self.cfg.num_workers,
+                          generator=torch.Generator().manual_seed(self.seed))

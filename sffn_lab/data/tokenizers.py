@@ -1,0 +1,79 @@
+"""Tokenizers: bytes, words with ``<eos>`` per line, and the synthetic corpus' symbols."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Protocol
+
+import numpy as np
+
+EOS, UNK = "<eos>", "<unk>"
+
+
+class Tokenizer(Protocol):
+    vocab_size: int
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, ids: list[int]) -> str: ...
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as tokens (vocabulary 256)."""
+
+    vocab_size = 256
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids: list[int]) -> str:
+        return bytes(ids).decode("utf-8", errors="replace")
+
+
+class SymbolTokenizer:
+    """The synthetic corpus: token 0 is the document separator ("|"), the rest printable symbols."""
+
+    ALPHABET = "|" + "".join(chr(c) for c in range(ord("A"), ord("Z") + 1)) + "abcdefghijklmnopqrstuvwxyz0123456789"
+
+    def __init__(self, vocab_size: int):
+        self.vocab_size = vocab_size
+        self.symbols = self.ALPHABET[:vocab_size] if vocab_size <= len(self.ALPHABET) else None
+
+    def encode(self, text: str) -> list[int]:
+        if self.symbols is None:
+            return [int(t) for t in text.split()]
+        return [self.symbols.index(c) for c in text if c in self.symbols]
+
+    def decode(self, ids: list[int]) -> str:
+        if self.symbols is None:
+            return " ".join(map(str, ids))
+        return "".join(self.symbols[i] for i in ids)
+
+
+class WordTokenizer:
+    """Whitespace words, ``<eos>`` at the end of every line; words unseen in training map to ``<unk>``."""
+
+    def __init__(self, words: list[str]):
+        self.words = words
+        self.index = {w: i for i, w in enumerate(words)}
+        self.vocab_size = len(words)
+
+    @classmethod
+    def from_text(cls, text: str) -> WordTokenizer:
+        """Vocabulary of a training text, most frequent first (ties in order of appearance)."""
+        counts = Counter(w for line in text.splitlines() for w in [*line.split(), EOS])
+        counts.setdefault(UNK, 0)
+        return cls([w for w, _ in counts.most_common()])
+
+    def encode_text(self, text: str) -> np.ndarray:
+        """All lines of a text → int32 token array."""
+        unk = self.index[UNK]
+        ids = [self.index.get(w, unk) for line in text.splitlines() for w in [*line.split(), EOS]]
+        return np.asarray(ids, dtype=np.int32)
+
+    def encode(self, text: str) -> list[int]:
+        unk = self.index[UNK]
+        return [self.index.get(w, unk) for w in text.split()]
+
+    def decode(self, ids: list[int]) -> str:
+        return " ".join(self.words[i] for i in ids).replace(f" {EOS} ", "\n").replace(EOS, "\n")
