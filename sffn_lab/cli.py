@@ -166,6 +166,25 @@ def plot(
     console.print(f"wrote {output}")
 
 
+@app.command()
+def variants(
+    d_model: int = typer.Option(512, help="Model width."),
+    d_ff: int = typer.Option(2048, help="Width of the dense FFN the variants are matched to."),
+    expert_size: int = typer.Option(128, help="G: cells per expert block."),
+    top_k: int = typer.Option(4, help="K: blocks per token (Switch and HashLayer use 1)."),
+) -> None:
+    """Every FFN variant at equal total parameters: sizes, active parameters, FLOPs per token."""
+    from sffn_lab.analysis.accounting import variants_table
+
+    table = Table(title=f"FFN variants, parameter-equal to dense d_model={d_model} d_ff={d_ff}")
+    for column in ("kind", "sizes", "total params", "active params", "FLOPs/token", "FLOPs vs dense"):
+        table.add_column(column, justify="left" if column in ("kind", "sizes") else "right")
+    for row in variants_table(d_model, d_ff, expert_size, top_k):
+        table.add_row(row["kind"], row["sizes"], f"{row['total_params']:,}", f"{row['active_params']:,}",
+                      f"{row['flops_per_token']:,}", f"{row['flops_vs_dense']:.3f}")
+    console.print(table)
+
+
 def main() -> None:
     try:
         app()

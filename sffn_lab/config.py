@@ -31,7 +31,7 @@ class SigmaMoEOptions:
 
     entropy_coef: float = 1e-3  # γ of the entropy regulariser on the batch-mean selection softmax
     expert_dropout: float = 0.0  # δ: probability of dropping a whole expert from selection (training)
-    gate: str = "sigmoid"  # "sigmoid" (paper) or "softmax" (ablation)
+    gate: str = "sigmoid"  # "sigmoid" (paper), "softmax" or "none" (ablations)
     renormalize: bool = False  # renormalise the K selected gates to sum to 1 (ablation)
     init: str = "paper"  # "paper" (the paper's scaled init) or "standard" (ablation)
 
@@ -73,8 +73,8 @@ class PKMOptions:
     heads: int = 4
     n_keys: int = 32  # sub-keys per half: the memory has n_keys² value slots
     knn: int = 32  # slots selected per head
+    key_dim: int = 64  # query size per head (two halves of key_dim / 2)
     activation: str = "softmax"  # "softmax" (original PKM) or "relu" (improved PKM)
-    query_batchnorm: bool = False
 
 
 @dataclass

@@ -1,0 +1,43 @@
+"""The expert bank: N_E blocks of G memory cells, computed only for the blocks a router selected.
+
+    y[t] = Σ_k gate[t, k] · V_eᵀ act(K_e x[t]),   e = indices[t, k]
+
+with keys K [N_E, D, G] and values V [N_E, G, D]. The two gathered grouped matmuls run through
+``sffn_lab.kernels`` (Triton on CUDA, a sorted grouped path on the CPU).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from sffn_lab.kernels import expert_down, expert_up
+from sffn_lab.layers.dense import ACTIVATIONS
+
+
+class ExpertBank(nn.Module):
+    def __init__(self, d_model: int, n_experts: int, expert_size: int, activation: str = "relu"):
+        super().__init__()
+        self.keys = nn.Parameter(torch.empty(n_experts, d_model, expert_size))
+        self.values = nn.Parameter(torch.empty(n_experts, expert_size, d_model))
+        self.activation = ACTIVATIONS[activation]
+        # Like the dense FFN's nn.Linear layers: uniform ±1/√fan_in, values seeing all N_E·G cells.
+        nn.init.uniform_(self.keys, -(d_model**-0.5), d_model**-0.5)
+        nn.init.uniform_(self.values, -((n_experts * expert_size) ** -0.5), (n_experts * expert_size) ** -0.5)
+
+    @property
+    def n_experts(self) -> int:
+        return self.keys.shape[0]
+
+    def init_normal_(self, key_std: float, value_std: float) -> None:
+        nn.init.normal_(self.keys, std=key_std)
+        nn.init.normal_(self.values, std=value_std)
+
+    def block_means(self) -> torch.Tensor:
+        """Mean key vector of each block [N_E, D] (Avg-K's block score)."""
+        return self.keys.mean(dim=2)
+
+    def forward(self, x: torch.Tensor, indices: torch.Tensor, gates: torch.Tensor | None) -> torch.Tensor:
+        """x [T, D], indices [T, K], gates [T, K] or None → y [T, D]."""
+        hidden = self.activation(expert_up(x, self.keys, indices))
+        return expert_down(hidden, self.values, indices, gates)

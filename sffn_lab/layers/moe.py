@@ -1,0 +1,35 @@
+"""The block-sparse FFN: a router picks K of N_E expert blocks per token, the expert bank computes them."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from sffn_lab.config import FFNConfig
+from sffn_lab.layers.base import FFNOutput
+from sffn_lab.layers.expert_bank import ExpertBank
+from sffn_lab.layers.routers import build_router
+
+
+class MoEFFN(nn.Module):
+    """x [B, S, D] (token ids [B, S]) → ``FFNOutput`` with y [B, S, D] and expert counts [N_E]."""
+
+    def __init__(self, cfg: FFNConfig, d_model: int, n_layers: int):
+        super().__init__()
+        self.bank = ExpertBank(d_model, cfg.n_experts, cfg.expert_size, cfg.activation)
+        self.router = build_router(cfg, d_model, n_layers)
+        if cfg.kind == "sigma_moe" and cfg.sigma_moe.init == "paper":
+            scale = math.sqrt(2 / n_layers)
+            self.bank.init_normal_(d_model**-0.5 * scale, (cfg.n_experts * cfg.expert_size) ** -0.5 * scale)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, token_ids: torch.Tensor | None = None) -> FFNOutput:
+        B, S, D = x.shape
+        flat = x.reshape(B * S, D)
+        routing = self.router(flat, token_ids, self.bank)
+        y = self.bank(flat, routing.indices, routing.gates)
+        counts = torch.bincount(routing.indices.reshape(-1), minlength=self.bank.n_experts).float()
+        gate_mean = routing.gates.detach().mean() if routing.gates is not None else None
+        return FFNOutput(self.dropout(y).view(B, S, D), routing.aux_loss, counts, gate_mean)

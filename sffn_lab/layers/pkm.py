@@ -1,0 +1,55 @@
+"""Product-key memory (Lample et al. 2019) and its ReLU variant (Csordás et al. 2023).
+
+Per head, a query q [dk] is split in halves; each half scores its own table of n_keys sub-keys;
+the top-knn of each half combine into knn² candidate slots (score = sum of the halves' scores),
+of which the top-knn are read from a value table of n_keys² rows shared by the heads:
+
+    y = Σ_heads Σ_{slot ∈ top-knn} w(score_slot) · value[slot],   w = softmax (original) or ReLU.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sffn_lab.config import PKMOptions
+from sffn_lab.layers.base import FFNOutput
+
+
+class ProductKeyMemory(nn.Module):
+    """x [B, S, D] → ``FFNOutput`` (y [B, S, D], counts [n_keys²] of the slots read)."""
+
+    def __init__(self, d_model: int, opts: PKMOptions, dropout: float = 0.0):
+        super().__init__()
+        self.opts = opts
+        H, n, dk = opts.heads, opts.n_keys, opts.key_dim
+        self.query = nn.Linear(d_model, H * dk, bias=False)
+        self.sub_keys = nn.Parameter(torch.randn(H, 2, n, dk // 2) * (dk // 2) ** -0.5)
+        self.values = nn.Parameter(torch.empty(n * n, d_model))
+        # Softmax weights sum to 1 per head; ReLU weights do not, so their values start smaller
+        # (read H·knn slots with O(1) weights each: std (H·knn)^-1/2 keeps the output at unit scale).
+        value_std = d_model**-0.5 if opts.activation == "softmax" else (H * opts.knn) ** -0.5
+        nn.init.normal_(self.values, std=value_std)
+        self.dropout = nn.Dropout(dropout)
+
+    def select(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [T, D] → (scores [T, H, knn], slots [T, H, knn]) of the best cartesian products per head."""
+        H, n, dk, knn = self.opts.heads, self.opts.n_keys, self.opts.key_dim, self.opts.knn
+        q = self.query(x).view(-1, H, 2, dk // 2)
+        half_scores = torch.einsum("thcd,hcnd->thcn", q, self.sub_keys)
+        top_scores, top_keys = half_scores.topk(knn, dim=-1)  # [T, H, 2, knn]
+        pair_scores = top_scores[:, :, 0, :, None] + top_scores[:, :, 1, None, :]  # [T, H, knn, knn]
+        scores, flat = pair_scores.flatten(2).topk(knn, dim=-1)
+        first = top_keys[:, :, 0].gather(-1, flat // knn)
+        second = top_keys[:, :, 1].gather(-1, flat % knn)
+        return scores, first * n + second
+
+    def forward(self, x: torch.Tensor, token_ids: torch.Tensor | None = None) -> FFNOutput:
+        B, S, D = x.shape
+        scores, slots = self.select(x.reshape(B * S, D))
+        weights = torch.softmax(scores, dim=-1) if self.opts.activation == "softmax" else F.relu(scores)
+        y = F.embedding_bag(slots.flatten(1), self.values, per_sample_weights=self.dropout(weights).flatten(1),
+                            mode="sum")
+        counts = torch.bincount(slots.reshape(-1), minlength=self.values.shape[0]).float()
+        return FFNOutput(y.view(B, S, D), expert_counts=counts, gate_mean=weights.detach().mean())

@@ -1,0 +1,282 @@
+"""Routers: which K of the N_E expert blocks each token uses, with which gate, at which auxiliary cost.
+
+Every router maps x [T, D] (plus token ids [T] and the expert bank, for routers that need them)
+to a ``Routing``. Batch statistics in auxiliary losses (σ-MoE's entropy, Switch's balance) are
+taken over the global batch: ``global_mean`` averages them across DDP ranks.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from sffn_lab.config import FFNConfig
+from sffn_lab.errors import UserError
+from sffn_lab.layers.expert_bank import ExpertBank
+
+HASH_BUCKETS = 1 << 16  # token ids are hashed into this many buckets, each with a fixed random expert list
+
+
+@dataclass
+class Routing:
+    """indices [T, K] (long), gates [T, K] or None (all ones), aux_loss scalar or None (already weighted)."""
+
+    indices: torch.Tensor
+    gates: torch.Tensor | None = None
+    aux_loss: torch.Tensor | None = None
+
+
+def global_mean(x: torch.Tensor) -> torch.Tensor:
+    """Average of a per-rank mean over all DDP ranks (gradients flow to the local part); identity otherwise."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        from torch.distributed.nn.functional import all_reduce
+
+        return all_reduce(x) / dist.get_world_size()
+    return x
+
+
+def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """Routing statistics in fp32 (or fp64) even when the model runs in half precision."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
+def neg_entropy_of_mean_softmax(logits: torch.Tensor) -> torch.Tensor:
+    """−H(mean_t softmax(logits[t])) over the global batch; logits [T, E] → scalar. Minimising it spreads load."""
+    log_mean = torch.logsumexp(F.log_softmax(at_least_fp32(logits), dim=-1), dim=0) - math.log(logits.shape[0])
+    mean = global_mean(log_mean.exp())
+    return (mean * mean.clamp_min(1e-30).log()).sum()
+
+
+def renorm_rows_keep_std(weight: torch.Tensor) -> None:
+    """Give every row the same norm while keeping the tensor's overall std (σ-MoE selector init)."""
+    with torch.no_grad():
+        std = weight.std()
+        weight.div_(weight.norm(dim=1, keepdim=True))
+        weight.mul_(std / weight.std())
+
+
+class LinearRouter(nn.Module):
+    """Base of the routers that score experts with a learned selection matrix W_sel [N_E, D]."""
+
+    def __init__(self, d_model: int, n_experts: int, k: int):
+        super().__init__()
+        self.selector = nn.Parameter(torch.empty(n_experts, d_model))
+        nn.init.normal_(self.selector, std=d_model**-0.5)
+        self.k = k
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.selector.t()
+
+
+class SigmaMoERouter(LinearRouter):
+    """σ-MoE: top-K of W_sel x, sigmoid gates (not renormalised), entropy regulariser, expert dropout."""
+
+    def __init__(self, d_model: int, n_experts: int, k: int, opts, n_layers: int):
+        super().__init__(d_model, n_experts, k)
+        self.opts = opts
+        if opts.init == "paper":
+            nn.init.normal_(self.selector, std=d_model**-0.5 * math.sqrt(2 / n_layers))
+            renorm_rows_keep_std(self.selector)
+
+    def forward(self, x, token_ids=None, bank=None) -> Routing:
+        logits = self.logits(x)
+        selection = logits
+        if self.training and self.opts.expert_dropout > 0:
+            dropped = torch.rand_like(logits) < self.opts.expert_dropout
+            selection = logits.masked_fill(dropped, float("-inf"))
+        indices = selection.topk(self.k, dim=-1, sorted=False).indices
+        gates = gate_values(logits, indices, self.opts.gate)
+        if gates is not None and self.opts.renormalize:
+            gates = gates / gates.sum(dim=-1, keepdim=True).clamp_min(1e-9)
+        aux = self.opts.entropy_coef * neg_entropy_of_mean_softmax(logits) if self.training else None
+        return Routing(indices, gates, aux)
+
+
+def gate_values(logits: torch.Tensor, indices: torch.Tensor, kind: str) -> torch.Tensor | None:
+    """Gates [T, K] of the selected experts: sigmoid of their logits, their softmax probability, or none."""
+    if kind == "sigmoid":
+        return torch.sigmoid(logits.gather(-1, indices))
+    if kind == "softmax":
+        return torch.softmax(logits, dim=-1).gather(-1, indices)
+    return None
+
+
+class SwitchRouter(LinearRouter):
+    """Switch: softmax gate, top-K (1 in the paper), balance loss α·N·Σ f_i P_i, optional capacity."""
+
+    def __init__(self, d_model: int, n_experts: int, k: int, opts):
+        super().__init__(d_model, n_experts, k)
+        self.opts = opts
+
+    def forward(self, x, token_ids=None, bank=None) -> Routing:
+        logits = self.logits(x)
+        probs = torch.softmax(at_least_fp32(logits), dim=-1)
+        gates, indices = probs.topk(self.k, dim=-1)
+        n_experts = logits.shape[-1]
+        aux = None
+        if self.training:
+            dispatched = F.one_hot(indices, n_experts).float().sum(1).mean(0) / self.k  # f_i
+            aux = self.opts.balance_coef * n_experts * (global_mean(dispatched) * global_mean(probs.mean(0))).sum()
+        if self.opts.capacity_factor > 0:
+            gates = gates * within_capacity(indices, n_experts, self.opts.capacity_factor)
+        return Routing(indices, gates.to(x.dtype), aux)
+
+
+def within_capacity(indices: torch.Tensor, n_experts: int, capacity_factor: float) -> torch.Tensor:
+    """1.0 for the (token, k) assignments that fit an expert's capacity ⌈cf·T·K/N_E⌉ in token order, else 0."""
+    T, K = indices.shape
+    capacity = math.ceil(capacity_factor * T * K / n_experts)
+    one_hot = F.one_hot(indices.t().reshape(-1), n_experts)  # k-major: first choices fill first
+    position = (one_hot.cumsum(0) * one_hot).sum(-1) - 1
+    return (position < capacity).float().view(K, T).t()
+
+
+class SBaseRouter(LinearRouter):
+    """S-BASE: Sinkhorn-balanced top-K in training, top-K of the logits at eval, sigmoid gates."""
+
+    def __init__(self, d_model: int, n_experts: int, k: int, opts):
+        super().__init__(d_model, n_experts, k)
+        self.opts = opts
+
+    def forward(self, x, token_ids=None, bank=None) -> Routing:
+        logits = self.logits(x)
+        if self.training:
+            with torch.no_grad():
+                balanced = sinkhorn(at_least_fp32(logits), self.opts.sinkhorn_iters)
+            indices = balanced.topk(self.k, dim=-1).indices
+        else:
+            indices = logits.topk(self.k, dim=-1).indices
+        aux = None
+        if self.training and self.opts.entropy_coef > 0:
+            aux = self.opts.entropy_coef * neg_entropy_of_mean_softmax(logits)
+        return Routing(indices, torch.sigmoid(logits.gather(-1, indices)), aux)
+
+
+def sinkhorn(logits: torch.Tensor, iters: int) -> torch.Tensor:
+    """Log-domain Sinkhorn on [T, E]: rows sum to 1 and columns to T/E after the last step."""
+    T, E = logits.shape
+    log_p = logits
+    for _ in range(iters):
+        log_p = log_p - torch.logsumexp(log_p, dim=0, keepdim=True) + math.log(T / E)
+        log_p = log_p - torch.logsumexp(log_p, dim=1, keepdim=True)
+    return log_p
+
+
+class BaseRouter(LinearRouter):
+    """BASE layers: a balanced assignment in training (every expert gets T·K/N_E tokens), greedy at eval."""
+
+    def forward(self, x, token_ids=None, bank=None) -> Routing:
+        logits = self.logits(x)
+        if self.training:
+            with torch.no_grad():
+                indices = balanced_assignment(at_least_fp32(logits), self.k)
+        else:
+            indices = logits.topk(self.k, dim=-1).indices
+        return Routing(indices, torch.sigmoid(logits.gather(-1, indices)))
+
+
+def balanced_assignment(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """[T, E] scores → [T, k] distinct experts per token; each expert gets ⌈T/E⌉ tokens at most per round.
+
+    Greedy with proposals: in each round every unassigned token proposes to its best open expert
+    and every expert accepts its best proposals up to its remaining capacity; an expert that fills
+    closes. K rounds of this assign each token K distinct experts, so when E divides T every expert
+    receives exactly T·K/E tokens.
+    """
+    T, E = scores.shape
+    taken = torch.zeros(T, E, dtype=torch.bool, device=scores.device)
+    columns = []
+    for _ in range(k):
+        choice = _balanced_round(scores.masked_fill(taken, float("-inf")), -(-T // E), taken)
+        taken[torch.arange(T, device=scores.device), choice] = True
+        columns.append(choice)
+    return torch.stack(columns, dim=1)
+
+
+def _balanced_round(scores: torch.Tensor, capacity: int, taken: torch.Tensor) -> torch.Tensor:
+    """One expert per token (not one it has ``taken``), at most ``capacity`` tokens per expert."""
+    T, E = scores.shape
+    assigned = torch.full((T,), -1, dtype=torch.long, device=scores.device)
+    remaining = torch.full((E,), capacity, dtype=torch.long, device=scores.device)
+    while True:
+        open_tokens = (assigned < 0).nonzero().squeeze(1)
+        if open_tokens.numel() == 0:
+            return assigned
+        candidate = scores[open_tokens].masked_fill(remaining[None, :] == 0, float("-inf"))
+        best, proposal = candidate.max(dim=1)
+        stuck = torch.isinf(best)
+        for token in open_tokens[stuck].tolist():  # rare: every open expert was taken by this token before
+            _swap_into_full_expert(token, assigned, remaining, taken)
+        open_tokens, best, proposal = open_tokens[~stuck], best[~stuck], proposal[~stuck]
+        by_score = torch.argsort(best, descending=True, stable=True)
+        by_expert = by_score[torch.argsort(proposal[by_score], stable=True)]
+        experts = proposal[by_expert]
+        counts = torch.bincount(experts, minlength=E)
+        rank_in_expert = torch.arange(len(experts), device=scores.device) - (torch.cumsum(counts, 0) - counts)[experts]
+        accept = rank_in_expert < remaining[experts]
+        assigned[open_tokens[by_expert[accept]]] = experts[accept]
+        remaining -= torch.bincount(experts[accept], minlength=E)
+
+
+def _swap_into_full_expert(token: int, assigned, remaining, taken) -> None:
+    """Give ``token`` the expert e of some token u of this round, moving u to an open expert f it may use."""
+    open_experts = remaining > 0
+    movable = (assigned >= 0) & ~taken[token].index_select(0, assigned.clamp_min(0))
+    movable &= (open_experts[None, :] & ~taken).any(dim=1)
+    if not movable.any():  # no swap exists: exceed one expert's capacity by one
+        assigned[token] = int((~taken[token]).nonzero()[0])
+        return
+    u = int(movable.nonzero()[0])
+    f = int((open_experts & ~taken[u]).nonzero()[0])
+    assigned[token], assigned[u] = assigned[u].clone(), f
+    remaining[f] -= 1
+
+
+class HashRouter(nn.Module):
+    """HashLayer: a fixed random list of K distinct experts per hashed token id; no gate, no loss."""
+
+    def __init__(self, n_experts: int, k: int, seed: int):
+        super().__init__()
+        generator = torch.Generator().manual_seed(seed)
+        table = torch.rand(HASH_BUCKETS, n_experts, generator=generator).argsort(dim=1)[:, :k]
+        self.register_buffer("table", table)
+
+    def forward(self, x, token_ids=None, bank=None) -> Routing:
+        if token_ids is None:
+            raise UserError("model.ffn.kind=hash routes by token id, but this layer received no token ids.")
+        return Routing(self.table[token_ids.reshape(-1) % HASH_BUCKETS])
+
+
+class AvgKRouter(nn.Module):
+    """Avg-K: block score = x · mean of the block's key vectors; top-K blocks; no balancing loss."""
+
+    def __init__(self, k: int, opts):
+        super().__init__()
+        self.k, self.opts = k, opts
+
+    def forward(self, x, token_ids=None, bank: ExpertBank | None = None) -> Routing:
+        scores = x @ bank.block_means().t()
+        indices = scores.topk(self.k, dim=-1).indices
+        return Routing(indices, gate_values(scores, indices, self.opts.gate))
+
+
+def build_router(cfg: FFNConfig, d_model: int, n_layers: int) -> nn.Module:
+    E, K = cfg.n_experts, cfg.top_k
+    if cfg.kind == "sigma_moe":
+        return SigmaMoERouter(d_model, E, K, cfg.sigma_moe, n_layers)
+    if cfg.kind == "switch":
+        return SwitchRouter(d_model, E, K, cfg.switch)
+    if cfg.kind == "sbase":
+        return SBaseRouter(d_model, E, K, cfg.sbase)
+    if cfg.kind == "base":
+        return BaseRouter(d_model, E, K)
+    if cfg.kind == "hash":
+        return HashRouter(E, K, cfg.hash.seed)
+    if cfg.kind == "avgk":
+        return AvgKRouter(K, cfg.avgk)
+    raise ValueError(f"no router for FFN kind {cfg.kind!r}")

@@ -1,0 +1,82 @@
+"""Parameter and FLOP accounting against the built modules, and the fair-comparison sizing."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from sffn_lab.analysis.accounting import compute_equal, count_ffn, param_equal, variants_table
+from sffn_lab.analysis.model_cost import count_model
+from sffn_lab.config import FFNConfig, PKMOptions, load_config
+from sffn_lab.errors import UserError
+from sffn_lab.layers.registry import BLOCK_KINDS, FFN_KINDS, build_ffn
+from sffn_lab.models import build_model
+
+D = 48
+BASE = FFNConfig(d_ff=192, n_experts=6, expert_size=32, top_k=2, pkm=PKMOptions(heads=2, n_keys=10, knn=4, key_dim=8))
+
+
+def numel(module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+@pytest.mark.parametrize("kind", FFN_KINDS)
+def test_total_params_equal_the_built_modules_numel(kind):
+    cfg = dataclasses.replace(BASE, kind=kind)
+    assert count_ffn(cfg, D).total_params == numel(build_ffn(cfg, D, n_layers=2))
+
+
+def test_active_params_by_hand():
+    E, G, K = 6, 32, 2
+    sigma = count_ffn(dataclasses.replace(BASE, kind="sigma_moe"), D)
+    assert sigma.active_params == K * (D * G + G * D) + E * D  # K blocks of keys+values, and the selector
+    assert sigma.flops_per_token == 2 * K * 2 * D * G + 2 * E * D
+    hashed = count_ffn(dataclasses.replace(BASE, kind="hash"), D)
+    assert hashed.active_params == K * 2 * D * G and hashed.flops_per_token == 4 * K * D * G
+    pkm = count_ffn(dataclasses.replace(BASE, kind="pkm"), D)
+    assert pkm.active_params == D * 2 * 8 + 2 * 10 * 8 + 2 * 4 * D  # query, sub-keys, read values
+
+
+@pytest.mark.parametrize("kind", FFN_KINDS)
+def test_param_equal_matches_the_dense_total_within_one_percent(kind):
+    dense = FFNConfig(kind="dense", d_ff=1024)
+    options = {"expert_size": 64, "top_k": 4} if kind in BLOCK_KINDS else {}
+    cfg = param_equal(dense, kind, 256, **options)
+    ratio = count_ffn(cfg, 256).total_params / count_ffn(dense, 256).total_params
+    assert abs(ratio - 1) < 0.01, (kind, ratio)
+    assert count_ffn(cfg, 256).total_params == numel(build_ffn(cfg, 256, 2))
+
+
+def test_param_equal_needs_g_to_divide_d_ff():
+    with pytest.raises(UserError, match="does not divide"):
+        param_equal(FFNConfig(d_ff=1000), "sigma_moe", 64, expert_size=64)
+
+
+@pytest.mark.parametrize("kind", ["sigma_moe", "switch", "avgk", "pkm"])
+def test_compute_equal_matches_dense_flops_to_a_size_step(kind):
+    dense = FFNConfig(kind="dense", d_ff=1024)
+    options = {"n_experts": 16, "top_k": 2} if kind in BLOCK_KINDS else {}
+    cfg = compute_equal(dense, kind, 256, **options)
+    got, target = count_ffn(cfg, 256).flops_per_token, count_ffn(dense, 256).flops_per_token
+    step = count_ffn(dataclasses.replace(cfg, expert_size=cfg.expert_size + 1), 256).flops_per_token - got
+    if kind == "pkm":  # sized in whole heads
+        step = count_ffn(dataclasses.replace(cfg, pkm=dataclasses.replace(cfg.pkm, heads=1)), 256).flops_per_token
+    assert abs(got - target) <= step
+
+
+def test_model_cost_counts_every_parameter():
+    for kind in ("dense", "sigma_moe", "pkm"):
+        cfg = load_config(None, [f"model.ffn.kind={kind}", "model.d_model=32", "model.ffn.d_ff=64",
+                                 "model.ffn.n_experts=4", "model.ffn.expert_size=16", "model.ffn.pkm.n_keys=8",
+                                 "model.ffn.pkm.knn=4", "model.ffn.pkm.key_dim=8", "model.positions=learned"])
+        model = build_model(cfg.model, vocab_size=50, max_seq_len=20)
+        assert count_model(cfg.model, 50, 20).total_params == numel(model)
+
+
+def test_variants_table_lists_every_variant_at_equal_parameters():
+    rows = variants_table(512, 2048, expert_size=128, top_k=4)
+    assert [r["kind"] for r in rows] == list(FFN_KINDS)
+    sigma = next(r for r in rows if r["kind"] == "sigma_moe")
+    assert sigma["sizes"] == "N_E=16 G=128 K=4" and abs(sigma["flops_vs_dense"] - 0.25) < 0.01
+    assert all(abs(r["params_vs_dense"] - 1) < 0.01 for r in rows)

@@ -1,0 +1,324 @@
+"""Every S-FFN variant against a plain float64 reference (a loop over tokens), and the identities."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sffn_lab.config import FFNConfig, load_config
+from sffn_lab.errors import UserError
+from sffn_lab.layers.expert_bank import ExpertBank
+from sffn_lab.layers.registry import FFN_KINDS, build_ffn, validate_ffn
+from sffn_lab.models import build_model
+
+D = 12
+ATOL = 1e-10  # float64 throughout: differences are rounding only
+
+
+def fresh(*shape, dtype=torch.float64):
+    return torch.randn(*shape, dtype=dtype)
+
+
+def layer(kind: str, **options) -> torch.nn.Module:
+    cfg = dataclasses.replace(FFNConfig(kind=kind, d_ff=24, n_experts=6, expert_size=4, top_k=2), **options)
+    validate_ffn(cfg, D)
+    return build_ffn(cfg, D, n_layers=2).double()
+
+
+def expert_output(bank: ExpertBank, x_t: torch.Tensor, e: int) -> torch.Tensor:
+    """V_eᵀ act(K_eᵀ x_t), written with plain sums."""
+    hidden = [torch.relu(sum(x_t[d] * bank.keys[e, d, g] for d in range(D))) for g in range(bank.keys.shape[2])]
+    return sum(hidden[g] * bank.values[e, g] for g in range(len(hidden)))
+
+
+def assert_same_outputs_and_grads(module, x, ids, reference):
+    """Compare y and d(y·w)/d(x, every parameter) of ``module`` with ``reference(x) -> y``."""
+    w = fresh(*x.shape)
+    x1 = x.clone().requires_grad_(True)
+    y = module(x1, ids).y
+    (y * w).sum().backward()
+    got = {"x": x1.grad.clone(), **{n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}}
+    module.zero_grad()
+    x2 = x.clone().requires_grad_(True)
+    y_ref = reference(x2)
+    (y_ref * w).sum().backward()
+    torch.testing.assert_close(y, y_ref, atol=ATOL, rtol=0)
+    torch.testing.assert_close(x1.grad, x2.grad, atol=ATOL, rtol=0)
+    for name, p in module.named_parameters():
+        if name in got:
+            torch.testing.assert_close(got[name], p.grad, atol=ATOL, rtol=0, msg=name)
+
+
+def test_expert_bank_with_uneven_and_empty_loads():
+    bank = ExpertBank(D, n_experts=5, expert_size=3).double()
+    T = 9
+    x = fresh(T, D)
+    indices = torch.tensor([[0, 1], [0, 2], [0, 1], [1, 0], [0, 2], [2, 1], [0, 1], [0, 1], [0, 2]])  # 3, 4: empty
+    gates = torch.rand(T, 2, dtype=torch.float64, requires_grad=True)
+
+    def reference(x):
+        return torch.stack([sum(gates[t, k] * expert_output(bank, x[t], int(indices[t, k])) for k in range(2))
+                            for t in range(T)])
+
+    w = fresh(T, D)
+    (bank(x, indices, gates) * w).sum().backward()
+    grads = [bank.keys.grad.clone(), bank.values.grad.clone(), gates.grad.clone()]
+    bank.zero_grad()
+    gates.grad = None
+    (reference(x) * w).sum().backward()
+    for got, want in zip(grads, [bank.keys.grad, bank.values.grad, gates.grad]):
+        torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
+    assert bank.keys.grad[3:].abs().sum() == 0  # empty experts get no gradient
+
+
+def routed_reference(module, scores_of, gate_of, k):
+    """Reference for router+bank layers: per token, top-k of scores_of(x_t), gate_of(scores, chosen)."""
+
+    def reference(x):
+        out = []
+        for x_t in x.reshape(-1, D):
+            scores = scores_of(x_t)
+            chosen = sorted(range(len(scores)), key=lambda e: -float(scores[e]))[:k]
+            out.append(sum(gate_of(scores, e) * expert_output(module.bank, x_t, e) for e in chosen))
+        return torch.stack(out).view(x.shape)
+
+    return reference
+
+
+@pytest.mark.parametrize("gate", ["sigmoid", "softmax", "none"])
+@pytest.mark.parametrize("renormalize", [False, True])
+def test_sigma_moe(gate, renormalize):
+    if gate == "none" and renormalize:
+        pytest.skip("nothing to renormalise")
+    from sffn_lab.config import SigmaMoEOptions
+
+    m = layer("sigma_moe", sigma_moe=SigmaMoEOptions(gate=gate, renormalize=renormalize)).eval()
+    sel = m.router.selector
+
+    def gate_of(scores, e):
+        top = sorted(range(len(scores)), key=lambda i: -float(scores[i]))[:2]
+        raw = {"sigmoid": lambda i: torch.sigmoid(scores[i]), "softmax": lambda i: torch.softmax(scores, 0)[i],
+               "none": lambda i: torch.ones((), dtype=torch.float64)}[gate]
+        return raw(e) / sum(raw(i) for i in top) if renormalize else raw(e)
+
+    x = fresh(2, 5, D)
+    assert_same_outputs_and_grads(m, x, None, routed_reference(m, lambda x_t: sel @ x_t, gate_of, 2))
+
+
+def test_switch_top1_softmax_gate():
+    m = layer("switch", top_k=1).eval()
+    sel = m.router.selector
+    reference = routed_reference(m, lambda x_t: sel @ x_t, lambda s, e: torch.softmax(s, 0)[e], 1)
+    assert_same_outputs_and_grads(m, fresh(3, 4, D), None, reference)
+
+
+@pytest.mark.parametrize("kind", ["sbase", "base"])
+def test_balanced_routers_are_greedy_top_k_with_sigmoid_gates_at_eval(kind):
+    m = layer(kind).eval()
+    sel = m.router.selector
+    reference = routed_reference(m, lambda x_t: sel @ x_t, lambda s, e: torch.sigmoid(s[e]), 2)
+    assert_same_outputs_and_grads(m, fresh(2, 6, D), None, reference)
+
+
+@pytest.mark.parametrize("gate", ["none", "softmax"])
+def test_avgk_scores_blocks_by_their_mean_key(gate):
+    from sffn_lab.config import AvgKOptions
+
+    m = layer("avgk", avgk=AvgKOptions(gate=gate)).eval()
+
+    def scores_of(x_t):
+        G = m.bank.keys.shape[2]
+        return torch.stack([sum(x_t @ m.bank.keys[e, :, g] for g in range(G)) / G for e in range(6)])
+
+    gate_of = (lambda s, e: 1.0) if gate == "none" else (lambda s, e: torch.softmax(s, 0)[e])
+    assert_same_outputs_and_grads(m, fresh(2, 5, D), None, routed_reference(m, scores_of, gate_of, 2))
+
+
+def test_hash_routing_is_a_fixed_function_of_the_token_id():
+    m = layer("hash")
+    ids = torch.randint(0, 1000, (3, 7))
+    table = {int(t): m.router.table[int(t) % m.router.table.shape[0]].tolist() for t in ids.flatten()}
+    assert all(len(set(v)) == 2 for v in table.values())  # K distinct experts
+
+    def reference(x):
+        flat = x.reshape(-1, D)
+        return torch.stack([sum(expert_output(m.bank, flat[i], e) for e in table[int(t)])
+                            for i, t in enumerate(ids.flatten())]).view(x.shape)
+
+    assert_same_outputs_and_grads(m, fresh(3, 7, D), ids, reference)
+    again = m.router(fresh(21, D), ids.flatten().flip(0)).indices.flip(0)  # other inputs, other order
+    assert torch.equal(again, m.router(fresh(21, D), ids.flatten()).indices)
+    with pytest.raises(UserError, match="token id"):
+        m(fresh(1, 2, D), None)
+
+
+def test_topk_keeps_the_k_largest_activations():
+    m = layer("topk", top_k=5)
+
+    def reference(x):
+        out = []
+        for x_t in x.reshape(-1, D):
+            h = torch.relu(m.up.weight @ x_t + m.up.bias)
+            kept = sorted(range(len(h)), key=lambda j: -float(h[j]))[:5]
+            out.append(sum(h[j] * m.down.weight[:, j] for j in kept) + m.down.bias)
+        return torch.stack(out).view(x.shape)
+
+    assert_same_outputs_and_grads(m, fresh(2, 4, D), None, reference)
+
+
+@pytest.mark.parametrize("activation", ["softmax", "relu"])
+def test_pkm_against_exhaustive_product_keys(activation):
+    from sffn_lab.config import PKMOptions
+
+    opts = PKMOptions(heads=2, n_keys=5, knn=3, key_dim=6, activation=activation)
+    m = layer("pkm", pkm=opts)
+
+    def reference(x):
+        out = []
+        for x_t in x.reshape(-1, D):
+            q = (m.query.weight @ x_t).view(2, 2, 3)
+            y = torch.zeros(D, dtype=torch.float64)
+            for h in range(2):
+                half = [m.sub_keys[h, c] @ q[h, c] for c in range(2)]
+                best = [sorted(range(5), key=lambda i: -float(half[c][i]))[:3] for c in range(2)]
+                pairs = sorted(((half[0][i] + half[1][j], i * 5 + j) for i in best[0] for j in best[1]),
+                               key=lambda p: -float(p[0]))[:3]
+                scores = torch.stack([p[0] for p in pairs])
+                w = torch.softmax(scores, 0) if activation == "softmax" else torch.relu(scores)
+                y = y + sum(w[i] * m.values[slot] for i, (_, slot) in enumerate(pairs))
+            out.append(y)
+        return torch.stack(out).view(x.shape)
+
+    assert_same_outputs_and_grads(m, fresh(2, 3, D), None, reference)
+
+
+# ---------------------------------------------------------------------------------------- identities
+
+
+def dense_from(keys: torch.Tensor, values: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The dense FFN whose d_ff cells are all the experts' cells: x [..., D] → [..., D]."""
+    k_all = keys.permute(1, 0, 2).reshape(D, -1)
+    v_all = values.reshape(-1, D)
+    return torch.relu(x @ k_all) @ v_all
+
+
+def test_topk_with_k_equal_d_ff_is_the_dense_ffn():
+    m = layer("topk", top_k=24)
+    dense = layer("dense")
+    dense.load_state_dict(m.state_dict())
+    x = fresh(2, 5, D)
+    torch.testing.assert_close(m(x).y, dense(x).y, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("kind, options", [("avgk", {}), ("sigma_moe", {"gate": "none"})])
+def test_all_experts_without_gates_is_the_dense_ffn(kind, options):
+    from sffn_lab.config import SigmaMoEOptions
+
+    extra = {"sigma_moe": SigmaMoEOptions(**options)} if kind == "sigma_moe" else {}
+    m = layer(kind, top_k=6, **extra).eval()
+    x = fresh(2, 5, D)
+    torch.testing.assert_close(m(x).y, dense_from(m.bank.keys, m.bank.values, x), atol=ATOL, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------- training-mode routing
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_base_gives_exactly_balanced_loads_in_training(k):
+    m = layer("base", n_experts=6, top_k=k).train()
+    out = m(fresh(4, 12, D))  # 48 tokens, 6 experts
+    assert torch.equal(out.expert_counts, torch.full((6,), 48.0 * k / 6, dtype=out.expert_counts.dtype))
+    indices = m.router(fresh(48, D)).indices
+    assert all(len(set(row.tolist())) == k for row in indices)  # distinct experts per token
+
+
+def test_sinkhorn_balances_the_marginals():
+    from sffn_lab.layers.routers import sinkhorn
+
+    logits = fresh(40, 5) * 3
+    p = sinkhorn(logits, iters=200).exp()
+    torch.testing.assert_close(p.sum(1), torch.ones(40, dtype=torch.float64), atol=1e-9, rtol=0)
+    torch.testing.assert_close(p.sum(0), torch.full((5,), 8.0, dtype=torch.float64), atol=1e-6, rtol=0)
+    m = layer("sbase", n_experts=5, top_k=1).train()
+    balanced = m(fresh(1, 200, D)).expert_counts
+    greedy = m.eval()(fresh(1, 200, D)).expert_counts
+    assert balanced.max() - balanced.min() <= greedy.max() - greedy.min()
+
+
+def test_sigma_moe_entropy_regulariser_and_expert_dropout():
+    from sffn_lab.config import SigmaMoEOptions
+
+    m = layer("sigma_moe", sigma_moe=SigmaMoEOptions(entropy_coef=0.5, expert_dropout=0.5)).train()
+    x = fresh(30, D)
+    routing = m.router(x)
+    p = torch.softmax(x @ m.router.selector.t(), dim=-1).mean(0)
+    torch.testing.assert_close(routing.aux_loss, 0.5 * (p * p.log()).sum(), atol=1e-12, rtol=0)
+    torch.manual_seed(0)
+    dropped = torch.rand(30, 6, dtype=torch.float64) < 0.5
+    torch.manual_seed(0)
+    chosen = m.router(x).indices
+    enough_left = (~dropped).sum(1) >= 2
+    assert enough_left.sum() > 10
+    assert not dropped.gather(1, chosen)[enough_left].any()  # a dropped expert is never selected
+
+
+def test_switch_balance_loss_and_capacity():
+    from sffn_lab.config import SwitchOptions
+
+    m = layer("switch", top_k=1, n_experts=4, switch=SwitchOptions(balance_coef=0.01, capacity_factor=1.0)).train()
+    x = fresh(16, D)
+    routing = m.router(x)
+    probs = torch.softmax(x @ m.router.selector.t(), dim=-1)
+    f = torch.bincount(probs.argmax(1), minlength=4).double() / 16
+    torch.testing.assert_close(routing.aux_loss, 0.01 * 4 * (f * probs.mean(0)).sum(), atol=1e-12, rtol=0)
+    seen = {}
+    for t in range(16):  # capacity 16/4 = 4 per expert, earlier tokens first
+        e = int(routing.indices[t, 0])
+        seen[e] = seen.get(e, 0) + 1
+        expected = probs[t, e] if seen[e] <= 4 else 0.0
+        assert float(routing.gates[t, 0]) == pytest.approx(float(expected), abs=1e-12)
+
+
+# ---------------------------------------------------------------------------------------- in the model
+
+
+@pytest.mark.parametrize("kind", FFN_KINDS)
+def test_every_variant_is_causal_in_the_model(kind):
+    cfg = load_config(None, [f"model.ffn.kind={kind}", "model.d_model=16", "model.n_heads=2", "model.n_layers=2",
+                             "model.ffn.d_ff=32", "model.ffn.n_experts=4", "model.ffn.expert_size=8",
+                             "model.ffn.top_k=2", "model.ffn.pkm.n_keys=6", "model.ffn.pkm.knn=3",
+                             "model.ffn.pkm.key_dim=8"])
+    model = build_model(cfg.model, vocab_size=30, max_seq_len=20).eval()
+    tokens = torch.randint(0, 30, (2, 20))
+    t = int(torch.randint(1, 20, ()))
+    changed = tokens.clone()
+    changed[:, t] = (changed[:, t] + 7) % 30
+    with torch.no_grad():
+        a, b = model(tokens).logits, model(changed).logits
+    assert torch.equal(a[:, :t], b[:, :t])
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["model.ffn.kind=sigma_moe", "model.ffn.n_experts=4", "model.ffn.top_k=5"], "cannot use more experts"),
+        (["model.ffn.kind=pkm", "model.ffn.pkm.n_keys=4", "model.ffn.pkm.knn=8"], "knn"),
+        (["model.ffn.kind=sigma_moe", "model.ffn.sigma_moe.gate=sigmod"], "Did you mean 'sigmoid'"),
+        (["model.ffn.kind=topk", "model.ffn.d_ff=16", "model.ffn.top_k=32"], "top_k"),
+        (["model.ffn.kind=swtich"], "Did you mean 'switch'"),
+    ],
+)
+def test_impossible_settings_fail_at_config_time(overrides, message):
+    with pytest.raises(UserError, match=message):
+        load_config(None, overrides)
+
+
+def test_gradients_reach_the_router_through_the_gates():
+    m = layer("sigma_moe")
+    out = m(fresh(2, 5, D))
+    out.y.sum().backward()
+    assert m.router.selector.grad is not None and m.router.selector.grad.abs().sum() > 0
+    assert F.relu is not None
