@@ -22,7 +22,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     help="sffn-lab: train, evaluate and ablate sparse feed-forward layers in language models.",
 )
-console = Console()
+console = Console(width=None if sys.stdout.isatty() else 160)
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "experiments" / "default.yaml"
 
 
@@ -53,6 +53,8 @@ def _format_summary(summary) -> Table:
     if summary.entropy_rate_bits is not None and summary.entropy_gap_bits is not None:
         table.add_row("true entropy rate (bits/token)", f"{summary.entropy_rate_bits:.4f}")
         table.add_row("gap to the entropy rate (bits/token)", f"{summary.entropy_gap_bits:+.4f}")
+    table.add_row("parameters (total / active)", f"{summary.total_params:,} / {summary.active_params:,}")
+    table.add_row("forward FLOPs per token", f"{summary.flops_per_token:,}")
     table.add_row("steps", str(summary.step))
     table.add_row("tokens seen", f"{summary.tokens_seen:,}")
     table.add_row("wall time", f"{summary.wall_time_s:.1f} s")
@@ -183,6 +185,56 @@ def variants(
         table.add_row(row["kind"], row["sizes"], f"{row['total_params']:,}", f"{row['active_params']:,}",
                       f"{row['flops_per_token']:,}", f"{row['flops_vs_dense']:.3f}")
     console.print(table)
+
+
+@app.command()
+def ablate(
+    grid: Path = typer.Argument(..., help="Grid file (experiments/*.yaml with runs / grid / seeds)."),
+    out: Path = typer.Option(Path("runs"), help="Parent directory of the sweep directory."),
+    set_: list[str] = typer.Option([], "--set", "-s", help="Override a key in every run."),
+    seeds: str | None = typer.Option(None, help="Comma-separated seeds, replacing the grid's."),
+    jobs: int = typer.Option(1, help="Runs trained in parallel processes."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan and stop."),
+) -> None:
+    """Train a grid of matched runs over several seeds (resumable), then report mean ± std."""
+    from sffn_lab.ablation import estimate_seconds, load_grid, run_state, run_sweep
+
+    seed_list = [int(s) for s in seeds.split(",")] if seeds else None
+    sweep = load_grid(grid, list(set_), seed_list)
+    sweep_dir = out / sweep.name
+    estimate_seconds(sweep)
+    table = Table(title=f"Plan: {sweep.name} ({len(sweep.runs)} runs, matched: {sweep.match}, "
+                        f"baseline: {sweep.baseline}) → {sweep_dir}")
+    for column in ("run", "variant", "seed", "total params", "active params", "FLOPs/token", "est. time", "state"):
+        table.add_column(column, justify="left" if column in ("run", "variant", "state") else "right")
+    for run in sweep.runs:
+        table.add_row(run.name, run.config.model.ffn.kind, str(run.seed), f"{run.total_params:,}",
+                      f"{run.active_params:,}", f"{run.flops_per_token:,}", f"{run.estimated_s:.3g} s",
+                      run_state(sweep_dir / run.dir_name))
+    console.print(table)
+    if dry_run:
+        return
+    run_sweep(sweep, sweep_dir, jobs, on_done=lambda run, what: console.print(f"{run.dir_name}: {what}"))
+    _print_report(sweep_dir)
+
+
+@app.command()
+def report(sweep_dir: Path = typer.Argument(..., help="A sweep directory written by sffn ablate.")) -> None:
+    """Mean ± std over seeds of a sweep's runs: a table, results.md, results.csv and curves.png."""
+    _print_report(sweep_dir)
+
+
+def _print_report(sweep_dir: Path) -> None:
+    from sffn_lab.analysis.report import COLUMNS, row_cells, write_report
+
+    rows = write_report(sweep_dir)
+    table = Table(title=f"Results: {sweep_dir}")
+    for column in COLUMNS:
+        table.add_column(column, justify="left" if column == "run" else "right")
+    for row in rows:
+        table.add_row(*row_cells(row), style="bold" if row.best else None)
+    console.print(table)
+    console.print(f"wrote {sweep_dir / 'results.md'}, results.csv and curves.png", soft_wrap=True)
 
 
 def main() -> None:

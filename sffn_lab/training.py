@@ -25,6 +25,7 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
+from sffn_lab.analysis.model_cost import count_model
 from sffn_lab.callbacks import (
     CheckpointOnInterrupt,
     StepProgressBar,
@@ -96,6 +97,9 @@ class RunSummary:
     entropy_rate_bits: float | None
     entropy_gap_bits: float | None
     unit: str
+    total_params: int
+    active_params: int
+    flops_per_token: int
     tokens_seen: int
     wall_time_s: float
     best_checkpoint: str | None
@@ -110,15 +114,18 @@ def corpus_info(data: LMDataModule) -> CorpusInfo:
     )
 
 
-def new_run_dir(config: Config) -> Path:
-    """A fresh directory ``<train.out_dir>/<name>-<timestamp>`` (suffixed if it already exists)."""
-    out = Path(config.train.out_dir)
+def new_run_dir(config: Config, path: Path | None = None) -> Path:
+    """A fresh directory: ``path`` if given, else ``<train.out_dir>/<name>-<timestamp>`` (suffixed if taken)."""
+    out = Path(config.train.out_dir) if path is None else Path(path).parent
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UserError(f"Cannot create the output directory '{out}': {exc}.") from None
     if not os.access(out, os.W_OK):
         raise UserError(f"The output directory '{out}' is not writable. Choose another with --out.")
+    if path is not None:
+        Path(path).mkdir()
+        return Path(path)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     run_dir = out / f"{config.name}-{stamp}"
     suffix = 1
@@ -199,8 +206,10 @@ def is_launched_rank() -> bool:
     return os.environ.get("LOCAL_RANK", "0") != "0" or os.environ.get("NODE_RANK", "0") != "0"
 
 
-def train(config: Config, progress: bool = True, resume_dir: Path | None = None) -> RunSummary:
-    """Train ``config`` in a new run directory, or continue the run in ``resume_dir``.
+def train(
+    config: Config, progress: bool = True, resume_dir: Path | None = None, run_dir: Path | None = None
+) -> RunSummary:
+    """Train ``config`` in a new run directory (``run_dir`` or a timestamped one), or continue ``resume_dir``.
 
     Under multi-process strategies every rank runs this function; rank 0 creates the run
     directory and the other ranks find it in the environment they inherit.
@@ -214,7 +223,7 @@ def train(config: Config, progress: bool = True, resume_dir: Path | None = None)
     elif is_launched_rank():
         run_dir = Path(os.environ[RUN_DIR_ENV])
     else:
-        run_dir = new_run_dir(config)
+        run_dir = new_run_dir(config, run_dir)
         save_config(config, run_dir / CONFIG_FILE)
     os.environ[RUN_DIR_ENV] = str(run_dir)
     rank_zero = not is_launched_rank()
@@ -234,6 +243,8 @@ def train(config: Config, progress: bool = True, resume_dir: Path | None = None)
         raise
     finally:
         os.environ.pop(RUN_DIR_ENV, None)
+    if "val/loss" not in trainer.callback_metrics:  # resumed from a checkpoint already at max_steps
+        trainer.validate(module, datamodule=data, verbose=False)
     summary = summarize(run_dir, trainer, module, time.perf_counter() - start)
     if rank_zero:
         (run_dir / SUMMARY_FILE).write_text(json.dumps(asdict(summary), indent=2))
@@ -253,6 +264,7 @@ def _record_failure(run_dir: Path, trainer: L.Trainer, exc: BaseException) -> No
 def summarize(run_dir: Path, trainer: L.Trainer, module: LanguageModelModule, wall: float) -> RunSummary:
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     ckpt = trainer.checkpoint_callback
+    cost = count_model(module.config.model, module.corpus.vocab_size, module.config.data.seq_len)
     summary = RunSummary(
         run_dir=str(run_dir),
         status="finished",
@@ -263,6 +275,9 @@ def summarize(run_dir: Path, trainer: L.Trainer, module: LanguageModelModule, wa
         entropy_rate_bits=module.corpus.entropy_rate_bits,
         entropy_gap_bits=metrics.get("val/entropy_gap_bits"),
         unit=module.corpus.unit,
+        total_params=cost.total_params,
+        active_params=cost.active_params,
+        flops_per_token=cost.flops_per_token,
         tokens_seen=module.tokens_seen,
         wall_time_s=wall,
         best_checkpoint=(ckpt.best_model_path or None) if ckpt else None,

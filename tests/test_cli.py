@@ -203,3 +203,22 @@ def test_skip_nonfinite_skips_a_poisoned_batch_and_counts_it(tmp_path, capsys, m
     assert max(float(r["train/nonfinite_skips"]) for r in rows if r.get("train/nonfinite_skips")) == 1
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["step"] == 8 and summary["val_loss"] == summary["val_loss"]  # finished, finite
+
+
+def test_sigma_moe_run_logs_expert_usage_and_draws_the_heatmap(tmp_path, capsys):
+    run_dir = train_tiny(tmp_path, capsys, "--max-steps", "10", "--set", "model.ffn.kind=sigma_moe",
+                         "--set", "model.ffn.n_experts=4", "--set", "model.ffn.expert_size=16",
+                         "--set", "model.ffn.sigma_moe.entropy_coef=0.01")
+    import csv
+
+    rows = list(csv.DictReader((run_dir / "metrics.csv").open()))
+    columns = set(rows[0])
+    for stage in ("train", "val"):
+        for stat in ("entropy", "perplexity", "dead_fraction", "max_load"):
+            assert f"{stage}_usage/layer0/{stat}" in columns
+    perplexity = [float(r["val_usage/layer0/perplexity"]) for r in rows if r.get("val_usage/layer0/perplexity")]
+    assert perplexity and all(0.25 <= p <= 1.0 for p in perplexity)
+    assert any(float(r["train/aux_loss"]) < 0 for r in rows if r.get("train/aux_loss"))  # −entropy, weighted
+    assert (run_dir / "expert_usage.png").stat().st_size > 5000
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["active_params"] < summary["total_params"]

@@ -38,7 +38,10 @@ def count_model(cfg: ModelConfig, vocab_size: int, seq_len: int) -> ModelCost:
     head = 0 if cfg.tie_embeddings else vocab_size * d
     final_norm = 2 * d
     total = embed + positions + head + final_norm + n * (attention + norms + ffn.total_params)
-    active = d + (d if positions else 0) + vocab_size * d + final_norm + n * (attention + norms + ffn.active_params)
+    input_row = 0 if cfg.tie_embeddings else d  # a tied input row is part of the output matrix
+    active = input_row + (d if positions else 0) + vocab_size * d + final_norm + n * (
+        attention + norms + ffn.active_params
+    )
     score_flops = 2 * 2 * d * (seq_len + 1) / 2  # q·k and p·v over the causal prefix
     flops = 2 * vocab_size * d + n * (2 * 4 * d * d + score_flops + ffn.flops_per_token)
     return ModelCost(int(total), int(active), int(flops), n * ffn.total_params, n * ffn.active_params)

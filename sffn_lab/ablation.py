@@ -1,0 +1,241 @@
+"""Ablation sweeps: a grid file → matched run configs → one run directory each, resumable.
+
+A grid file (YAML) holds::
+
+    name: my_sweep
+    config: experiments/default.yaml     # optional base experiment (relative to the grid file)
+    set: ["train.max_steps=300"]         # overrides applied to every run
+    match: param_equal                   # param_equal | compute_equal | none
+    baseline: dense                      # the run every other run is matched against
+    seeds: [0, 1, 2]
+    runs:                                # explicit runs ...
+      - {name: dense, set: ["model.ffn.kind=dense"]}
+      - {name: sigma_moe, set: ["model.ffn.kind=sigma_moe", "model.ffn.expert_size=64"]}
+    grid:                                # ... plus one run per combination, named "top_k=1" etc.
+      model.ffn.kind: [sigma_moe]
+      model.ffn.top_k: [1, 2, 4]
+
+Under ``param_equal`` the sizes a run does not set are derived from the baseline's FFN (N_E·G =
+d_ff, PKM's n_keys and key_dim), then every run's total parameters must be within 1% of the
+baseline's; under ``compute_equal`` its FLOPs per token within 2%. A grid that breaks its rule is
+refused before anything trains.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import os
+import shutil
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sffn_lab.analysis.accounting import compute_equal, param_equal
+from sffn_lab.analysis.model_cost import count_model
+from sffn_lab.config import Config, read_yaml
+from sffn_lab.errors import UserError
+
+RULES = {"param_equal": ("total_params", 0.01), "compute_equal": ("flops_per_token", 0.02), "none": (None, None)}
+
+
+@dataclass
+class PlannedRun:
+    name: str  # run name without the seed
+    seed: int
+    config: Config
+    total_params: int
+    active_params: int
+    flops_per_token: int
+    estimated_s: float = 0.0
+
+    @property
+    def dir_name(self) -> str:
+        return f"{self.name}-s{self.seed}"
+
+
+@dataclass
+class Sweep:
+    name: str
+    match: str
+    baseline: str
+    runs: list[PlannedRun] = field(default_factory=list)
+
+
+def load_grid(path: Path, extra_overrides: list[str] | None = None, seeds: list[int] | None = None) -> Sweep:
+    """Read a grid file and plan its runs (sizes derived and checked under the matching rule)."""
+    from sffn_lab.config import load_config
+
+    path = Path(path)
+    spec = read_yaml(path)
+    allowed = {"name", "config", "set", "match", "baseline", "seeds", "runs", "grid"}
+    unknown = set(spec) - allowed
+    if unknown:
+        raise UserError(f"Grid file '{path}' has unknown keys {sorted(unknown)}; allowed: {sorted(allowed)}.")
+    match = spec.get("match", "param_equal")
+    if match not in RULES:
+        raise UserError(f"Grid 'match' must be one of {list(RULES)}, got '{match}'.")
+    base_file = spec.get("config")
+    base_path = (path.parent / base_file) if base_file and not Path(base_file).is_absolute() else base_file
+    if base_file and not Path(base_path).is_file():
+        base_path = Path(base_file)  # relative to the working directory
+    common = list(spec.get("set", [])) + list(extra_overrides or [])
+    variants = _variants(spec)
+    if not variants:
+        raise UserError(f"Grid file '{path}' defines no runs (give 'runs' and/or 'grid').")
+    baseline = spec.get("baseline", variants[0][0])
+    if baseline not in dict(variants):
+        raise UserError(f"Grid baseline '{baseline}' is not one of the runs: {[n for n, _ in variants]}.")
+    configs = {name: load_config(base_path, common + overrides) for name, overrides in variants}
+    configs = {name: _derive_sizes(cfg, configs[baseline], match, overrides)
+               for (name, overrides), cfg in zip(variants, configs.values())}
+    sweep = Sweep(spec.get("name", path.stem), match, baseline)
+    seed_list = seeds or spec.get("seeds", [0])
+    for name, cfg in configs.items():
+        for seed in seed_list:
+            config = dataclasses.replace(cfg, name=name, train=dataclasses.replace(cfg.train, seed=int(seed)))
+            cost = count_model(config.model, _vocab_size(config), config.data.seq_len)
+            sweep.runs.append(PlannedRun(name, int(seed), config, cost.total_params, cost.active_params,
+                                         cost.flops_per_token))
+    check_matching(sweep)
+    return sweep
+
+
+def _variants(spec: dict[str, Any]) -> list[tuple[str, list[str]]]:
+    runs = []
+    for run in spec.get("runs", []) or []:
+        if not isinstance(run, dict) or "name" not in run:
+            raise UserError(f"Each grid run needs a 'name' and a 'set' list, got {run!r}.")
+        runs.append((str(run["name"]), [str(s) for s in run.get("set", [])]))
+    grid = spec.get("grid") or {}
+    keys = list(grid)
+    for values in itertools.product(*(grid[k] for k in keys)) if keys else []:
+        label = ",".join(f"{k.split('.')[-1]}={v}" for k, v in zip(keys, values, strict=True))
+        runs.append((label, [f"{k}={v}" for k, v in zip(keys, values, strict=True)]))
+    names = [n for n, _ in runs]
+    if len(set(names)) != len(names):
+        raise UserError(f"Grid run names must be unique, got {names}.")
+    return runs
+
+
+def _derive_sizes(cfg: Config, baseline: Config, match: str, overrides: list[str]) -> Config:
+    """Fill in the FFN sizes a run leaves open so that it matches the baseline under ``match``.
+
+    param_equal derives N_E from G (or G from N_E when only N_E is given) and PKM's n_keys and
+    key_dim; compute_equal derives G (PKM: the number of heads). Everything else is the run's own.
+    """
+    ffn = cfg.model.ffn
+    if match == "none" or ffn.kind == baseline.model.ffn.kind:
+        return cfg
+    given = {o.split("=", 1)[0].strip() for o in overrides}
+    options = {f.name: getattr(ffn, f.name) for f in dataclasses.fields(ffn) if f.name not in ("kind", "d_ff")}
+    if match == "param_equal":
+        options.pop("expert_size" if "model.ffn.n_experts" in given and "model.ffn.expert_size" not in given
+                    else "n_experts")
+    derive = param_equal if match == "param_equal" else compute_equal
+    derived = derive(baseline.model.ffn, ffn.kind, cfg.model.d_model, **options)
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, ffn=derived))
+
+
+def _vocab_size(config: Config) -> int:
+    """Vocabulary size without loading the whole corpus where it is known from the config."""
+    if config.data.corpus == "synthetic":
+        return config.data.synthetic.vocab_size
+    from sffn_lab.data.corpora import REGISTRY
+
+    spec = REGISTRY.get(config.data.corpus)
+    if spec is None or spec.unit == "byte":
+        return 256
+    from sffn_lab.data.corpora import load_corpus
+
+    return load_corpus(config.data).vocab_size
+
+
+def check_matching(sweep: Sweep) -> None:
+    metric, tolerance = RULES[sweep.match]
+    if metric is None:
+        return
+    reference = next(r for r in sweep.runs if r.name == sweep.baseline)
+    target = getattr(reference, metric)
+    off = [(r.name, getattr(r, metric)) for r in sweep.runs if abs(getattr(r, metric) / target - 1) > tolerance]
+    if off:
+        listing = ", ".join(f"{name}: {value:,}" for name, value in dict(off).items())
+        raise UserError(
+            f"This grid breaks its matching rule '{sweep.match}': the baseline '{sweep.baseline}' has "
+            f"{target:,} {metric.replace('_', ' ')}, but {listing} (more than {tolerance:.0%} off). Change those "
+            "runs' sizes, or set 'match: none' to compare them unmatched."
+        )
+
+
+def estimate_seconds(sweep: Sweep) -> None:
+    """Rough time per run: 3× forward FLOPs per trained token over a matmul rate measured here,
+    plus a fixed cost per step (optimizer, logging) and per run (start-up, validations)."""
+    n = 512
+    a = torch.randn(n, n)
+    start = time.perf_counter()
+    for _ in range(10):
+        a @ a
+    rate = 10 * 2 * n**3 / (time.perf_counter() - start)
+    efficiency = 0.3  # small layers, attention and the optimizer run below peak matmul speed
+    for run in sweep.runs:
+        t, d = run.config.train, run.config.data
+        compute = 3 * run.flops_per_token * t.max_steps * d.batch_size * d.seq_len / (rate * efficiency)
+        run.estimated_s = compute + 0.01 * t.max_steps + 3.0
+
+
+def run_state(run_dir: Path) -> str:
+    """'finished', 'resumable' (a checkpoint to continue from) or 'new'."""
+    from sffn_lab.training import LAST_CKPT, read_status
+
+    if not run_dir.exists():
+        return "new"
+    if read_status(run_dir).get("status") == "finished" and (run_dir / "summary.json").is_file():
+        return "finished"
+    if (run_dir / "checkpoints" / LAST_CKPT).is_file():
+        return "resumable"
+    return "new"
+
+
+def execute(run: PlannedRun, sweep_dir: Path, threads: int | None = None) -> str:
+    """Train one planned run (new, or resumed from its checkpoint); returns what was done."""
+    from sffn_lab import training
+
+    if threads:
+        torch.set_num_threads(threads)
+    run_dir = sweep_dir / run.dir_name
+    state = run_state(run_dir)
+    if state == "finished":
+        return "skipped"
+    if state == "resumable":
+        training.train(run.config, progress=False, resume_dir=run_dir)
+        return "resumed"
+    if run_dir.exists():
+        shutil.rmtree(run_dir)  # started but never checkpointed: nothing worth keeping
+    training.train(run.config, progress=False, run_dir=run_dir)
+    return "trained"
+
+
+def run_sweep(sweep: Sweep, sweep_dir: Path, jobs: int = 1, on_done=None) -> dict[str, str]:
+    """Execute every run of the sweep (``jobs`` at a time); returns run dir name → what was done."""
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    outcome = {}
+    if jobs <= 1:
+        for run in sweep.runs:
+            outcome[run.dir_name] = execute(run, sweep_dir)
+            if on_done:
+                on_done(run, outcome[run.dir_name])
+        return outcome
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    import multiprocessing
+
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {run.dir_name: (run, pool.submit(execute, run, sweep_dir, threads)) for run in sweep.runs}
+        for name, (run, future) in futures.items():
+            outcome[name] = future.result()
+            if on_done:
+                on_done(run, outcome[name])
+    return outcome

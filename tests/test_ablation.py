@@ -1,0 +1,77 @@
+"""`sffn ablate` / `sffn report` end to end on a tiny grid: plan, matching, skip, resume, aggregate."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from sffn_lab.ablation import load_grid
+from sffn_lab.errors import UserError
+from tests.test_cli import run_cli
+
+TINY = ["model.d_model=32", "model.n_layers=1", "model.n_heads=2", "model.ffn.d_ff=64", "data.seq_len=32",
+        "data.batch_size=8", "data.synthetic.train_tokens=40000", "data.synthetic.valid_tokens=3000",
+        "data.synthetic.test_tokens=2000", "train.val_every=4", "train.max_steps=8", "train.warmup_steps=2",
+        "train.checkpoint_every=2"]
+
+
+def write_grid(tmp_path: Path, runs: list[dict], **extra) -> Path:
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump({"name": "tiny", "set": TINY, "seeds": [0, 1], "runs": runs, **extra}))
+    return path
+
+
+RUNS = [{"name": "dense", "set": ["model.ffn.kind=dense"]},
+        {"name": "sigma_moe", "set": ["model.ffn.kind=sigma_moe", "model.ffn.expert_size=16"]}]
+
+
+def test_grid_runs_skips_finished_resumes_interrupted_and_reports(tmp_path, capsys):
+    grid = write_grid(tmp_path, RUNS)
+    code, out, err = run_cli(["ablate", grid, "--out", tmp_path / "sweeps"], capsys)
+    assert code == 0, err
+    sweep = tmp_path / "sweeps" / "tiny"
+    assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == ["dense-s0", "dense-s1", "sigma_moe-s0",
+                                                                       "sigma_moe-s1"]
+    moe_cfg = yaml.safe_load((sweep / "sigma_moe-s0" / "config.yaml").read_text())
+    assert moe_cfg["model"]["ffn"]["n_experts"] == 4 and moe_cfg["train"]["seed"] == 0  # N_E·G = d_ff derived
+    rows = {r["run"]: r for r in csv.DictReader((sweep / "results.csv").open())}
+    assert set(rows) == {"dense", "sigma_moe"} and rows["dense"]["seeds"] == "0 1"
+    finals = [json.loads((sweep / f"dense-s{s}" / "summary.json").read_text())["val_bits"] for s in (0, 1)]
+    assert float(rows["dense"]["mean"]) == pytest.approx(sum(finals) / 2, rel=1e-9)
+    assert (sweep / "results.md").read_text().count("★") == 2 and (sweep / "curves.png").stat().st_size > 5000
+
+    # a rerun trains nothing; a run cut short after a checkpoint is resumed, a run never checkpointed restarts
+    interrupted = sweep / "sigma_moe-s1"
+    (interrupted / "summary.json").unlink()
+    (interrupted / "status.json").write_text(json.dumps({"status": "interrupted", "step": 4}))
+    code, out, err = run_cli(["ablate", grid, "--out", tmp_path / "sweeps"], capsys)
+    assert code == 0, err
+    assert out.count(": skipped") == 3 and "sigma_moe-s1: resumed" in out
+    assert json.loads((interrupted / "summary.json").read_text())["step"] == 8
+
+    code, out, err = run_cli(["report", sweep], capsys)
+    assert code == 0 and "sigma_moe" in out
+
+
+def test_a_grid_that_breaks_the_matching_rule_is_refused(tmp_path, capsys):
+    runs = [*RUNS, {"name": "big", "set": ["model.ffn.kind=dense", "model.ffn.d_ff=128"]}]
+    code, out, err = run_cli(["ablate", write_grid(tmp_path, runs), "--out", tmp_path / "sweeps"], capsys)
+    assert code == 2 and "breaks its matching rule" in err and "big" in err
+    assert not (tmp_path / "sweeps").exists()
+    runs = [*RUNS, {"name": "moe_nodiv", "set": ["model.ffn.kind=sigma_moe", "model.ffn.expert_size=24"]}]
+    with pytest.raises(UserError, match="does not divide"):
+        load_grid(write_grid(tmp_path, runs))
+
+
+def test_compute_equal_grid_and_cross_product(tmp_path):
+    grid = write_grid(tmp_path, [{"name": "dense", "set": []}], match="compute_equal",
+                      grid={"model.ffn.kind": ["sigma_moe"], "model.ffn.top_k": [1, 2]})
+    sweep = load_grid(grid)
+    names = sorted({r.name for r in sweep.runs})
+    assert names == ["dense", "kind=sigma_moe,top_k=1", "kind=sigma_moe,top_k=2"]
+    flops = {r.name: r.flops_per_token for r in sweep.runs}
+    assert all(abs(f / flops["dense"] - 1) <= 0.02 for f in flops.values())
