@@ -40,6 +40,9 @@ from sffn_lab.analysis.model_cost import count_model
 from sffn_lab.config import Config, read_yaml
 from sffn_lab.errors import UserError
 
+# Vocabulary sizes of the word-level corpora as published (Merity et al. 2016), used to plan a grid
+# before the corpus is downloaded.
+PUBLISHED_WORD_VOCAB = {"wikitext2": 33_278, "wikitext103": 267_735}
 RULES = {"param_equal": ("total_params", 0.01), "compute_equal": ("flops_per_token", 0.02), "none": (None, None)}
 
 
@@ -150,8 +153,10 @@ def _vocab_size(config: Config) -> int:
     spec = REGISTRY.get(config.data.corpus)
     if spec is None or spec.unit == "byte":
         return 256
-    from sffn_lab.data.corpora import load_corpus
+    from sffn_lab.data.corpora import cache_root, load_corpus
 
+    if not (cache_root(config.data) / spec.name / spec.remote.filename).is_file():
+        return PUBLISHED_WORD_VOCAB[spec.name]  # plan without downloading the corpus
     return load_corpus(config.data).vocab_size
 
 

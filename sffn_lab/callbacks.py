@@ -55,7 +55,8 @@ class CheckpointOnInterrupt(L.Callback):
         signal.signal(signal.SIGINT, self._previous_handler or signal.default_int_handler)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if self.requested:
+        # Every rank stops at the same step (saving is collective) when any of them saw Ctrl-C.
+        if trainer.strategy.reduce_boolean_decision(self.requested, all=False):
             trainer.save_checkpoint(self.last_checkpoint)
             self.on_train_end(trainer, pl_module)
             raise TrainingInterrupted(

@@ -53,6 +53,7 @@ def _format_summary(summary) -> Table:
     if summary.entropy_rate_bits is not None and summary.entropy_gap_bits is not None:
         table.add_row("true entropy rate (bits/token)", f"{summary.entropy_rate_bits:.4f}")
         table.add_row("gap to the entropy rate (bits/token)", f"{summary.entropy_gap_bits:+.4f}")
+    table.add_row("tokens scored", summary.scored)
     table.add_row("parameters (total / active)", f"{summary.total_params:,} / {summary.active_params:,}")
     table.add_row("forward FLOPs per token", f"{summary.flops_per_token:,}")
     table.add_row("steps", str(summary.step))
@@ -222,6 +223,47 @@ def ablate(
 def report(sweep_dir: Path = typer.Argument(..., help="A sweep directory written by sffn ablate.")) -> None:
     """Mean ± std over seeds of a sweep's runs: a table, results.md, results.csv and curves.png."""
     _print_report(sweep_dir)
+
+
+@app.command()
+def bench(
+    out: Path = typer.Option(Path("bench"), help="Directory for bench.csv, environment.json and PNG plots."),
+    quick: bool = typer.Option(False, "--quick", help="Tiny sizes: a seconds-long run of every section."),
+    repeats: int | None = typer.Option(None, help="Timed repetitions per variant (default: 5, quick: 2)."),
+) -> None:
+    """Speed and activation memory of σ-MoE vs dense and vs other MoE implementations, on 2 threads."""
+    import os
+
+    if repeats is not None and repeats < 1:
+        raise UserError("--repeats must be at least 1.")
+    # Other processes on the cores deschedule OpenMP threads; spinning partners then stall every parallel
+    # region. Passive waiting (read when torch loads, so only effective here if torch is not loaded yet)
+    # keeps that cost from falling mostly on the sparse layer's many smaller products.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    from sffn_lab.bench import run_bench
+    from sffn_lab.bench.memory import METHOD
+    from sffn_lab.bench.targets import check_targets
+
+    rows, env = run_bench(out, DEFAULT_CONFIG, quick, repeats, on_section=lambda title: console.rule(title))
+    console.print(", ".join(f"{k}: {v}" for k, v in env.items()), soft_wrap=True)
+    for section in dict.fromkeys(r.section for r in rows):
+        table = Table(title=section)
+        for column in ("case", "variant", "metric", "value", "ratio", "relative to"):
+            table.add_column(column, justify="right" if column in ("value", "ratio") else "left")
+        for r in (r for r in rows if r.section == section):
+            value = f"{r.value:.4g}" if r.value is not None else r.status
+            table.add_row(r.case, r.variant, r.metric, value, f"{r.ratio:.3f}" if r.ratio is not None else "",
+                          r.reference)
+        console.print(table)
+    table = Table(title="Targets")
+    for column in ("item", "measured", "target", "met"):
+        table.add_column(column)
+    for c in check_targets(rows):
+        met = {True: "yes", False: "[red]no[/]", None: "not measured"}[c.met]
+        table.add_row(c.item, f"{c.measured:.3f}" if c.measured is not None else "", c.target, met)
+    console.print(table)
+    console.print(f"memory: {METHOD}", soft_wrap=True)
+    console.print(f"wrote {out / 'bench.csv'}, environment.json, scaling.png and ratios.png", soft_wrap=True)
 
 
 def _print_report(sweep_dir: Path) -> None:

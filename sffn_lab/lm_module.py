@@ -95,7 +95,7 @@ class LanguageModelModule(L.LightningModule):
         losses, scored = token_losses(out.logits, y, out.loss_mask)
         lm_loss = losses.sum() / scored.sum().clamp(min=1)
         loss = lm_loss + out.aux_loss
-        if not torch.isfinite(loss):
+        if not self._finite_on_every_rank(loss):
             return self._handle_nonfinite(loss)
         self.consecutive_skips = 0
         self._accumulate_usage("train", out.layer_outputs)
@@ -112,6 +112,10 @@ class LanguageModelModule(L.LightningModule):
                 self.log("tok/s", self.tokens_seen / self.elapsed_s, prog_bar=True)
             self._log_usage("train")
         return loss
+
+    def _finite_on_every_rank(self, loss: torch.Tensor) -> bool:
+        """Whether the loss is finite on every device, so that all ranks skip (or stop at) a step together."""
+        return self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(loss)), all=True)
 
     def _handle_nonfinite(self, loss: torch.Tensor):
         self.consecutive_skips += 1

@@ -22,6 +22,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
@@ -76,14 +77,21 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp")
         try:
-            torch.save(checkpoint, tmp)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(tmp, "wb") as file:
+                torch.save(checkpoint, file)
+                file.flush()
+                os.fsync(file.fileno())  # the data is on disk before the name points at it
             os.replace(tmp, path)
         except OSError as exc:
             tmp.unlink(missing_ok=True)
-            raise UserError(f"Could not write checkpoint '{path}': {exc}. Earlier checkpoints are intact.") from None
+            raise UserError(
+                f"Could not write checkpoint '{path}': {exc.strerror or exc}. The run stopped at step "
+                f"{checkpoint.get('global_step', '?')}; earlier checkpoints are intact. Free some space "
+                f"(or fix the permissions) and continue with: sffn train --resume {path.parent.parent}"
+            ) from None
 
 
 @dataclass
@@ -97,6 +105,7 @@ class RunSummary:
     entropy_rate_bits: float | None
     entropy_gap_bits: float | None
     unit: str
+    scored: str  # which tokens the validation loss covers
     total_params: int
     active_params: int
     flops_per_token: int
@@ -169,6 +178,16 @@ def build_trainer(config: Config, run_dir: Path, progress: bool) -> L.Trainer:
         loggers.append(TensorBoardLogger(save_dir=str(run_dir), name="tensorboard", version=""))
     except ImportError:
         pass
+    try:
+        return _lightning_trainer(t, loggers, callbacks, progress, run_dir)
+    except (ValueError, ImportError, MisconfigurationException) as exc:
+        raise UserError(
+            f"Lightning cannot train with train.accelerator={t.accelerator}, train.devices={t.devices}, "
+            f"train.strategy={t.strategy}, train.precision={t.precision}: {exc}"
+        ) from None
+
+
+def _lightning_trainer(t, loggers: list, callbacks: list, progress: bool, run_dir: Path) -> L.Trainer:
     return L.Trainer(
         max_steps=t.max_steps,
         val_check_interval=t.val_every,
@@ -216,22 +235,27 @@ def train(
     """
     data, module = prepare(config)
     ckpt_path = None
+    created = False
     if resume_dir is not None:
         run_dir = Path(resume_dir)
         last = run_dir / "checkpoints" / LAST_CKPT
-        ckpt_path = str(last) if last.is_file() else None
+        if last.is_file():
+            check_resumable(read_checkpoint(last), config, last)
+            ckpt_path = str(last)
     elif is_launched_rank():
         run_dir = Path(os.environ[RUN_DIR_ENV])
     else:
         run_dir = new_run_dir(config, run_dir)
+        created = True
         save_config(config, run_dir / CONFIG_FILE)
     os.environ[RUN_DIR_ENV] = str(run_dir)
     rank_zero = not is_launched_rank()
     if rank_zero:
         write_status(run_dir, "running", step=0)
     start = time.perf_counter()
-    trainer = build_trainer(config, run_dir, progress and rank_zero)
+    trainer = None
     try:
+        trainer = build_trainer(config, run_dir, progress and rank_zero)
         trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
     except TrainingInterrupted:
         if rank_zero:
@@ -239,7 +263,7 @@ def train(
         raise
     except BaseException as exc:
         if rank_zero:
-            _record_failure(run_dir, trainer, exc)
+            _record_failure(run_dir, trainer.global_step if trainer else 0, exc, created)
         raise
     finally:
         os.environ.pop(RUN_DIR_ENV, None)
@@ -252,13 +276,13 @@ def train(
     return summary
 
 
-def _record_failure(run_dir: Path, trainer: L.Trainer, exc: BaseException) -> None:
-    """Mark the run failed; a run that never reached a checkpoint is removed entirely."""
+def _record_failure(run_dir: Path, step: int, exc: BaseException, created: bool) -> None:
+    """Mark the run failed; a run directory this call ``created`` is removed if it holds no checkpoint."""
     checkpoints = run_dir / "checkpoints"
-    if not any(checkpoints.glob("*.ckpt")) and not (run_dir / SUMMARY_FILE).exists():
+    if created and not any(checkpoints.glob("*.ckpt")):
         shutil.rmtree(run_dir, ignore_errors=True)
         return
-    write_status(run_dir, "failed", step=trainer.global_step, error=str(exc) or type(exc).__name__)
+    write_status(run_dir, "failed", step=step, error=str(exc) or type(exc).__name__)
 
 
 def summarize(run_dir: Path, trainer: L.Trainer, module: LanguageModelModule, wall: float) -> RunSummary:
@@ -275,6 +299,7 @@ def summarize(run_dir: Path, trainer: L.Trainer, module: LanguageModelModule, wa
         entropy_rate_bits=module.corpus.entropy_rate_bits,
         entropy_gap_bits=metrics.get("val/entropy_gap_bits"),
         unit=module.corpus.unit,
+        scored=scored_tokens(module.config),
         total_params=cost.total_params,
         active_params=cost.active_params,
         flops_per_token=cost.flops_per_token,
@@ -283,6 +308,15 @@ def summarize(run_dir: Path, trainer: L.Trainer, module: LanguageModelModule, wa
         best_checkpoint=(ckpt.best_model_path or None) if ckpt else None,
     )
     return summary
+
+
+def scored_tokens(config: Config) -> str:
+    """Which tokens the reported losses cover, so that numbers are compared on the same token sets."""
+    m = config.model
+    if m.backbone == "smlp" and m.smlp.routing == "partial_prediction" and m.smlp.n_sparse_blocks:
+        kept = 1 - m.smlp.prediction_fraction
+        return f"the last {kept:.0%} of each {config.data.seq_len}-token window only (partial prediction)"
+    return "every token of the split"
 
 
 def load_run_config(run_dir: Path, overrides: list[str]) -> Config:
@@ -312,25 +346,52 @@ def _diff(a: dict, b: dict, prefix: str = "") -> set[str]:
     return keys
 
 
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    """The contents of an sffn-lab checkpoint file (tensors memory-mapped); ``UserError`` if unusable."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"Checkpoint '{path}' does not exist.")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as exc:
+        reason = str(exc).split(". ")[0].splitlines()[0] if str(exc) else type(exc).__name__
+        raise UserError(
+            f"Checkpoint '{path}' is not a valid sffn-lab checkpoint: it is cut short or corrupt "
+            f"({reason}) and was not loaded. Use another checkpoint of the run: checkpoints/best-*.ckpt "
+            "(copied to last.ckpt, --resume goes on from it)."
+        ) from None
+    if not isinstance(checkpoint, dict) or "config" not in checkpoint.get("hyper_parameters", {}):
+        raise UserError(f"Checkpoint '{path}' is not a valid sffn-lab checkpoint (it holds no config).")
+    return checkpoint
+
+
+def check_resumable(checkpoint: dict[str, Any], config: Config, path: Path) -> None:
+    """Refuse to resume ``config`` from a checkpoint of a different model or training setup."""
+    changed = _diff(checkpoint["hyper_parameters"]["config"], to_dict(config))
+    changed.discard("train.max_steps")
+    if changed:
+        raise UserError(
+            f"Checkpoint '{path}' was written by a run with a different config (changed: "
+            f"{', '.join(sorted(changed))}); it cannot continue this run."
+        )
+
+
 def load_checkpoint(path: Path) -> LanguageModelModule:
     """A trained module from a checkpoint file, or a run directory (its best, else last, checkpoint)."""
     path = Path(path)
     if path.is_dir():
         candidates = sorted((path / "checkpoints").glob("best-*.ckpt")) or [path / "checkpoints" / LAST_CKPT]
         path = candidates[-1]
-    if not path.is_file():
-        raise UserError(f"Checkpoint '{path}' does not exist.")
+    checkpoint = read_checkpoint(path)
     try:
-        return LanguageModelModule.load_from_checkpoint(str(path), map_location="cpu", weights_only=False)
-    except RuntimeError as exc:
-        problems = [line.strip() for line in str(exc).splitlines()[1:] if line.strip()]
-        if problems:
-            raise UserError(
-                f"Checkpoint '{path}' does not match the model its config describes: {problems[0]}"
-            ) from None
-        raise UserError(f"Checkpoint '{path}' cannot be read: {exc}") from None
-    except (EOFError, OSError, KeyError, TypeError, ValueError, pickle.UnpicklingError) as exc:
-        raise UserError(f"Checkpoint '{path}' is not a valid sffn-lab checkpoint ({type(exc).__name__}: {exc}).") from None
+        module = LanguageModelModule(**checkpoint["hyper_parameters"])
+        module.load_state_dict(checkpoint["state_dict"])
+    except (RuntimeError, KeyError, TypeError) as exc:
+        problems = [line.strip() for line in str(exc).splitlines()[1:] if line.strip()] or [str(exc)]
+        raise UserError(
+            f"Checkpoint '{path}' does not match the model its config describes: {problems[0]}"
+        ) from None
+    return module
 
 
 def evaluate(ckpt: Path, split: str, config_overrides: list[str] | None = None, progress: bool = False) -> dict:
@@ -357,7 +418,8 @@ def evaluate(ckpt: Path, split: str, config_overrides: list[str] | None = None, 
     loader = data.test_dataloader() if split == "test" else data.val_dataloader()
     results = trainer.test(module, dataloaders=loader, verbose=False)[0]
     out = {k.split("/", 1)[1]: float(v) for k, v in results.items() if k.startswith("test/")}
-    out.update(split=split, corpus=config.data.corpus, unit=module.corpus.unit, checkpoint=str(ckpt))
+    out.update(split=split, corpus=config.data.corpus, unit=module.corpus.unit, scored=scored_tokens(config),
+               checkpoint=str(ckpt))
     out["tokens"] = int(out["tokens"])
     return out
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from sffn_lab.kernels import expert_down, expert_up, triton_available
+from sffn_lab.kernels import expert_down, expert_up, torch_grouped, triton_available
 from sffn_lab.kernels.reference import expert_down_reference, expert_up_reference
+from sffn_lab.kernels.torch_grouped import STRATEGIES, expert_down_torch, expert_up_torch
 
 BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(not triton_available(), reason="no triton"))]
 # fp32 kernels against a float64 reference of the same inputs: errors are fp32 rounding over D ≤ 40 terms
@@ -20,7 +20,7 @@ def routing(T: int, K: int, E: int, empty: tuple[int, ...] = ()) -> torch.Tensor
     return torch.multinomial(weights.expand(T, E), K, replacement=False)
 
 
-def run(backend, dtype, T, K, E, D, G, gated=True, empty=(1,)):
+def run(backend, dtype, T, K, E, D, G, gated=True, empty=(1,), strategy=None):
     x = torch.randn(T, D, dtype=dtype)
     w1 = torch.randn(E, D, G, dtype=dtype) * D**-0.5
     w2 = torch.randn(E, G, D, dtype=dtype) * G**-0.5
@@ -36,8 +36,13 @@ def run(backend, dtype, T, K, E, D, G, gated=True, empty=(1,)):
         (y * (dy if y.dtype == dy.dtype else dy.to(y.dtype))).sum().backward()
         return [h, y] + [t.grad for t in leaves if t is not None]
 
-    got = forward_backward(lambda *a: expert_up(*a, backend=backend),
-                           lambda *a: expert_down(*a, backend=backend), [x, w1, w2, gates])
+    if strategy is None:
+        up = lambda *a: expert_up(*a, backend=backend)  # noqa: E731
+        down = lambda *a: expert_down(*a, backend=backend)  # noqa: E731
+    else:
+        up = lambda *a: expert_up_torch(*a, strategy=strategy)  # noqa: E731
+        down = lambda *a: expert_down_torch(*a, strategy=strategy)  # noqa: E731
+    got = forward_backward(up, down, [x, w1, w2, gates])
     ref = forward_backward(expert_up_reference, expert_down_reference,
                            [t.double() if t is not None else None for t in (x, w1, w2, gates)])
     names = ["h", "y", "dx", "dw1", "dw2", "dgates"]
@@ -64,6 +69,18 @@ def test_half_precision_inputs_accumulate_in_fp32(backend):
     if backend == "torch":
         pytest.skip("the PyTorch path computes in the input dtype with PyTorch's own matmuls")
     run(backend, torch.float16, T=24, K=2, E=4, D=32, G=32)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("grouped_mm", [True, False])
+def test_torch_path_strategies_with_and_without_grouped_mm(strategy, grouped_mm, monkeypatch):
+    if grouped_mm:
+        probe = torch.empty(8, 20), torch.empty(3, 20, 24)
+        if not torch_grouped.use_grouped_mm(*probe):
+            pytest.skip("torch._grouped_mm is not available for fp32 CPU tensors in this torch")
+    else:
+        monkeypatch.setattr(torch_grouped, "use_grouped_mm", lambda *tensors: False)
+    run("torch", torch.float32, T=37, K=2, E=5, D=20, G=24, empty=(1, 3), strategy=strategy)
 
 
 def test_dead_experts_get_zero_weight_gradient():

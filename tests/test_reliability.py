@@ -1,21 +1,31 @@
-"""Crash safety and scale-out with real processes: SIGKILL mid-training, DDP on two CPU processes."""
+"""Crash safety, scale-out and bad input: real processes, real kills, two gloo ranks, simulated disk-full."""
 
 from __future__ import annotations
 
 import csv
+import errno
+import hashlib
 import json
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 from sffn_lab import training
 from sffn_lab.cli import DEFAULT_CONFIG
 from sffn_lab.config import load_config
+from sffn_lab.data import corpora
+from sffn_lab.data.corpora import CorpusSpec, RemoteFile
+from tests.gloo_ranks import AUX_ROUTERS, aux_loss_rank, router_aux_and_grad
+from tests.test_cli import run_cli
 
 TINY = [
     "model.d_model=32", "model.n_layers=1", "model.n_heads=2", "model.ffn.d_ff=64", "data.seq_len=32",
@@ -23,6 +33,8 @@ TINY = [
     "data.synthetic.valid_tokens=3000", "data.synthetic.test_tokens=2000", "train.val_every=10",
     "train.log_every=5", "train.warmup_steps=5", "model.dropout=0.1", "train.checkpoint_every=7",
 ]
+SIGMA_MOE = ["model.ffn.kind=sigma_moe", "model.ffn.n_experts=4", "model.ffn.expert_size=16",
+             "model.ffn.top_k=2", "model.ffn.sigma_moe.entropy_coef=0.01"]
 
 
 def sffn(args: list[str], **kwargs) -> subprocess.Popen:
@@ -34,59 +46,221 @@ def overrides_as_flags(overrides: list[str]) -> list[str]:
     return [flag for o in overrides for flag in ("--set", o)]
 
 
-def test_sigkill_then_resume_ends_with_the_same_metrics(tmp_path):
-    full = training.train(
-        load_config(DEFAULT_CONFIG, [*TINY, "train.max_steps=400", f"train.out_dir={tmp_path / 'full'}"]),
-        progress=False,
-    )
+def logged(run_dir: Path | str) -> dict[str, dict[int, float]]:
+    """metrics.csv → column → step → value (the non-empty cells)."""
+    table: dict[str, dict[int, float]] = {}
+    for row in csv.DictReader((Path(run_dir) / "metrics.csv").open()):
+        for column, value in row.items():
+            if value and column != "step":
+                table.setdefault(column, {})[int(row["step"])] = float(value)
+    return table
 
-    proc = sffn(["train", *overrides_as_flags(TINY), "--max-steps", "400", "--out", tmp_path / "killed", "--no-progress"],
+
+def snapshot(folder: Path) -> dict[str, str]:
+    """Every file under ``folder`` → sha256 of its bytes."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+# ------------------------------------------------------------------------------------------- crash safety
+
+
+def test_sigkill_then_resume_ends_with_the_same_metrics(tmp_path):
+    overrides = [*TINY, "train.max_steps=60"]
+    full = training.train(load_config(DEFAULT_CONFIG, [*overrides, f"train.out_dir={tmp_path / 'full'}"]),
+                          progress=False)
+
+    proc = sffn(["train", *overrides_as_flags(overrides), "--out", tmp_path / "killed", "--no-progress"],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    last = None
+    deadline = time.monotonic() + 300
+    first_save = None
     while time.monotonic() < deadline and proc.poll() is None:
         found = list((tmp_path / "killed").glob("*/checkpoints/last.ckpt"))
-        if found and found[0].stat().st_size > 0:
-            last = found[0]
-            time.sleep(0.3)  # let training go on past the first checkpoint
-            break
-        time.sleep(0.05)
+        if found:
+            stat = found[0].stat()
+            if first_save is None:
+                first_save = (stat.st_ino, stat.st_mtime_ns)
+            elif (stat.st_ino, stat.st_mtime_ns) != first_save:
+                break  # last.ckpt was replaced at least once: kill between (or during) later saves
+        time.sleep(0.01)
     assert proc.poll() is None, "the run finished before it could be killed; make it longer"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    run_dir = last.parents[1]
+    run_dir = found[0].parents[1]
     assert json.loads((run_dir / "status.json").read_text())["status"] == "running"
     assert not (run_dir / "summary.json").exists()
+    assert 0 < training.read_checkpoint(run_dir / "checkpoints" / "last.ckpt")["global_step"] < 60
 
-    resumed = sffn(["train", "--resume", run_dir, "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    resumed = sffn(["train", "--resume", run_dir, "--no-progress"],
+                   stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     out, err = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, err.decode()[-2000:]
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["step"] == 400
+    assert summary["step"] == 60
     assert summary["val_loss"] == full.val_loss  # bitwise on the CPU
     assert summary["tokens_seen"] == full.tokens_seen
 
 
+def test_disk_full_while_saving_stops_and_keeps_the_previous_checkpoint(tmp_path, capsys, monkeypatch):
+    real_save = torch.save
+    saves = {"n": 0}
+
+    def save_until_the_disk_is_full(obj, file, *args, **kwargs):
+        saves["n"] += 1
+        if saves["n"] >= 2:
+            file.write(b"half a checkpoint")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_save(obj, file, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save_until_the_disk_is_full)
+    args = ["train", *overrides_as_flags([*TINY, "train.checkpoint_every=3", "train.val_every=100"]),
+            "--max-steps", "9", "--out", tmp_path / "runs", "--no-progress"]
+    code, out, err = run_cli(args, capsys)
+    assert code == 2 and "No space left on device" in err and "earlier checkpoints are intact" in err
+    assert "stopped at step 6" in err and "Traceback" not in err
+    run_dir = next((tmp_path / "runs").iterdir())
+    checkpoints = run_dir / "checkpoints"
+    assert [p.name for p in checkpoints.iterdir()] == ["last.ckpt"]  # no temporary file left behind
+    assert training.read_checkpoint(checkpoints / "last.ckpt")["global_step"] == 3
+    assert json.loads((run_dir / "status.json").read_text())["status"] == "failed"
+
+    monkeypatch.setattr(torch, "save", real_save)  # space freed: the run continues from step 3
+    code, out, err = run_cli(["train", "--resume", run_dir, "--no-progress"], capsys)
+    assert code == 0, err
+    assert json.loads((run_dir / "summary.json").read_text())["step"] == 9
+
+
+# ------------------------------------------------------------------------------------------- scale-out
+
+
 @pytest.mark.skipif(sys.platform != "linux", reason="gloo DDP test runs on Linux")
 def test_ddp_on_two_cpu_processes_matches_one_process(tmp_path):
-    base = [*TINY, "model.dropout=0.0", "train.max_steps=12", "train.log_every=1", "train.accelerator=cpu"]
-    single = training.train(load_config(DEFAULT_CONFIG, [*base, f"train.out_dir={tmp_path / 'one'}"]), progress=False)
+    """σ-MoE with its entropy regulariser: losses, aux loss and expert-usage statistics match one process."""
+    base = [*TINY, *SIGMA_MOE, "model.dropout=0.0", "train.max_steps=12", "train.log_every=1",
+            "train.accelerator=cpu"]
+    single = training.train(load_config(DEFAULT_CONFIG, [*base, f"train.out_dir={tmp_path / 'one'}"]),
+                            progress=False)
 
-    proc = sffn(["train", *overrides_as_flags(base), "--devices", "2", "--strategy", "ddp", "--out", tmp_path / "two",
-                 "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = sffn(["train", *overrides_as_flags(base), "--devices", "2", "--strategy", "ddp",
+                 "--out", tmp_path / "two", "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     out, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err.decode()[-3000:]
     run_dirs = list((tmp_path / "two").iterdir())
     assert len(run_dirs) == 1, "both ranks must write into one run directory"
 
-    def train_losses(run_dir: Path) -> dict[int, float]:
-        rows = csv.DictReader((Path(run_dir) / "metrics.csv").open())
-        return {int(r["step"]): float(r["train/loss"]) for r in rows if r.get("train/loss")}
-
-    one, two = train_losses(single.run_dir), train_losses(run_dirs[0])
-    assert one.keys() == two.keys() and len(one) >= 10
-    for step in one:  # same global batch, gradients averaged over ranks: equal up to float summation order
-        assert two[step] == pytest.approx(one[step], abs=2e-4), step
+    one, two = logged(single.run_dir), logged(run_dirs[0])
+    compared = [c for c in one
+                if c.startswith(("train/loss", "train/aux_loss", "train_usage/", "val_usage/"))]
+    assert len(compared) == 2 + 2 * 4, compared  # losses + 4 usage statistics in training and validation
+    for column in compared:
+        assert one[column].keys() == two[column].keys(), column
+        for step in one[column]:
+            # Same global batch, gradients averaged over ranks, statistics reduced over ranks: equal up to
+            # float summation order (the usage statistics are functions of integer counts).
+            tolerance = 2e-4 if column.startswith("train/") else 1e-6
+            assert two[column][step] == pytest.approx(one[column][step], abs=tolerance), (column, step)
+    assert len(one["train/loss"]) >= 10 and len(one["val_usage/layer0/entropy"]) >= 2
     summary = json.loads((run_dirs[0] / "summary.json").read_text())
     assert summary["val_loss"] == pytest.approx(single.val_loss, abs=2e-4)
     assert summary["tokens_seen"] == single.tokens_seen
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="gloo DDP test runs on Linux")
+def test_auxiliary_losses_over_two_ranks_are_those_of_the_global_batch(tmp_path):
+    """Each gloo rank sees half the tokens; its aux loss and the rank-mean gradient are the global batch's."""
+    x = torch.randn(48, 16, dtype=torch.float64)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(aux_loss_rank, args=(2, port, x, tmp_path), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"{r}.pt") for r in range(2)]
+    # Switch's dispatch fractions f_i are formed in float32, hence 1e-6 rather than float64 round-off.
+    for kind in AUX_ROUTERS:
+        aux, grad = router_aux_and_grad(kind, x)
+        for per_rank in ranks:
+            assert per_rank[kind][0] == pytest.approx(aux, rel=1e-6), kind  # every rank: the global value
+        ddp_grad = (ranks[0][kind][1] + ranks[1][kind][1]) / 2  # what DDP's gradient averaging applies
+        assert (ddp_grad - grad).norm() <= 1e-6 * grad.norm(), kind
+        half_batch_aux, _ = router_aux_and_grad(kind, x.chunk(2)[0])
+        assert half_batch_aux != pytest.approx(aux, rel=1e-4), f"{kind}: half a batch must differ"
+
+
+# ------------------------------------------------------------------------------------------- bad input
+
+
+@pytest.fixture(scope="module")
+def earlier_run(tmp_path_factory) -> Path:
+    """A finished run with a best and a last checkpoint, which no bad input may change."""
+    out = tmp_path_factory.mktemp("earlier") / "runs"
+    config = load_config(DEFAULT_CONFIG, [*TINY, "train.max_steps=5", f"train.out_dir={out}"])
+    return Path(training.train(config, progress=False).run_dir)
+
+
+def copy_run(run_dir: Path, to: Path, damage: str) -> Path:
+    """A copy of ``run_dir`` whose last.ckpt is cut short ("truncated") or from another model ("foreign")."""
+    copy = Path(shutil.copytree(run_dir, to))
+    last = copy / "checkpoints" / "last.ckpt"
+    if damage == "truncated":
+        last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
+    else:
+        foreign = torch.load(last, weights_only=False)
+        foreign["hyper_parameters"]["config"]["model"]["ffn"]["d_ff"] = 32
+        torch.save(foreign, last)
+    return copy
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["train", "--data", "{empty}"], "is empty"),
+        (["train", "--data", "{binary}"], "binary file"),
+        (["train", "--data", "{short}"], "fewer than one window"),
+        (["train", "--data", "enwik9"], "Did you mean 'enwik8'"),
+        (["train", "--set", "model.ffn.kind=sigma_moe", "--set", "model.ffn.n_experts=4",
+          "--set", "model.ffn.top_k=5"], "cannot use more experts than exist"),
+        (["train", "--set", "model.ffn.kind=pkm", "--set", "model.ffn.pkm.knn=99"], "model.ffn.pkm.knn"),
+        (["train", "--out", "{a_file}/runs"], "Cannot create the output directory"),
+        (["train", "--strategy", "nonsense"], "train.strategy=nonsense"),
+        (["train", "--strategy", "fsdp", "--accelerator", "cpu"], "train.strategy=fsdp"),
+        (["eval", "{truncated_run}/checkpoints/last.ckpt"], "it is cut short or corrupt"),
+        (["sample", "{truncated_run}/checkpoints/last.ckpt"], "it is cut short or corrupt"),
+        (["train", "--resume", "{truncated_run}"], "it is cut short or corrupt"),
+        (["train", "--resume", "{foreign_run}"], "different config (changed: model.ffn.d_ff)"),
+    ],
+)
+def test_bad_input_gives_exit_2_and_leaves_earlier_runs_intact(tmp_path, capsys, earlier_run, args, message):
+    files = {"empty": b"", "binary": b"\x00\x01\x02binary" * 100, "short": b"short text", "a_file": b"x"}
+    for name, content in files.items():
+        (tmp_path / name).write_bytes(content)
+    runs = {name: copy_run(earlier_run, tmp_path / name, name.split("_")[0])
+            for name in ("truncated_run", "foreign_run") if f"{{{name}}}" in " ".join(args)}
+    places = {**{name: tmp_path / name for name in files}, **runs}
+    args = [a.format(**places) for a in args]
+    if args[0] == "train" and "--resume" not in args:
+        args = [*args, *overrides_as_flags(TINY), *([] if "--out" in args else ["--out", earlier_run.parent])]
+    before = {run: snapshot(run) for run in [earlier_run.parent, *runs.values()]}
+
+    code, out, err = run_cli(args, capsys)
+    assert code == 2, err
+    assert message in err and "Traceback" not in err and len(err) < 800
+    assert {run: snapshot(run) for run in before} == before  # nothing written, nothing removed
+
+
+def test_a_corrupt_token_cache_gives_exit_2_and_is_rebuilt_on_the_next_run(tmp_path, capsys, monkeypatch):
+    source = tmp_path / "remote.txt"
+    source.write_bytes(bytes(np.random.default_rng().choice(list(b"abcdefgh ij\n"), size=30_000).tolist()))
+    spec = CorpusSpec("tinyshakespeare", "byte", RemoteFile(source.as_uri(), "input.txt"), {"*": "input.txt"})
+    monkeypatch.setitem(corpora.REGISTRY, "tinyshakespeare", spec)
+    cache = tmp_path / "cache"
+    data = ["--data", "tinyshakespeare", "--set", f"data.cache_dir={cache}"]
+    data_config = load_config(DEFAULT_CONFIG, ["data.corpus=tinyshakespeare", f"data.cache_dir={cache}"]).data
+    corpora.load_corpus(data_config)
+    (cached,) = (cache / "tinyshakespeare").glob("bytes.*.npy")
+    for damage in (b"", cached.read_bytes()[:200]):  # empty, and cut short
+        cached.write_bytes(damage)
+        args = ["train", *data, *overrides_as_flags(TINY), "--out", tmp_path / "runs"]
+        code, out, err = run_cli(args, capsys)
+        assert code == 2 and "were corrupt" in err and "Traceback" not in err
+        assert not cached.exists() and not (tmp_path / "runs").exists()
+    corpus = corpora.load_corpus(data_config)
+    assert bytes(corpus.splits["train"][:100]) == source.read_bytes()[:100]

@@ -295,7 +295,7 @@ def cached_tokens(folder: Path, key: str, make: Callable[[], np.ndarray], source
         write_atomically(path, buffer.getvalue())
     try:
         return np.load(path, mmap_mode="r")
-    except ValueError as exc:
+    except (ValueError, EOFError) as exc:
         path.unlink(missing_ok=True)
         raise UserError(f"Cached tokens '{path}' were corrupt ({exc}) and have been removed; run again.") from None
 
@@ -306,7 +306,7 @@ def cached_vocabulary(folder: Path, source: Path, train_text: Callable[[], str])
     if path.is_file():
         try:
             return WordTokenizer(json.loads(path.read_text()))
-        except json.JSONDecodeError:
+        except ValueError:  # not JSON, or not UTF-8: rebuild it
             path.unlink()
     tokenizer = WordTokenizer.from_text(train_text())
     write_atomically(path, json.dumps(tokenizer.words).encode())

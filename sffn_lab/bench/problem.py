@@ -1,0 +1,61 @@
+"""Random inputs of one expert-bank product and a forward+backward closure over them."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from sffn_lab.kernels import expert_down, expert_up
+from sffn_lab.kernels.torch_grouped import expert_down_torch, expert_up_torch
+
+
+@dataclass
+class ExpertProblem:
+    """x [T, D], keys [E, D, G], values [E, G, D] and gates [T, K] (all requiring grad), indices [T, K]:
+    K distinct experts per token, uniformly at random (balanced in expectation)."""
+
+    x: torch.Tensor
+    keys: torch.Tensor
+    values: torch.Tensor
+    indices: torch.Tensor
+    gates: torch.Tensor
+
+    @classmethod
+    def random(cls, tokens: int, d_model: int, n_experts: int, expert_size: int, top_k: int, device="cpu"):
+        def leaf(*shape, scale=1.0):
+            return (torch.randn(*shape, device=device) * scale).requires_grad_(True)
+
+        return cls(
+            x=leaf(tokens, d_model),
+            keys=leaf(n_experts, d_model, expert_size, scale=d_model**-0.5),
+            values=leaf(n_experts, expert_size, d_model, scale=(n_experts * expert_size) ** -0.5),
+            indices=torch.rand(tokens, n_experts, device=device).topk(top_k, dim=1).indices,
+            gates=torch.rand(tokens, top_k, device=device).requires_grad_(True),
+        )
+
+    def fwd_bwd(self, moe: Callable[..., torch.Tensor]) -> Callable[[], None]:
+        """A closure computing y = moe(x, keys, values, indices, gates), then backward of Σ y·dy."""
+        leaves = (self.x, self.keys, self.values, self.gates)
+        grad_y = torch.randn_like(self.x)
+
+        def step() -> None:
+            for t in leaves:
+                t.grad = None
+            y = moe(self.x, self.keys, self.values, self.indices, self.gates)
+            y.backward(grad_y)
+
+        return step
+
+
+def sparse_moe(backend: str | None = None, strategy: str | None = None) -> Callable[..., torch.Tensor]:
+    """The expert bank's computation through ``sffn_lab.kernels`` (backend), or its torch path (strategy)."""
+
+    def moe(x, keys, values, indices, gates):
+        if strategy is not None:
+            return expert_down_torch(torch.relu(expert_up_torch(x, keys, indices, strategy)), values, indices,
+                                     gates, strategy)
+        return expert_down(torch.relu(expert_up(x, keys, indices, backend)), values, indices, gates, backend)
+
+    return moe

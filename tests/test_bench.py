@@ -1,0 +1,83 @@
+"""``sffn bench --quick`` end to end (rows and sanity of the numbers, never timings), its baselines and
+its memory measure."""
+
+from __future__ import annotations
+
+import csv
+import math
+
+import pytest
+import torch
+from sffn_lab.kernels.reference import expert_down_reference, expert_up_reference
+
+from sffn_lab.bench.baselines import gshard_moe, masked_dense_moe, python_loop_moe
+from sffn_lab.bench.memory import saved_tensor_bytes
+from sffn_lab.bench.records import NOT_MEASURED_NO_GPU
+from sffn_lab.bench.sizes import QUICK
+
+
+def test_quick_bench_writes_every_row_with_finite_positive_numbers(tmp_path):
+    from sffn_lab.bench import run_bench
+    from sffn_lab.cli import DEFAULT_CONFIG
+
+    threads = torch.get_num_threads()
+    try:  # one thread: no OpenMP partner to wait for when other processes share the cores
+        run_bench(tmp_path, DEFAULT_CONFIG, quick=True, threads=1)
+    finally:
+        torch.set_num_threads(threads)
+    with open(tmp_path / "bench.csv") as f:
+        rows = list(csv.DictReader(f))
+    keys = {(r["section"], r["variant"], r["metric"]) for r in rows}
+    for variant in ("dense", "sigma_moe"):
+        assert ("layer", variant, "time_ms") in keys and ("layer", variant, "activation_MB") in keys
+        assert ("lm", variant, "train_tokens_per_s") in keys
+    sweeps = (("N_E", QUICK.sweep_experts), ("G", QUICK.sweep_expert_size), ("K", QUICK.sweep_top_k))
+    for label, values in sweeps:
+        assert sorted(float(r["x"]) for r in rows if r["section"] == f"scaling_{label}") == sorted(values)
+    alternatives = {r["variant"] for r in rows if r["section"] == "alternatives"}
+    assert len(alternatives) == 5 and any(v.startswith("GShard") for v in alternatives)
+    gpu = [r for r in rows if r["section"] == "gpu"]
+    assert len(gpu) == 3
+    for r in rows:
+        if r["section"] == "gpu" and not torch.cuda.is_available():
+            assert r["status"] == NOT_MEASURED_NO_GPU and r["value"] == ""
+            continue
+        value, ratio = float(r["value"]), float(r["ratio"])
+        assert math.isfinite(value) and value > 0 and math.isfinite(ratio) and ratio > 0, r
+    for name in ("scaling.png", "ratios.png", "environment.json"):
+        assert (tmp_path / name).stat().st_size > 0
+
+
+@pytest.mark.parametrize("baseline", ["loop", "gshard", "masked"])
+def test_baselines_match_float64_reference(baseline):
+    T, D, E, G, K = 48, 12, 5, 7, 2
+    x = torch.randn(T, D, dtype=torch.float64, requires_grad=True)
+    keys = torch.randn(E, D, G, dtype=torch.float64, requires_grad=True)
+    values = torch.randn(E, G, D, dtype=torch.float64, requires_grad=True)
+    indices = torch.rand(T, E).topk(K, dim=1).indices
+    gates = torch.rand(T, K, dtype=torch.float64, requires_grad=True)
+    fn = {"loop": python_loop_moe, "masked": masked_dense_moe,
+          # a capacity no expert can exceed: nothing is dropped
+          "gshard": lambda *a: gshard_moe(*a, group_size=16, capacity_factor=E / K)}[baseline]
+    leaves = (x, keys, values, gates)
+    got = torch.autograd.grad(fn(x, keys, values, indices, gates).square().sum(), leaves)
+    ref_y = expert_down_reference(torch.relu(expert_up_reference(x, keys, indices)), values, indices, gates)
+    ref = torch.autograd.grad(ref_y.square().sum(), leaves)
+    for a, b in zip(got, ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_gshard_drops_assignments_beyond_capacity():
+    T, D, E, G = 32, 4, 4, 3
+    x, keys, values = torch.randn(T, D), torch.randn(E, D, G), torch.randn(E, G, D)
+    indices = torch.zeros(T, 1, dtype=torch.long)  # every token picks expert 0; capacity is ⌈T/E⌉ = 8
+    y = gshard_moe(x, keys, values, indices, torch.ones(T, 1), group_size=T, capacity_factor=1.0)
+    assert y[:8].abs().sum() > 0 and y[8:].abs().sum() == 0
+
+
+def test_saved_bytes_count_each_activation_once_and_skip_parameters():
+    weight = torch.nn.Parameter(torch.randn(16, 8))
+    x = torch.randn(4, 16, requires_grad=True)
+    # both products save x (one storage) and the parameter; relu saves its [4, 8] output
+    saved = saved_tensor_bytes(lambda: torch.relu(x @ weight) + x @ weight, [weight])
+    assert saved == x.numel() * 4 + 4 * 8 * 4
