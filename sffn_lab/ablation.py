@@ -60,6 +60,14 @@ class PlannedRun:
     def dir_name(self) -> str:
         return f"{self.name}-s{self.seed}"
 
+    @property
+    def variant(self) -> str:
+        """The FFN kind; for the sMLP backbone also its sMoE routing, or ``gmlp`` without sparse blocks."""
+        m = self.config.model
+        if m.backbone != "smlp":
+            return m.ffn.kind
+        return f"smlp {m.smlp.routing} + {m.ffn.kind}" if m.smlp.n_sparse_blocks else "gmlp"
+
 
 @dataclass
 class Sweep:

@@ -209,7 +209,7 @@ def ablate(
     for column in ("run", "variant", "seed", "total params", "active params", "FLOPs/token", "est. time", "state"):
         table.add_column(column, justify="left" if column in ("run", "variant", "state") else "right")
     for run in sweep.runs:
-        table.add_row(run.name, run.config.model.ffn.kind, str(run.seed), f"{run.total_params:,}",
+        table.add_row(run.name, run.variant, str(run.seed), f"{run.total_params:,}",
                       f"{run.active_params:,}", f"{run.flops_per_token:,}", f"{run.estimated_s:.3g} s",
                       run_state(sweep_dir / run.dir_name))
     console.print(table)

@@ -114,7 +114,8 @@ class SMLPConfig:
     n_chunks: int = 4  # sMoE experts: the hidden dimension is split into this many chunks
     routing: str = "deterministic"  # "deterministic" or "partial_prediction"
     prediction_fraction: float = 0.2  # partial prediction: the router sees this leading fraction
-    expansion: int = 4  # gMLP hidden width = expansion * d_model
+    d_hidden: int = 512  # F: the gMLP hidden width (the gate u and the mixed v each have F channels)
+    mixing: str = "toeplitz"  # token-mixing weights: "toeplitz" (one per offset t − s) or "full" (L × L)
 
 
 @dataclass
@@ -346,7 +347,7 @@ def validate(config: Config) -> None:
         raise UserError("model.d_model, model.n_layers and model.n_heads must be positive.")
     if m.backbone == "transformer" and m.d_model % m.n_heads:
         raise UserError(f"model.d_model ({m.d_model}) must be divisible by model.n_heads ({m.n_heads}).")
-    if m.positions == "rope" and (m.d_model // m.n_heads) % 2:
+    if m.backbone == "transformer" and m.positions == "rope" and (m.d_model // m.n_heads) % 2:
         raise UserError("RoPE needs an even head dimension (model.d_model / model.n_heads).")
     if d.seq_len < 2 or d.batch_size < 1 or d.eval_batch_size < 1:
         raise UserError("data.seq_len must be at least 2 and the batch sizes at least 1.")
@@ -355,3 +356,9 @@ def validate(config: Config) -> None:
     from sffn_lab.layers.registry import validate_ffn
 
     validate_ffn(m.ffn, m.d_model)
+    if m.backbone == "smlp":
+        from sffn_lab.models.smlp import smlp_checks
+
+        problem = smlp_checks(m)
+        if problem:
+            raise UserError(problem)

@@ -75,3 +75,19 @@ def test_compute_equal_grid_and_cross_product(tmp_path):
     assert names == ["dense", "kind=sigma_moe,top_k=1", "kind=sigma_moe,top_k=2"]
     flops = {r.name: r.flops_per_token for r in sweep.runs}
     assert all(abs(f / flops["dense"] - 1) <= 0.02 for f in flops.values())
+
+
+EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
+
+
+@pytest.mark.parametrize("path", sorted(EXPERIMENTS.rglob("*.yaml")), ids=lambda p: str(p.relative_to(EXPERIMENTS)))
+def test_every_shipped_experiment_loads_and_every_grid_meets_its_matching_rule(path, monkeypatch, tmp_path):
+    from sffn_lab.config import load_config
+
+    monkeypatch.setenv("SFFN_DATA", str(tmp_path))  # plans word-level grids without a downloaded corpus
+    spec = yaml.safe_load(path.read_text())
+    if "runs" in spec or "grid" in spec:
+        sweep = load_grid(path)
+        assert sweep.runs and {r.name for r in sweep.runs} >= {sweep.baseline}
+    else:
+        assert load_config(path, []).name == spec["name"]
