@@ -175,15 +175,28 @@ def variants(
     d_ff: int = typer.Option(2048, help="Width of the dense FFN the variants are matched to."),
     expert_size: int = typer.Option(128, help="G: cells per expert block."),
     top_k: int = typer.Option(4, help="K: blocks per token (Switch and HashLayer use 1)."),
+    n_layers: int = typer.Option(12, help="Layers of the Transformer the backbones are matched to."),
+    seq_len: int = typer.Option(512, help="Context length (sMLP token mixing and attention depend on it)."),
+    vocab_size: int = typer.Option(256, help="Vocabulary size (256: a byte-level corpus)."),
 ) -> None:
-    """Every FFN variant at equal total parameters: sizes, active parameters, FLOPs per token."""
+    """Every FFN variant, and every backbone, at equal total parameters: sizes, active parameters, FLOPs."""
     from sffn_lab.analysis.accounting import variants_table
+    from sffn_lab.analysis.backbones import backbones_table
 
-    table = Table(title=f"FFN variants, parameter-equal to dense d_model={d_model} d_ff={d_ff}")
-    for column in ("kind", "sizes", "total params", "active params", "FLOPs/token", "FLOPs vs dense"):
-        table.add_column(column, justify="left" if column in ("kind", "sizes") else "right")
-    for row in variants_table(d_model, d_ff, expert_size, top_k):
-        table.add_row(row["kind"], row["sizes"], f"{row['total_params']:,}", f"{row['active_params']:,}",
+    ffns = variants_table(d_model, d_ff, expert_size, top_k)
+    _print_cost_table(f"FFN variants (one layer), parameter-equal to dense d_model={d_model} d_ff={d_ff}",
+                      "kind", ffns)
+    backbones = backbones_table(d_model, d_ff, n_layers, seq_len, vocab_size, expert_size)
+    _print_cost_table(f"Backbones, parameter-equal to a {n_layers}-layer dense Transformer "
+                      f"(seq_len={seq_len}, vocab={vocab_size}; MoE layers: top-1)", "backbone", backbones)
+
+
+def _print_cost_table(title: str, name: str, rows: list[dict]) -> None:
+    table = Table(title=title)
+    for column in (name, "sizes", "total params", "active params", "FLOPs/token", "FLOPs vs dense"):
+        table.add_column(column, justify="left" if column in (name, "sizes") else "right")
+    for row in rows:
+        table.add_row(row[name], row["sizes"], f"{row['total_params']:,}", f"{row['active_params']:,}",
                       f"{row['flops_per_token']:,}", f"{row['flops_vs_dense']:.3f}")
     console.print(table)
 

@@ -80,3 +80,23 @@ def test_variants_table_lists_every_variant_at_equal_parameters():
     sigma = next(r for r in rows if r["kind"] == "sigma_moe")
     assert sigma["sizes"] == "N_E=16 G=128 K=4" and abs(sigma["flops_vs_dense"] - 0.25) < 0.01
     assert all(abs(r["params_vs_dense"] - 1) < 0.01 for r in rows)
+
+
+def test_backbones_table_matches_the_dense_transformer_and_picks_the_closest_hidden_width():
+    from sffn_lab.analysis.backbones import backbones_table, smlp_hidden_for
+    from sffn_lab.config import ModelConfig, SMLPConfig
+
+    rows = backbones_table(d_model=64, d_ff=256, n_layers=4, seq_len=32, vocab_size=50, expert_size=32)
+    assert [r["backbone"] for r in rows] == ["transformer dense", "transformer + switch", "transformer + base",
+                                            "gmlp", "smlp deterministic + base", "smlp partial prediction + base"]
+    assert all(abs(r["params_vs_dense"] - 1) < 0.01 for r in rows), rows
+    cfg = ModelConfig(backbone="smlp", d_model=64, smlp=SMLPConfig(n_dense_blocks=2, n_sparse_blocks=1))
+    target = 123_457
+    best = smlp_hidden_for(cfg, target, vocab_size=50, seq_len=32)
+
+    def miss(d_hidden):
+        sized = dataclasses.replace(cfg, smlp=dataclasses.replace(cfg.smlp, d_hidden=d_hidden))
+        return abs(count_model(sized, 50, 32).total_params - target)
+
+    step = cfg.smlp.n_chunks
+    assert best % step == 0 and miss(best) <= min(miss(best - step), miss(best + step))
