@@ -130,17 +130,19 @@ def variants_table(d_model: int, d_ff: int, expert_size: int = 128, top_k: int =
         elif kind == "topk":
             options = {"top_k": top_k * expert_size}  # as many active cells as the block variants
         cfg = param_equal(dense, kind, d_model, **options)
-        cost = count_ffn(cfg, d_model)
-        rows.append({
-            "kind": kind,
-            "sizes": _sizes(cfg),
-            "total_params": cost.total_params,
-            "active_params": cost.active_params,
-            "flops_per_token": cost.flops_per_token,
-            "flops_vs_dense": cost.flops_per_token / dense_cost.flops_per_token,
-            "params_vs_dense": cost.total_params / dense_cost.total_params,
-        })
+        rows.append({"kind": kind, "sizes": _sizes(cfg), **cost_columns(count_ffn(cfg, d_model), dense_cost)})
     return rows
+
+
+def cost_columns(cost, dense_cost) -> dict:
+    """Table columns of a cost (``FFNCost`` or ``ModelCost``), with FLOPs and parameters relative to dense."""
+    return {
+        "total_params": cost.total_params,
+        "active_params": cost.active_params,
+        "flops_per_token": cost.flops_per_token,
+        "flops_vs_dense": cost.flops_per_token / dense_cost.flops_per_token,
+        "params_vs_dense": cost.total_params / dense_cost.total_params,
+    }
 
 
 def _sizes(cfg: FFNConfig) -> str:

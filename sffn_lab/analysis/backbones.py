@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from sffn_lab.analysis.accounting import param_equal
+from sffn_lab.analysis.accounting import cost_columns, param_equal
 from sffn_lab.analysis.model_cost import count_model
 from sffn_lab.config import FFNConfig, ModelConfig, SMLPConfig
 
@@ -53,16 +53,8 @@ def backbones_table(d_model: int, d_ff: int, n_layers: int, seq_len: int, vocab_
         if cfg.backbone == "smlp":
             hidden = smlp_hidden_for(cfg, reference.total_params, vocab_size, seq_len)
             cfg = dataclasses.replace(cfg, smlp=dataclasses.replace(cfg.smlp, d_hidden=hidden))
-        cost = count_model(cfg, vocab_size, seq_len)
-        rows.append({
-            "backbone": name,
-            "sizes": _sizes(cfg),
-            "total_params": cost.total_params,
-            "active_params": cost.active_params,
-            "flops_per_token": cost.flops_per_token,
-            "flops_vs_dense": cost.flops_per_token / reference.flops_per_token,
-            "params_vs_dense": cost.total_params / reference.total_params,
-        })
+        rows.append({"backbone": name, "sizes": _sizes(cfg),
+                     **cost_columns(count_model(cfg, vocab_size, seq_len), reference)})
     return rows
 
 
