@@ -310,13 +310,16 @@ def summarize(run_dir: Path, trainer: L.Trainer, module: LanguageModelModule, wa
     return summary
 
 
+EVERY_TOKEN = "every token of the split"
+
+
 def scored_tokens(config: Config) -> str:
     """Which tokens the reported losses cover, so that numbers are compared on the same token sets."""
     m = config.model
     if m.backbone == "smlp" and m.smlp.routing == "partial_prediction" and m.smlp.n_sparse_blocks:
         kept = 1 - m.smlp.prediction_fraction
         return f"the last {kept:.0%} of each {config.data.seq_len}-token window only (partial prediction)"
-    return "every token of the split"
+    return EVERY_TOKEN
 
 
 def load_run_config(run_dir: Path, overrides: list[str]) -> Config:

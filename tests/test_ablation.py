@@ -91,3 +91,22 @@ def test_every_shipped_experiment_loads_and_every_grid_meets_its_matching_rule(p
         assert sweep.runs and {r.name for r in sweep.runs} >= {sweep.baseline}
     else:
         assert load_config(path, []).name == spec["name"]
+
+
+def test_report_marks_runs_scored_on_part_of_the_tokens_and_never_calls_them_best(tmp_path):
+    from sffn_lab.analysis.report import summarize_sweep
+
+    partial = "the last 80% of each 128-token window only (partial prediction)"
+    for name, bits, scored in [("full", 2.5, None), ("partial", 2.0, partial)]:
+        for seed in (0, 1):
+            run = tmp_path / f"{name}-s{seed}"
+            run.mkdir()
+            (run / "metrics.csv").write_text("step,val/bits\n10,3.0\n")
+            summary = {"unit": "byte", "val_bits": bits + seed / 10, "total_params": 10, "active_params": 5,
+                       "flops_per_token": 20, "tokens_seen": 100, "wall_time_s": 1.0}
+            if scored:
+                summary["scored"] = scored
+            (run / "summary.json").write_text(json.dumps(summary))
+    rows = {r.name: r for r in summarize_sweep(tmp_path)}
+    assert rows["full"].best and not rows["partial"].best  # 2.0 < 2.5, but over other tokens
+    assert rows["partial"].scored == partial and rows["full"].mean == pytest.approx(2.55)

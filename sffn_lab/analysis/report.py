@@ -15,6 +15,7 @@ from pathlib import Path
 
 from sffn_lab.analysis.curves import read_metrics, validation_curve
 from sffn_lab.errors import UserError
+from sffn_lab.training import EVERY_TOKEN
 
 RUN_DIR = re.compile(r"^(?P<name>.+)-s(?P<seed>\d+)$")
 
@@ -32,6 +33,7 @@ class Row:
     tokens_per_s: float
     usage_entropy: float | None  # mean over layers of the last validation's usage entropy (nats)
     dead_fraction: float | None
+    scored: str = EVERY_TOKEN  # which tokens the metric covers (partial prediction: a subset)
     best: bool = False
 
 
@@ -84,8 +86,11 @@ def summarize_sweep(sweep_dir: Path) -> list[Row]:
             tokens_per_s=statistics.fmean(s["tokens_seen"] / max(s["wall_time_s"], 1e-9) for s in summaries),
             usage_entropy=statistics.fmean(entropies) if entropies else None,
             dead_fraction=statistics.fmean(dead) if dead else None,
+            scored=summaries[0].get("scored", EVERY_TOKEN),
         ))
-    min(rows, key=lambda r: r.mean).best = True
+    # the best run among those scored on every token: a subset of tokens is not comparable with them
+    comparable = [r for r in rows if r.scored == EVERY_TOKEN] or rows
+    min(comparable, key=lambda r: r.mean).best = True
     return rows
 
 
@@ -96,7 +101,7 @@ COLUMNS = ("run", "seeds", "metric", "mean ± std", "total params", "active para
 def row_cells(row: Row) -> list[str]:
     label = "bpc/bits" if row.metric == "val/bits" else "ppl"
     return [
-        row.name + (" ★" if row.best else ""),
+        row.name + (" ★" if row.best else "") + (" †" if row.scored != EVERY_TOKEN else ""),
         str(len(row.seeds)),
         label,
         f"{row.mean:.4f} ± {row.std:.4f}",
@@ -115,15 +120,18 @@ def write_report(sweep_dir: Path) -> list[Row]:
     rows = summarize_sweep(sweep_dir)
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(row_cells(r)) + " |" for r in rows]
-    (sweep_dir / "results.md").write_text("\n".join(lines) + "\n\n★ best mean validation metric.\n")
+    notes = ["★ best mean validation metric among the runs scored on every token."]
+    notes += [f"† {r.name}: scored on {r.scored}, not comparable digit by digit." for r in rows
+              if r.scored != EVERY_TOKEN]
+    (sweep_dir / "results.md").write_text("\n".join(lines) + "\n\n" + "\n".join(notes) + "\n")
     with (sweep_dir / "results.csv").open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["run", "seeds", "metric", "mean", "std", "total_params", "active_params",
-                         "flops_per_token", "tokens_per_s", "usage_entropy", "dead_fraction", "best"])
+                         "flops_per_token", "tokens_per_s", "usage_entropy", "dead_fraction", "scored", "best"])
         for r in rows:
             writer.writerow([r.name, " ".join(map(str, r.seeds)), r.metric, r.mean, r.std, r.total_params,
                              r.active_params, r.flops_per_token, r.tokens_per_s, r.usage_entropy, r.dead_fraction,
-                             r.best])
+                             r.scored, r.best])
     plot_sweep(sweep_dir, sweep_dir / "curves.png")
     return rows
 
