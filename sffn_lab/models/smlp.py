@@ -84,7 +84,7 @@ class SparseTokenMixing(nn.Module):
     def __init__(self, hidden: int, n_chunks: int, max_seq_len: int, routing: str, fraction: float,
                  mixing: str = "toeplitz"):
         super().__init__()
-        self.n_chunks, self.routing, self.fraction, self.mixing = n_chunks, routing, fraction, mixing
+        self.n_chunks, self.fraction, self.mixing = n_chunks, fraction, mixing
         self.weight, self.bias = init_mixing(n_chunks, max_seq_len, mixing)
         chunk = hidden // n_chunks
         self.router = nn.Linear(chunk, n_chunks, bias=False) if routing == "partial_prediction" else None
