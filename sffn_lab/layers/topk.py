@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from sffn_lab.layers.base import FFNOutput
@@ -13,8 +12,11 @@ from sffn_lab.layers.dense import ACTIVATIONS
 class TopKFFN(nn.Module):
     """y = Σ_{j ∈ top-K of act(W1 x + b1)} act(·)_j · W2[:, j] + b2; x [B, S, D] → [B, S, D].
 
-    The same parameters as the dense FFN; only the value side is sparse (an embedding bag over the
-    K selected cells), so with K = d_ff it equals the dense FFN.
+    The same parameters as the dense FFN; with K = d_ff it equals the dense FFN. The K kept activations
+    are scattered into a zero [T, d_ff] matrix that goes through the value matmul: on the CPU this one
+    dense product trains 4x faster than an embedding bag over the K cells (fwd+bwd of 3072 tokens,
+    d_model 128, d_ff 512, K 128: 91 vs 361 ms on one thread). The accounting still counts the sparse
+    value side's 2·K·D FLOPs, the cost of the method.
     """
 
     def __init__(self, d_model: int, d_ff: int, k: int, activation: str = "relu", dropout: float = 0.0):
@@ -29,6 +31,6 @@ class TopKFFN(nn.Module):
         B, S, D = x.shape
         hidden = self.activation(self.up(x.reshape(B * S, D)))
         values, cells = hidden.topk(self.k, dim=-1)
-        y = F.embedding_bag(cells, self.down.weight.t(), per_sample_weights=self.dropout(values), mode="sum")
+        kept = torch.zeros_like(hidden).scatter_(-1, cells, self.dropout(values))  # [T, d_ff], K non-zeros a row
         counts = torch.bincount(cells.reshape(-1), minlength=hidden.shape[-1]).float()
-        return FFNOutput((y + self.down.bias).view(B, S, D), expert_counts=counts)
+        return FFNOutput(self.down(kept).view(B, S, D), expert_counts=counts)
