@@ -99,7 +99,7 @@ class LanguageModelModule(L.LightningModule):
             return self._handle_nonfinite(loss)
         self.consecutive_skips = 0
         self._accumulate_usage("train", out.layer_outputs)
-        self.tokens_seen += int(scored.sum()) * self.trainer.world_size
+        self.tokens_seen += x.numel() * self.trainer.world_size  # every input token, scored or not
         now = time.perf_counter()
         if self._clock is not None:
             self.elapsed_s += now - self._clock

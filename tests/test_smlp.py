@@ -100,3 +100,4 @@ def test_short_training_run_beats_the_unigram_entropy(tmp_path):
     # seeds 0 and 1 end 0.8 and 1.0 bits below; runs that never learn to use earlier tokens stay within 0.15
     assert summary.val_bits < unigram - 0.3, (summary.val_bits, unigram)
     assert "partial prediction" in summary.scored
+    assert summary.tokens_seen == 200 * 32 * 64  # every input token counts as seen, scored or not
