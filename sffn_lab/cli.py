@@ -245,14 +245,8 @@ def bench(
     repeats: int | None = typer.Option(None, help="Timed repetitions per variant (default: 5, quick: 2)."),
 ) -> None:
     """Speed and activation memory of σ-MoE vs dense and vs other MoE implementations, on 2 threads."""
-    import os
-
     if repeats is not None and repeats < 1:
         raise UserError("--repeats must be at least 1.")
-    # Other processes on the cores deschedule OpenMP threads; spinning partners then stall every parallel
-    # region. Passive waiting (read when torch loads, so only effective here if torch is not loaded yet)
-    # keeps that cost from falling mostly on the sparse layer's many smaller products.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from sffn_lab.bench import run_bench
     from sffn_lab.bench.memory import METHOD
     from sffn_lab.bench.targets import check_targets
