@@ -7,8 +7,8 @@ W_s [L, L] lower-triangular, so position t mixes positions ≤ t only. ``model.s
 is parameterised: ``full`` (one weight per position pair, as in the papers) or ``toeplitz`` (the
 default: W_s[t, s] = w[t − s], one weight per offset). Training windows start at random offsets of the
 corpus, so a full W_s must learn the same relative pattern separately at every position; on the
-synthetic corpus (d_model 64, 300 steps of 32 × 64 tokens) Toeplitz mixing reaches 3.9 bits where full mixing is
-still at 4.8 (unigram: 5.0).
+synthetic corpus (d_model 64, 300 steps of 32 × 64 tokens) Toeplitz mixing reaches 3.9 bits where
+full mixing is still at 4.8 (unigram: 5.0).
 Sparse block: the SGU is replaced by an **sMoE**: v's F channels are split into N chunks, and each
 chunk is mixed along the token axis by one of N experts (each its own causal W_s^i, b^i); then a
 **tMoE** (any FFN of ``model.ffn``, BASE routing in the paper's setup) follows as a pre-LN residual.
@@ -58,28 +58,12 @@ def init_mixing(n: int, max_seq_len: int, mixing: str) -> tuple[nn.Parameter, nn
     return nn.Parameter(torch.empty(shape).uniform_(-eps, eps)), nn.Parameter(torch.ones(n, max_seq_len))
 
 
-class GMLPBlock(nn.Module):
-    """Dense gMLP block with a causal spatial gating unit: x [B, S, D] → [B, S, D]."""
-
-    def __init__(self, d_model: int, hidden: int, max_seq_len: int, mixing: str):
-        super().__init__()
-        self.mixing = mixing
-        self.ln = nn.LayerNorm(d_model)
-        self.proj_in = nn.Linear(d_model, 2 * hidden)
-        self.ln_v = nn.LayerNorm(hidden)
-        self.mix_weight, self.mix_bias = init_mixing(1, max_seq_len, mixing)
-        self.proj_out = nn.Linear(hidden, d_model)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        S = x.shape[1]
-        u, v = F.gelu(self.proj_in(self.ln(x))).chunk(2, dim=-1)
-        w = mixing_matrices(self.mix_weight, S, self.mixing)[0]  # [S, S]
-        mixed = torch.einsum("ts,bsc->btc", w, self.ln_v(v)) + self.mix_bias[0, :S, None]
-        return x + self.proj_out(u * mixed)
-
-
 class SparseTokenMixing(nn.Module):
-    """sMoE: v [B, S, F] split into N chunks of F/N channels, each mixed causally by an expert → [B, S, F]."""
+    """v [B, S, F] split into N chunks of F/N channels, each mixed causally by an expert → [B, S, F].
+
+    With N = 1 (and deterministic routing) this is the gMLP's dense spatial gating unit; with N > 1 it
+    is the sMoE.
+    """
 
     def __init__(self, hidden: int, n_chunks: int, max_seq_len: int, routing: str, fraction: float,
                  mixing: str = "toeplitz"):
@@ -105,40 +89,47 @@ class SparseTokenMixing(nn.Module):
         chunks = v.view(B, S, self.n_chunks, Fh // self.n_chunks)
         w = mixing_matrices(self.weight, S, self.mixing)  # [N, S, S]
         bias = self.bias[:, :S]  # [N, S]
-        fixed = torch.einsum("nts,bsnc->btnc", w, chunks) + bias.t()[None, :, :, None]  # chunk i → expert i
+        P = self.prefix_length(S) if self.router is not None else S
+        # positions < P: chunk i → expert i (causal, so they read positions < P only)
+        head = torch.einsum("nts,bsnc->btnc", w[:, :P, :P], chunks[:, :P]) + bias[:, :P].t()[None, :, :, None]
         if self.router is None:
-            return fixed.reshape(B, S, Fh), None
+            return head.reshape(B, S, Fh), None
         expert, gate = self.route(chunks)
-        w_routed = w[expert]  # [B, N, S, S]: the chosen expert's matrix for each chunk of each sequence
-        routed = torch.einsum("bnts,bsnc->btnc", w_routed, chunks) + bias[expert].transpose(1, 2)[..., None]
-        routed = routed * gate[:, None, :, None]
-        P = self.prefix_length(S)
-        out = torch.cat([fixed[:, :P], routed[:, P:]], dim=1)
+        w_tail = w[:, P:][expert]  # [B, N, S - P, S]: each chunk's chosen expert, rows of positions ≥ P
+        tail = torch.einsum("bnts,bsnc->btnc", w_tail, chunks) + bias[:, P:][expert].transpose(1, 2)[..., None]
+        out = torch.cat([head, tail * gate[:, None, :, None]], dim=1)
         counts = torch.bincount(expert.reshape(-1), minlength=self.n_chunks).float()
         return out.reshape(B, S, Fh), FFNOutput(out, expert_counts=counts, gate_mean=gate.detach().mean())
 
 
-class SparseBlock(nn.Module):
-    """sMoE token mixing in a gMLP-style unit, then the tMoE FFN; x [B, S, D] → [B, S, D]."""
+class SMLPBlock(nn.Module):
+    """x [B, S, D] → (x [B, S, D], routing records): x + W_out(u ⊙ mix(LN(v))), [u, v] = GELU(W_in LN(x)).
 
-    def __init__(self, cfg: ModelConfig, hidden: int, max_seq_len: int, n_layers: int):
+    A gMLP block mixes with one dense matrix; a sparse block mixes with the sMoE and then adds the tMoE,
+    x + FFN(LN(x)).
+    """
+
+    def __init__(self, cfg: ModelConfig, max_seq_len: int, n_layers: int, sparse: bool):
         super().__init__()
-        s = cfg.smlp
-        self.ln = nn.LayerNorm(cfg.d_model)
-        self.proj_in = nn.Linear(cfg.d_model, 2 * hidden)
-        self.ln_v = nn.LayerNorm(hidden)
-        self.mixing = SparseTokenMixing(hidden, s.n_chunks, max_seq_len, s.routing, s.prediction_fraction,
-                                        s.mixing)
-        self.proj_out = nn.Linear(hidden, cfg.d_model)
-        self.ln_ffn = nn.LayerNorm(cfg.d_model)
-        self.ffn = build_ffn(cfg.ffn, cfg.d_model, n_layers)
+        s, D = cfg.smlp, cfg.d_model
+        self.ln = nn.LayerNorm(D)
+        self.proj_in = nn.Linear(D, 2 * s.d_hidden)
+        self.ln_v = nn.LayerNorm(s.d_hidden)
+        self.mixing = SparseTokenMixing(s.d_hidden, s.n_chunks if sparse else 1, max_seq_len,
+                                        s.routing if sparse else "deterministic", s.prediction_fraction, s.mixing)
+        self.proj_out = nn.Linear(s.d_hidden, D)
+        self.ln_ffn = nn.LayerNorm(D) if sparse else None
+        self.ffn = build_ffn(cfg.ffn, D, n_layers) if sparse else None
 
-    def forward(self, x, token_ids) -> tuple[torch.Tensor, list[FFNOutput]]:
+    def forward(self, x: torch.Tensor, token_ids: torch.Tensor) -> tuple[torch.Tensor, list[FFNOutput]]:
         u, v = F.gelu(self.proj_in(self.ln(x))).chunk(2, dim=-1)
         mixed, routing = self.mixing(self.ln_v(v))
         x = x + self.proj_out(u * mixed)
+        records = [routing] if routing is not None else []
+        if self.ffn is None:
+            return x, records
         out = self.ffn(self.ln_ffn(x), token_ids)
-        return x + out.y, [out] + ([routing] if routing is not None else [])
+        return x + out.y, [out, *records]
 
 
 class SparseAllMLP(nn.Module):
@@ -147,14 +138,12 @@ class SparseAllMLP(nn.Module):
     def __init__(self, cfg: ModelConfig, vocab_size: int, max_seq_len: int):
         super().__init__()
         s = cfg.smlp
-        hidden = s.d_hidden
         self.max_seq_len = max_seq_len
         self.embed = nn.Embedding(vocab_size, cfg.d_model)
         nn.init.normal_(self.embed.weight, std=0.02)
         n_layers = s.n_dense_blocks + s.n_sparse_blocks
-        self.dense_blocks = nn.ModuleList(GMLPBlock(cfg.d_model, hidden, max_seq_len, s.mixing) for _ in range(s.n_dense_blocks))
-        self.sparse_blocks = nn.ModuleList(
-            SparseBlock(cfg, hidden, max_seq_len, n_layers) for _ in range(s.n_sparse_blocks)
+        self.blocks = nn.ModuleList(
+            SMLPBlock(cfg, max_seq_len, n_layers, sparse=i >= s.n_dense_blocks) for i in range(n_layers)
         )
         self.ln_out = nn.LayerNorm(cfg.d_model)
         self.head = nn.Linear(cfg.d_model, vocab_size, bias=False)
@@ -165,16 +154,12 @@ class SparseAllMLP(nn.Module):
         if S > self.max_seq_len:
             raise ValueError(f"sequence length {S} exceeds the model's maximum {self.max_seq_len}")
         x = self.embed(tokens)
-        for block in self.dense_blocks:
-            x = block(x)
         outputs: list[FFNOutput] = []
-        for block in self.sparse_blocks:
+        for block in self.blocks:
             x, records = block(x, tokens)
             outputs += records
-        mask = None
-        if self.sparse_blocks and self.sparse_blocks[0].mixing.router is not None:
-            P = self.sparse_blocks[0].mixing.prefix_length(S)
-            mask = torch.arange(S, device=tokens.device) >= P
+        P = self.blocks[-1].mixing.prefix_length(S)  # the last block is sparse when any is
+        mask = torch.arange(S, device=tokens.device) >= P if P else None
         return LMOutput(self.head(self.ln_out(x)), outputs, mask)
 
 
