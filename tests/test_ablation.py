@@ -110,3 +110,11 @@ def test_report_marks_runs_scored_on_part_of_the_tokens_and_never_calls_them_bes
     rows = {r.name: r for r in summarize_sweep(tmp_path)}
     assert rows["full"].best and not rows["partial"].best  # 2.0 < 2.5, but over other tokens
     assert rows["partial"].scored == partial and rows["full"].mean == pytest.approx(2.55)
+
+
+@pytest.mark.parametrize("n", [1, 10, 12, 45])
+def test_overlaid_lines_never_share_a_colour_and_dash_pattern(n):
+    from sffn_lab.analysis.curves import line_styles
+
+    styles = {(s["color"], s["linestyle"]) for s in line_styles(n)}
+    assert len(styles) == n

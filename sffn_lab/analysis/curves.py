@@ -53,6 +53,17 @@ def validation_curve(run_dir: Path, x_axis: str = "steps", metric: str | None = 
     return Curve(Path(run_dir).name, metric, [p[0] for p in points], [p[1] for p in points])
 
 
+def line_styles(n: int) -> list[dict]:
+    """Matplotlib keywords for ``n`` overlaid lines that all look different: tab10 colours (tab20 beyond
+    10 lines), then dash patterns once the colours run out."""
+    import matplotlib
+
+    palette = matplotlib.colormaps["tab10" if n <= 10 else "tab20"].colors
+    dashes = ("-", "--", ":", "-.")
+    return [{"color": palette[i % len(palette)], "linestyle": dashes[i // len(palette) % len(dashes)]}
+            for i in range(n)]
+
+
 def plot_runs(run_dirs: list[Path], output: Path, x_axis: str = "steps") -> None:
     """Overlay the validation curves of ``run_dirs`` in one labelled PNG."""
     import matplotlib
@@ -62,8 +73,8 @@ def plot_runs(run_dirs: list[Path], output: Path, x_axis: str = "steps") -> None
 
     curves = [validation_curve(r, x_axis) for r in run_dirs]
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for c in curves:
-        ax.plot(c.x, c.y, marker="o", markersize=3, label=c.label)
+    for c, style in zip(curves, line_styles(len(curves)), strict=True):
+        ax.plot(c.x, c.y, marker="o", markersize=3, label=c.label, **style)
     metric = curves[0].metric
     ax.set_xlabel(X_COLUMNS[x_axis][1])
     ax.set_ylabel({"val/ppl": "validation perplexity", "val/bits": "validation bits per token"}[metric])

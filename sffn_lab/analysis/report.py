@@ -13,7 +13,7 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
-from sffn_lab.analysis.curves import read_metrics, validation_curve
+from sffn_lab.analysis.curves import line_styles, read_metrics, validation_curve
 from sffn_lab.errors import UserError
 from sffn_lab.training import EVERY_TOKEN
 
@@ -146,14 +146,15 @@ def plot_sweep(sweep_dir: Path, output: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
     metric = "val/bits"
-    for name, run_dirs in collect(sweep_dir).items():
+    runs = collect(sweep_dir)
+    for (name, run_dirs), style in zip(runs.items(), line_styles(len(runs)), strict=True):
         curves = [validation_curve(d) for d in run_dirs]
         metric = curves[0].metric
         steps = sorted(set.intersection(*(set(c.x) for c in curves)))
         ys = np.array([[dict(zip(c.x, c.y))[s] for s in steps] for c in curves])
-        line = ax.plot(steps, ys.mean(0), marker="o", markersize=3, label=f"{name} (n={len(curves)})")[0]
+        ax.plot(steps, ys.mean(0), marker="o", markersize=3, label=f"{name} (n={len(curves)})", **style)
         if len(curves) > 1:
-            ax.fill_between(steps, ys.min(0), ys.max(0), color=line.get_color(), alpha=0.2)
+            ax.fill_between(steps, ys.min(0), ys.max(0), color=style["color"], alpha=0.15)
     ax.set_xlabel("step")
     ax.set_ylabel("validation perplexity" if metric == "val/ppl" else "validation bits per token")
     ax.grid(alpha=0.3)
