@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 
 import pytest
 import torch
@@ -81,3 +82,13 @@ def test_saved_bytes_count_each_activation_once_and_skip_parameters():
     # both products save x (one storage) and the parameter; relu saves its [4, 8] output
     saved = saved_tensor_bytes(lambda: torch.relu(x @ weight) + x @ weight, [weight])
     assert saved == x.numel() * 4 + 4 * 8 * 4
+
+
+def test_environment_records_the_allocator_settings_the_timings_depend_on(monkeypatch):
+    from sffn_lab.bench.runner import environment
+
+    for name in [k for k in os.environ if k.startswith("MALLOC_")] + ["LD_PRELOAD"]:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("MALLOC_MMAP_MAX_", "0")
+    monkeypatch.setenv("PATH_UNRELATED", "1")
+    assert environment()["allocator_env"] == {"MALLOC_MMAP_MAX_": "0"}

@@ -34,12 +34,15 @@ def cpu_model() -> str:
 
 
 def environment() -> dict:
+    """Machine, thread and allocator settings the timings depend on (glibc's ``MALLOC_*`` variables change
+    whether large tensors are re-faulted from fresh pages every step)."""
     return {
         "torch": torch.__version__,
         "cpu": cpu_model(),
         "cpus": os.cpu_count(),
         "threads": torch.get_num_threads(),
         "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", ""),
+        "allocator_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_") or k == "LD_PRELOAD"},
         "load_average_1min": os.getloadavg()[0],
         "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
     }
