@@ -244,8 +244,8 @@ def test_sinkhorn_balances_the_marginals():
     torch.testing.assert_close(p.sum(1), torch.ones(40, dtype=torch.float64), atol=1e-9, rtol=0)
     torch.testing.assert_close(p.sum(0), torch.full((5,), 8.0, dtype=torch.float64), atol=1e-6, rtol=0)
     # Every token shares one direction, so greedy top-1 piles them onto one or two experts; Sinkhorn's
-    # column step removes that shared per-expert bias.  Over 3000 seeds the balanced spread stayed
-    # within 0.51 of the greedy spread, so 0.75 leaves a wide margin.
+    # column step removes that shared per-expert bias.  Over 20,000 seeds the balanced spread stayed
+    # within 0.6 of the greedy spread (median far lower), so 0.75 leaves a margin.
     m = layer("sbase", n_experts=5, top_k=1)
     x = fresh(1, 200, D) * 0.1 + fresh(D)
     greedy = m.eval()(x).expert_counts
