@@ -19,8 +19,6 @@ class ModelCost:
     total_params: int
     active_params: int  # parameters touched by one token (embedding: one row; experts: the selected ones)
     flops_per_token: int
-    ffn_total_params: int
-    ffn_active_params: int
 
 
 def count_model(cfg: ModelConfig, vocab_size: int, seq_len: int) -> ModelCost:
@@ -44,4 +42,4 @@ def count_model(cfg: ModelConfig, vocab_size: int, seq_len: int) -> ModelCost:
     )
     score_flops = 2 * 2 * d * (seq_len + 1) / 2  # q·k and p·v over the causal prefix
     flops = 2 * vocab_size * d + n * (2 * 4 * d * d + score_flops + ffn.flops_per_token)
-    return ModelCost(int(total), int(active), int(flops), n * ffn.total_params, n * ffn.active_params)
+    return ModelCost(int(total), int(active), int(flops))

@@ -184,8 +184,7 @@ def count_smlp(cfg: ModelConfig, vocab_size: int, seq_len: int):
     flops = 2 * head + (s.n_dense_blocks + s.n_sparse_blocks) * unit_flops + s.n_sparse_blocks * (
         ffn.flops_per_token + 2 * router
     )
-    n = s.n_sparse_blocks
-    return ModelCost(int(total), int(active), int(flops), n * ffn.total_params, n * ffn.active_params)
+    return ModelCost(int(total), int(active), int(flops))
 
 
 def smlp_checks(cfg: ModelConfig) -> str | None:
