@@ -26,6 +26,16 @@ console = Console(width=None if sys.stdout.isatty() else 160)
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "experiments" / "default.yaml"
 
 
+def _warn_if_cpu_busy() -> None:
+    """Before CPU work: say so when other processes hold the cores torch's threads need."""
+    import torch
+
+    from sffn_lab.busy_cpu import contention_warning
+
+    if not torch.cuda.is_available() and (warning := contention_warning(torch.get_num_threads())):
+        console.print(f"[yellow]warning:[/yellow] {warning}", soft_wrap=True)
+
+
 def _typed_overrides(**values) -> list[str]:
     """Typed CLI options → dotted overrides, for the options the user actually gave."""
     keys = {
@@ -92,6 +102,7 @@ def train(
         cfg = training.load_run_config(resume, overrides)
     else:
         cfg = load_config(config or DEFAULT_CONFIG, overrides)
+    _warn_if_cpu_busy()
     summary = training.train(cfg, progress=progress, resume_dir=resume)
     if not training.is_launched_rank():
         console.print(_format_summary(summary))
@@ -228,6 +239,7 @@ def ablate(
     console.print(table)
     if dry_run:
         return
+    _warn_if_cpu_busy()
     run_sweep(sweep, sweep_dir, jobs, on_done=lambda run, what: console.print(f"{run.dir_name}: {what}"))
     _print_report(sweep_dir)
 
@@ -251,6 +263,7 @@ def bench(
     from sffn_lab.bench.memory import METHOD
     from sffn_lab.bench.targets import check_targets
 
+    _warn_if_cpu_busy()
     rows, env = run_bench(out, DEFAULT_CONFIG, quick, repeats, on_section=lambda title: console.rule(title))
     console.print(", ".join(f"{k}: {v}" for k, v in env.items()), soft_wrap=True)
     for section in dict.fromkeys(r.section for r in rows):

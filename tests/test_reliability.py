@@ -264,3 +264,33 @@ def test_a_corrupt_token_cache_gives_exit_2_and_is_rebuilt_on_the_next_run(tmp_p
         assert not cached.exists() and not (tmp_path / "runs").exists()
     corpus = corpora.load_corpus(data_config)
     assert bytes(corpus.splits["train"][:100]) == source.read_bytes()[:100]
+
+
+@pytest.mark.parametrize("loadavg, expected_others", [("0.5 0.4 0.3 3/210 999\n", 2), ("2.0 2.0 2.0 1/210 999\n", None)])
+def test_training_on_busy_cores_warns_and_still_trains(tmp_path, capsys, monkeypatch, loadavg, expected_others):
+    """/proc/loadavg's runnable count includes the reader: 3 → two other processes; 1 → none, whatever
+    the lagging load averages say."""
+    from sffn_lab import busy_cpu
+    from tests.test_cli import TINY
+
+    fake = tmp_path / "loadavg"
+    fake.write_text(loadavg)
+    monkeypatch.setattr(busy_cpu, "LOADAVG", fake)
+    monkeypatch.setattr(busy_cpu.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    assert busy_cpu.other_runnable_tasks(samples=2, interval_s=0) == (expected_others or 0)
+    code, out, err = run_cli(["train", *TINY, "--max-steps", "2", "--out", tmp_path / "runs", "--no-progress"],
+                             capsys)
+    assert code == 0, err
+    if expected_others:
+        assert f"warning: {expected_others} other process(es) are running on this machine's 2 cores" in out
+    else:
+        assert "warning" not in out
+    assert "validation" in out
+
+
+def test_no_contention_check_where_proc_loadavg_is_missing(tmp_path, monkeypatch):
+    from sffn_lab import busy_cpu
+
+    monkeypatch.setattr(busy_cpu, "LOADAVG", tmp_path / "absent")
+    assert busy_cpu.other_runnable_tasks() is None and busy_cpu.contention_warning(64) is None
