@@ -1,65 +1,105 @@
 """Sparse expert matmuls behind one interface (installed as ``sffn_lab.kernels``).
 
-    expert_up(x [T, D], weight [E, D, G], indices [T, K]) -> h [T, K, G]
+    plan = RoutingPlan.of(indices [T, K], n_experts)           once per layer, shared by both products
+    expert_up(x [T, D], weight [E, D, G], plan) -> h [T, K, G]
         h[t, k] = x[t] @ weight[indices[t, k]]
-    expert_down(h [T, K, G], weight [E, G, D], indices [T, K], gates [T, K] | None) -> y [T, D]
+    expert_down(h [T, K, G], weight [E, G, D], plan, gates [T, K] | None) -> y [T, D]
         y[t] = Σ_k gates[t, k] · h[t, k] @ weight[indices[t, k]]
 
-Both are differentiable in every float input. The backend is Triton for CUDA tensors (when
-triton is installed) and the sorted grouped PyTorch path otherwise; ``backend=`` or the
-environment variable ``SFFN_KERNEL`` (``triton`` | ``torch`` | ``reference``) forces one —
-``triton`` on CPU tensors runs under ``TRITON_INTERPRET=1``.
+Both are differentiable in every float input and follow autocast as a matmul would: under
+``torch.autocast`` on the input's device, x / h and the weights are cast to the autocast dtype
+(their gradients flow back through the cast, so fp32 parameters get fp32 gradients) and the
+result has that dtype; the gates keep their own dtype (fp32 routing).
+
+The backend is Triton for CUDA tensors of a dtype the kernels take (fp32, fp16, bf16) when triton
+imports, and the sorted grouped PyTorch path otherwise; ``backend=`` or the environment variable
+``SFFN_KERNEL`` (``triton`` | ``torch`` | ``reference``) forces one. ``triton`` on CPU tensors runs
+under ``TRITON_INTERPRET=1`` (the tests' way of checking the kernels without a GPU).
 """
 
 from __future__ import annotations
 
+import functools
+import logging
 import os
 
 import torch
 
+from sffn_lab.kernels.precision import autocast_operands
 from sffn_lab.kernels.reference import expert_down_reference, expert_up_reference
+from sffn_lab.kernels.routing_plan import RoutingPlan
 from sffn_lab.kernels.torch_grouped import expert_down_torch, expert_up_torch
 
 BACKENDS = ("auto", "triton", "torch", "reference")
+TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+log = logging.getLogger(__name__)
+
+
+@functools.cache
+def triton_import_error() -> str | None:
+    """Why the Triton kernels cannot be imported here, or None when they can."""
+    try:
+        import sffn_lab.kernels.triton_ops  # noqa: F401
+    except Exception as exc:  # ImportError, or a triton that fails while compiling the kernel definitions
+        return f"{type(exc).__name__}: {exc}"
+    return None
 
 
 def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return triton_import_error() is None
+
+
+@functools.cache
+def _say_once(message: str) -> None:
+    log.warning(message)
 
 
 def pick_backend(x: torch.Tensor, backend: str | None) -> str:
+    """The backend that computes this input: the one asked for, or for ``auto`` Triton where it can run
+    (CUDA, a dtype it takes, triton importable; said once in the log when it cannot) and torch elsewhere."""
     backend = backend or os.environ.get("SFFN_KERNEL", "auto")
     if backend not in BACKENDS:
         raise ValueError(f"unknown expert-matmul backend {backend!r}; choose one of {BACKENDS}")
-    if backend == "auto":
-        return "triton" if x.is_cuda and triton_available() else "torch"
-    return backend
+    if backend != "auto":
+        return backend
+    if not x.is_cuda:
+        return "torch"
+    if x.dtype not in TRITON_DTYPES:
+        return "torch"
+    if not triton_available():
+        _say_once(f"sffn-lab: the Triton expert kernels cannot be used ({triton_import_error()}); "
+                  "the sparse layers run on the slower PyTorch path.")
+        return "torch"
+    return "triton"
 
 
-def expert_up(x: torch.Tensor, weight: torch.Tensor, indices: torch.Tensor, backend: str | None = None):
+def expert_up(x: torch.Tensor, weight: torch.Tensor, plan: RoutingPlan, backend: str | None = None) -> torch.Tensor:
+    x, weight = autocast_operands(x, weight)
     chosen = pick_backend(x, backend)
-    if chosen == "triton":
-        from sffn_lab.kernels.triton_ops import expert_up_triton
+    with torch.autocast(x.device.type, enabled=False):
+        if chosen == "triton":
+            from sffn_lab.kernels.triton_ops import expert_up_triton
 
-        return expert_up_triton(x, weight, indices)
-    if chosen == "reference":
-        return expert_up_reference(x, weight, indices)
-    return expert_up_torch(x, weight, indices)
+            return expert_up_triton(x, weight, plan)
+        if chosen == "reference":
+            return expert_up_reference(x, weight, plan.indices)
+        return expert_up_torch(x, weight, plan)
 
 
-def expert_down(h, weight, indices, gates=None, backend: str | None = None):
+def expert_down(
+    h: torch.Tensor, weight: torch.Tensor, plan: RoutingPlan, gates: torch.Tensor | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    h, weight = autocast_operands(h, weight)
     chosen = pick_backend(h, backend)
-    if chosen == "triton":
-        from sffn_lab.kernels.triton_ops import expert_down_triton
+    with torch.autocast(h.device.type, enabled=False):
+        if chosen == "triton":
+            from sffn_lab.kernels.triton_ops import expert_down_triton
 
-        return expert_down_triton(h, weight, indices, gates)
-    if chosen == "reference":
-        return expert_down_reference(h, weight, indices, gates)
-    return expert_down_torch(h, weight, indices, gates)
+            return expert_down_triton(h, weight, plan, gates)
+        if chosen == "reference":
+            return expert_down_reference(h, weight, plan.indices, gates)
+        return expert_down_torch(h, weight, plan, gates)
 
 
-__all__ = ["expert_down", "expert_up"]
+__all__ = ["RoutingPlan", "expert_down", "expert_up"]

@@ -1,17 +1,20 @@
-"""The fast PyTorch path of the expert matmuls (any device; chosen off-GPU).
+"""The fast PyTorch path of the expert matmuls (any device, any float dtype; chosen off-GPU).
 
-The (token, k) pairs are sorted by expert once per call, then processed in blocks of pairs: the
-block's input rows are gathered, multiplied by their experts' weights and written back
+The layer's ``RoutingPlan`` gives the (token, k) pairs in expert order; the pairs are processed in
+blocks: the block's input rows are gathered, multiplied by their experts' weights and written back
 (``index_copy_`` for h, gate-scaled ``index_add_`` for y). Two strategies share this code:
 
 - ``per_expert`` (the default on the CPU): one block per expert, one matmul each. The gathered rows
-  of one expert stay in cache; gathering all P rows at once instead costs a P × D copy through memory
-  (64 MB at 8192 tokens, K = 4, D = 512), which ``sffn bench`` measures as the slower choice on CPUs.
+  of one expert stay in cache; gathering all P rows at once instead costs a P × D copy through memory,
+  which ``sffn bench`` measures as the slower choice on CPUs.
 - ``grouped`` (the default elsewhere): one block of all pairs and one grouped product,
-  ``torch._grouped_mm`` where it takes the operands (dtype, 16-byte alignment), else a split + matmul.
+  ``torch._grouped_mm`` where it takes the operands (dtype, 16-byte alignment; group ends stay on the
+  device, so no host sync), else a split + matmul (which needs the counts on the host).
 
-The autograd functions keep only the layer's inputs and the sort order for backward and re-gather
-there, so no gathered copy of x or of the per-pair outputs stays alive between forward and backward.
+h, x and the weights share one dtype (the dispatcher casts them as autocast would); the gates may be
+wider (fp32 routing under mixed precision) and their gradient keeps their dtype. The autograd
+functions keep only the layer's inputs and the plan for backward and re-gather there, so no gathered
+copy of x or of the per-pair outputs stays alive between forward and backward.
 
 Shapes: T tokens, K experts per token, P = T·K pairs, E experts, D model width, G expert width.
 """
@@ -19,9 +22,11 @@ Shapes: T tokens, K experts per token, P = T·K pairs, E experts, D model width,
 from __future__ import annotations
 
 from dataclasses import dataclass
-from itertools import accumulate
 
 import torch
+
+from sffn_lab.kernels.precision import autocast_off
+from sffn_lab.kernels.routing_plan import RoutingPlan
 
 GROUPED_MM_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 STRATEGIES = ("per_expert", "grouped")
@@ -29,43 +34,23 @@ STRATEGIES = ("per_expert", "grouped")
 
 @dataclass
 class Block:
-    """Pairs of the experts ``experts`` (a slice of E), in expert order: ``counts`` of them per expert."""
+    """Sorted pairs of one expert (``expert`` set) or of all experts (``expert`` None, grouped)."""
 
     pairs: torch.Tensor
     tokens: torch.Tensor
-    experts: slice
-    counts: list[int]
+    expert: int | None
 
 
-@dataclass
-class ExpertOrder:
-    """Pairs sorted (stably) by expert: ``pairs`` [P] (flat ids p = t·K + k), ``tokens`` [P] (p // K),
-    ``counts`` [E] (pairs per expert)."""
-
-    pairs: torch.Tensor
-    tokens: torch.Tensor
-    counts: list[int]
-
-    @classmethod
-    def of(cls, indices: torch.Tensor, n_experts: int) -> ExpertOrder:
-        flat = indices.reshape(-1)
-        counts = torch.bincount(flat, minlength=n_experts).tolist()
-        return cls.from_pairs(torch.argsort(flat, stable=True), counts, indices.shape[1])
-
-    @classmethod
-    def from_pairs(cls, pairs: torch.Tensor, counts: list[int], k: int) -> ExpertOrder:
-        return cls(pairs, pairs // k, counts)
-
-    def blocks(self, strategy: str) -> list[Block]:
-        """``per_expert``: one block per non-empty expert; ``grouped``: one block of all pairs."""
-        if strategy == "grouped":
-            return [Block(self.pairs, self.tokens, slice(None), self.counts)]
-        ends = list(accumulate(self.counts))
-        return [
-            Block(self.pairs[end - n : end], self.tokens[end - n : end], slice(e, e + 1), [n])
-            for e, (n, end) in enumerate(zip(self.counts, ends, strict=True))
-            if n
-        ]
+def blocks(plan: RoutingPlan, strategy: str) -> list[Block]:
+    """``per_expert``: one block per non-empty expert; ``grouped``: one block of all pairs."""
+    if strategy == "grouped":
+        return [Block(plan.pairs, plan.tokens, None)]
+    ends = plan.offsets.tolist()
+    return [
+        Block(plan.pairs[start:end], plan.tokens[start:end], e)
+        for e, (start, end) in enumerate(zip(ends[:-1], ends[1:], strict=True))
+        if end > start
+    ]
 
 
 def pick_strategy(t: torch.Tensor, strategy: str | None) -> str:
@@ -92,61 +77,62 @@ def use_grouped_mm(*tensors: torch.Tensor) -> bool:
     )
 
 
-def grouped_matmul(rows: torch.Tensor, weight: torch.Tensor, counts: list[int]) -> torch.Tensor:
-    """rows [P, I] in expert order (counts[e] rows of expert e), weight [E, I, O] → rows_e @ W[e], [P, O]."""
-    if len(counts) == 1:
-        return rows @ weight[0]
+def block_matmul(rows: torch.Tensor, weight: torch.Tensor, block: Block, plan: RoutingPlan) -> torch.Tensor:
+    """rows [n, I] of the block in expert order, weight [E, I, O] → rows_e @ W[e] per expert, [n, O]."""
+    if block.expert is not None:
+        return rows @ weight[block.expert]
     if use_grouped_mm(rows, weight):
-        return torch._grouped_mm(rows, weight, offs=_offsets(counts))
+        return torch._grouped_mm(rows, weight, offs=plan.group_ends())
     out = rows.new_empty(rows.shape[0], weight.shape[2])
+    counts = plan.host_counts()
     for e, (a, o) in enumerate(zip(rows.split(counts), out.split(counts), strict=True)):
         if len(a):
             torch.matmul(a, weight[e], out=o)
     return out
 
 
-def grouped_weight_grad(a: torch.Tensor, b: torch.Tensor, counts: list[int], out: torch.Tensor) -> None:
-    """a [P, I], b [P, O] in expert order → out[e] = a_eᵀ @ b_e in out [E, I, O] (untouched if e is empty)."""
-    if len(counts) > 1 and use_grouped_mm(a.t(), b):
-        out.copy_(torch._grouped_mm(a.t(), b, offs=_offsets(counts)))
+def block_weight_grad(a: torch.Tensor, b: torch.Tensor, block: Block, plan: RoutingPlan, out: torch.Tensor) -> None:
+    """a [n, I], b [n, O] in expert order → out[e] = a_eᵀ @ b_e in out [E, I, O] (empty experts: zeros)."""
+    if block.expert is not None:
+        torch.matmul(a.t(), b, out=out[block.expert])
         return
+    if use_grouped_mm(a.t(), b):
+        out.copy_(torch._grouped_mm(a.t(), b, offs=plan.group_ends()))
+        return
+    counts = plan.host_counts()
     for e, (a_e, b_e) in enumerate(zip(a.split(counts), b.split(counts), strict=True)):
         if len(a_e):
             torch.matmul(a_e.t(), b_e, out=out[e])
 
 
-def _offsets(counts: list[int]) -> torch.Tensor:
-    return torch.tensor(list(accumulate(counts)), dtype=torch.int32)
-
-
 class ExpertUp(torch.autograd.Function):
-    """h[t, k] = x[t] @ W[indices[t, k]];  x [T, D], W [E, D, G], indices [T, K] → h [T, K, G]."""
+    """h[t, k] = x[t] @ W[indices[t, k]];  x [T, D], W [E, D, G] → h [T, K, G]."""
 
     @staticmethod
-    def forward(ctx, x, weight, indices, strategy):
-        T, K = indices.shape
-        order = ExpertOrder.of(indices, weight.shape[0])
+    def forward(ctx, x, weight, plan: RoutingPlan, strategy):
+        T, K = plan.indices.shape
         h = x.new_empty(T * K, weight.shape[2])
-        for b in order.blocks(strategy):
-            rows = x.index_select(0, b.tokens)
-            h.index_copy_(0, b.pairs, grouped_matmul(rows, weight[b.experts], b.counts))
-        ctx.save_for_backward(x, weight, order.pairs)
-        ctx.counts, ctx.k, ctx.strategy = order.counts, K, strategy
+        for b in blocks(plan, strategy):
+            h.index_copy_(0, b.pairs, block_matmul(x.index_select(0, b.tokens), weight, b, plan))
+        ctx.save_for_backward(x, weight)
+        ctx.plan, ctx.strategy = plan, strategy
         return h.view(T, K, -1)
 
     @staticmethod
+    @autocast_off
     def backward(ctx, grad_h):
-        x, weight, pairs = ctx.saved_tensors
-        order = ExpertOrder.from_pairs(pairs, ctx.counts, ctx.k)
-        grad_h = grad_h.reshape(-1, grad_h.shape[-1])
+        x, weight = ctx.saved_tensors
+        plan = ctx.plan
+        grad_h = grad_h.reshape(-1, grad_h.shape[-1]).to(x.dtype)
         grad_x = torch.zeros_like(x) if ctx.needs_input_grad[0] else None
+        # experts no pair used keep a zero gradient: only the grouped product writes every expert
         grad_w = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
-        for b in order.blocks(ctx.strategy):
+        for b in blocks(plan, ctx.strategy):
             g = grad_h.index_select(0, b.pairs)
             if grad_x is not None:
-                grad_x.index_add_(0, b.tokens, grouped_matmul(g, weight[b.experts].transpose(1, 2), b.counts))
+                grad_x.index_add_(0, b.tokens, block_matmul(g, weight.transpose(1, 2), b, plan))
             if grad_w is not None:
-                grouped_weight_grad(x.index_select(0, b.tokens), g, b.counts, grad_w[b.experts])
+                block_weight_grad(x.index_select(0, b.tokens), g, b, plan, grad_w)
         return grad_x, grad_w, None, None
 
 
@@ -154,36 +140,38 @@ class ExpertDown(torch.autograd.Function):
     """y[t] = Σ_k g[t, k] · h[t, k] @ W[indices[t, k]];  h [T, K, G], W [E, G, D], g [T, K] → y [T, D]."""
 
     @staticmethod
-    def forward(ctx, h, weight, indices, gates, strategy):
+    def forward(ctx, h, weight, plan: RoutingPlan, gates, strategy):
         T, K, G = h.shape
-        order = ExpertOrder.of(indices, weight.shape[0])
         rows = h.reshape(T * K, G)
         y = h.new_zeros(T, weight.shape[2])
-        for b in order.blocks(strategy):
-            out = grouped_matmul(rows.index_select(0, b.pairs), weight[b.experts], b.counts)
+        for b in blocks(plan, strategy):
+            out = block_matmul(rows.index_select(0, b.pairs), weight, b, plan)
             if gates is not None:
                 out.mul_(gates.reshape(-1).index_select(0, b.pairs).unsqueeze(1))
             y.index_add_(0, b.tokens, out)
-        ctx.save_for_backward(h, weight, gates, order.pairs)
-        ctx.counts, ctx.strategy = order.counts, strategy
+        ctx.save_for_backward(h, weight, gates)
+        ctx.plan, ctx.strategy = plan, strategy
         return y
 
     @staticmethod
+    @autocast_off
     def backward(ctx, grad_y):
-        h, weight, gates, pairs = ctx.saved_tensors
+        h, weight, gates = ctx.saved_tensors
+        plan = ctx.plan
         T, K, G = h.shape
-        order = ExpertOrder.from_pairs(pairs, ctx.counts, K)
         rows = h.reshape(T * K, G)
+        grad_y = grad_y.to(h.dtype)
         # every pair is written once below, so the gradients of h and of the gates need no zero fill
         grad_h = rows.new_empty(T * K, G) if ctx.needs_input_grad[0] else None
         grad_w = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
-        grad_gates = rows.new_empty(T * K) if gates is not None and ctx.needs_input_grad[3] else None
-        for b in order.blocks(ctx.strategy):
+        grad_gates = gates.new_empty(T * K) if gates is not None and ctx.needs_input_grad[3] else None
+        for b in blocks(plan, ctx.strategy):
             grad_out = grad_y.index_select(0, b.tokens)  # dL/d(ungated out_p), [n, D]
-            grad_pre = grouped_matmul(grad_out, weight[b.experts].transpose(1, 2), b.counts)  # dL/d(g_p·h_p)
+            grad_pre = block_matmul(grad_out, weight.transpose(1, 2), b, plan)  # dL/d(g_p·h_p)
             h_b = rows.index_select(0, b.pairs)
             if grad_gates is not None:
-                grad_gates.index_copy_(0, b.pairs, (grad_pre * h_b).sum(1))
+                dot = (grad_pre * h_b).sum(1, dtype=torch.promote_types(h_b.dtype, torch.float32))  # ≥ fp32 sums
+                grad_gates.index_copy_(0, b.pairs, dot.to(gates.dtype))
             if gates is not None:
                 g = gates.reshape(-1).index_select(0, b.pairs).unsqueeze(1)
                 grad_pre.mul_(g)
@@ -191,15 +179,15 @@ class ExpertDown(torch.autograd.Function):
             if grad_h is not None:
                 grad_h.index_copy_(0, b.pairs, grad_pre)
             if grad_w is not None:
-                grouped_weight_grad(h_b, grad_out, b.counts, grad_w[b.experts])
+                block_weight_grad(h_b, grad_out, b, plan, grad_w)
         grad_h = grad_h.view(T, K, G) if grad_h is not None else None
         grad_gates = grad_gates.view(T, K) if grad_gates is not None else None
         return grad_h, grad_w, None, grad_gates, None
 
 
-def expert_up_torch(x, weight, indices, strategy: str | None = None):
-    return ExpertUp.apply(x, weight, indices, pick_strategy(x, strategy))
+def expert_up_torch(x, weight, plan: RoutingPlan, strategy: str | None = None) -> torch.Tensor:
+    return ExpertUp.apply(x, weight, plan, pick_strategy(x, strategy))
 
 
-def expert_down_torch(h, weight, indices, gates=None, strategy: str | None = None) -> torch.Tensor:
-    return ExpertDown.apply(h, weight, indices, gates, pick_strategy(h, strategy))
+def expert_down_torch(h, weight, plan: RoutingPlan, gates=None, strategy: str | None = None) -> torch.Tensor:
+    return ExpertDown.apply(h, weight, plan, gates, pick_strategy(h, strategy))

@@ -4,8 +4,10 @@
 
 over rows r sorted by expert. The host splits every expert's rows into tiles of BLOCK_M rows that
 never straddle two experts (``tile_expert``, ``tile_start``, ``tile_end``); each program computes
-one BLOCK_M × BLOCK_N tile of one expert, loading the gathered rows of ``a`` block by block.
-Accumulation is fp32 whatever the input dtype; fp32 inputs use IEEE products (no TF32).
+one BLOCK_M × BLOCK_N tile of one expert, loading the gathered rows of ``a`` block by block; the
+grid has a fixed upper bound of tiles and programs of empty tiles (start ≥ end) exit at once.
+Accumulation is fp32 whatever the input dtype; IEEE selects IEEE fp32 products for fp32 inputs
+(else TF32), UPCAST multiplies bf16 tiles as fp32 (for the interpreter, whose bf16 dot is wrong).
 """
 
 from __future__ import annotations
@@ -36,14 +38,16 @@ def gather_matmul_kernel(
     stride_am, stride_ak,
     stride_we, stride_wk, stride_wn,
     stride_om, stride_on,
-    HAS_SCALE: tl.constexpr, IEEE: tl.constexpr,
+    HAS_SCALE: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     tile = tl.program_id(0)
     pid_n = tl.program_id(1)
-    expert = tl.load(tile_expert_ptr + tile)
     start = tl.load(tile_start_ptr + tile)
     end = tl.load(tile_end_ptr + tile)
+    if start >= end:
+        return
+    expert = tl.load(tile_expert_ptr + tile)
 
     rows = start + tl.arange(0, BLOCK_M)
     row_ok = rows < end
@@ -59,7 +63,9 @@ def gather_matmul_kernel(
                     mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         w = tl.load(w_ptr + expert * stride_we + ks[:, None] * stride_wk + cols[None, :] * stride_wn,
                     mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        if IEEE:
+        if UPCAST:
+            acc += tl.dot(a.to(tl.float32), w.to(tl.float32), input_precision="ieee")
+        elif IEEE:
             acc += tl.dot(a, w, input_precision="ieee")
         else:
             acc += tl.dot(a, w)

@@ -1,52 +1,30 @@
 """Autograd wrappers of the Triton expert matmuls (the CUDA path; testable on CPU with TRITON_INTERPRET=1).
 
-Precision policy: fp32 inputs are multiplied with IEEE fp32 products (``input_precision="ieee"``),
-fp16 / bf16 inputs with the tensor cores' native products; every kernel accumulates in fp32 and
-writes the input dtype. The K outputs of a token are written to a [T·K, D] buffer and summed in
-PyTorch rather than with atomic adds, so results are deterministic.
+Precision policy: every kernel accumulates in fp32 and writes the input dtype. fp16 / bf16 inputs
+use the tensor cores' native products; fp32 inputs follow ``torch.get_float32_matmul_precision()``
+as cuBLAS matmuls do ("highest": IEEE fp32 products, "high" / "medium": TF32). The gates (fp32
+routing under mixed precision) are read as fp32 and their gradient keeps their dtype. The K outputs
+of a token are written to a [T·K, D] buffer and summed in PyTorch rather than with atomic adds, so
+results are deterministic.
+
+Kernels launch under the input's CUDA device, on grids whose size depends on the shapes only (the
+plan's tile bound), so no launch waits for the host.
 
 Shapes: T tokens, K experts per token, P = T·K pairs, E experts, D model width, G expert width.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import triton
 
+from sffn_lab.kernels.precision import autocast_off
+from sffn_lab.kernels.routing_plan import RoutingPlan
 from sffn_lab.kernels.triton_gather_matmul import INTERPRETED, gather_matmul_kernel
 from sffn_lab.kernels.triton_weight_grad import weight_grad_kernel
 
 BLOCK_M = 16 if INTERPRETED else 64  # rows per tile; tiles never straddle two experts
 FLOATS = (torch.float32, torch.float16, torch.bfloat16)
-
-
-@dataclass
-class Tiles:
-    """Pairs sorted by expert (``pairs`` [P], ``tokens`` [P]), expert ``offsets`` [E + 1], and row tiles."""
-
-    pairs: torch.Tensor
-    tokens: torch.Tensor
-    offsets: torch.Tensor
-    tile_expert: torch.Tensor
-    tile_start: torch.Tensor
-    tile_end: torch.Tensor
-
-    @classmethod
-    def of(cls, indices: torch.Tensor, n_experts: int) -> Tiles:
-        flat = indices.reshape(-1)
-        pairs = torch.argsort(flat, stable=True)
-        counts = torch.bincount(flat, minlength=n_experts)
-        offsets = torch.zeros(n_experts + 1, dtype=torch.long, device=flat.device)
-        offsets[1:] = torch.cumsum(counts, 0)
-        n_tiles = (counts + BLOCK_M - 1) // BLOCK_M
-        tile_expert = torch.repeat_interleave(torch.arange(n_experts, device=flat.device), n_tiles)
-        first_tile = torch.cumsum(n_tiles, 0) - n_tiles
-        within = torch.arange(len(tile_expert), device=flat.device) - first_tile[tile_expert]
-        tile_start = offsets[tile_expert] + within * BLOCK_M
-        tile_end = offsets[tile_expert + 1]
-        return cls(pairs, pairs // indices.shape[1], offsets, tile_expert, tile_start, tile_end)
 
 
 def _check(name: str, t: torch.Tensor, dims: int) -> None:
@@ -56,10 +34,20 @@ def _check(name: str, t: torch.Tensor, dims: int) -> None:
         raise TypeError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
 
 
-def gather_matmul(a, weight, src, dst, tiles: Tiles, n_out_rows: int, transpose_w: bool = False, scale=None):
+def _product_flags(dtype: torch.dtype) -> dict[str, bool]:
+    """IEEE: fp32 products without TF32; UPCAST: bf16 tiles to fp32 before ``tl.dot`` (the interpreter's
+    bf16 dot is wrong, its bf16 loads are right)."""
+    return {
+        "IEEE": dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest",
+        "UPCAST": INTERPRETED and dtype == torch.bfloat16,
+    }
+
+
+def gather_matmul(a, weight, src, dst, plan: RoutingPlan, n_out_rows: int, transpose_w: bool = False, scale=None):
     """out[dst[r]] = scale[r] · a[src[r]] @ W[e(r)] (W[e]ᵀ if transpose_w) over sorted rows r → [n_out_rows, N].
 
-    ``scale`` (optional) is indexed by the sorted row r, like ``src`` and ``dst``.
+    ``scale`` (optional) is indexed by the sorted row r, like ``src`` and ``dst``; ``dst`` is a
+    permutation of the n_out_rows output rows.
     """
     _check("a", a, 2)
     _check("weight", weight, 3)
@@ -69,41 +57,42 @@ def gather_matmul(a, weight, src, dst, tiles: Tiles, n_out_rows: int, transpose_
     if a.shape[1] != K_in:
         raise ValueError(f"a has {a.shape[1]} columns but the expert weights expect {K_in}")
     stride_wk, stride_wn = (weight.stride(2), weight.stride(1)) if transpose_w else (weight.stride(1), weight.stride(2))
-    out = a.new_zeros(n_out_rows, N)
-    if len(tiles.tile_expert) == 0:
-        return out
+    out = a.new_empty(n_out_rows, N)  # dst is a permutation of the rows: the tiles write every one
+    tiles = plan.tiles(BLOCK_M)
 
     def grid(meta):
-        return (len(tiles.tile_expert), triton.cdiv(N, meta["BLOCK_N"]))
+        return (len(tiles), triton.cdiv(N, meta["BLOCK_N"]))
 
-    gather_matmul_kernel[grid](
-        a, weight, out, src, dst, scale if scale is not None else out,
-        tiles.tile_expert, tiles.tile_start, tiles.tile_end,
-        N, K_in,
-        a.stride(0), a.stride(1),
-        weight.stride(0), stride_wk, stride_wn,
-        out.stride(0), out.stride(1),
-        HAS_SCALE=scale is not None, IEEE=a.dtype == torch.float32, BLOCK_M=BLOCK_M,
-    )
+    with torch.cuda.device_of(a):
+        gather_matmul_kernel[grid](
+            a, weight, out, src, dst, scale if scale is not None else out,
+            tiles.expert, tiles.start, tiles.end,
+            N, K_in,
+            a.stride(0), a.stride(1),
+            weight.stride(0), stride_wk, stride_wn,
+            out.stride(0), out.stride(1),
+            HAS_SCALE=scale is not None, BLOCK_M=BLOCK_M, **_product_flags(a.dtype),
+        )
     return out
 
 
-def weight_grad(a, b, src_a, src_b, tiles: Tiles, shape, scale=None) -> torch.Tensor:
+def weight_grad(a, b, src_a, src_b, plan: RoutingPlan, shape, scale=None) -> torch.Tensor:
     """dW[e] = Σ_{r of e} a[src_a[r]]ᵀ (scale[r] · b[src_b[r]]) → [E, I, J] (fp32 sums, a's dtype)."""
     E, I, J = shape
-    out = torch.zeros(shape, dtype=a.dtype, device=a.device)
+    out = torch.empty(shape, dtype=a.dtype, device=a.device)  # the kernel writes every tile, empty experts 0
 
     def grid(meta):
         return (E, triton.cdiv(I, meta["BLOCK_I"]), triton.cdiv(J, meta["BLOCK_J"]))
 
-    weight_grad_kernel[grid](
-        a, b, out, src_a, src_b, scale if scale is not None else out, tiles.offsets,
-        I, J,
-        a.stride(0), a.stride(1),
-        b.stride(0), b.stride(1),
-        out.stride(0), out.stride(1), out.stride(2),
-        HAS_SCALE=scale is not None, IEEE=a.dtype == torch.float32,
-    )
+    with torch.cuda.device_of(a):
+        weight_grad_kernel[grid](
+            a, b, out, src_a, src_b, scale if scale is not None else out, plan.offsets,
+            I, J,
+            a.stride(0), a.stride(1),
+            b.stride(0), b.stride(1),
+            out.stride(0), out.stride(1), out.stride(2),
+            HAS_SCALE=scale is not None, **_product_flags(a.dtype),
+        )
     return out
 
 
@@ -111,28 +100,27 @@ class TritonExpertUp(torch.autograd.Function):
     """h[t, k] = x[t] @ W[indices[t, k]];  x [T, D], W [E, D, G] → h [T, K, G]."""
 
     @staticmethod
-    def forward(ctx, x, weight, indices):
-        T, K = indices.shape
-        tiles = Tiles.of(indices, weight.shape[0])
+    def forward(ctx, x, weight, plan: RoutingPlan):
+        T, K = plan.indices.shape
         x = x.contiguous()
-        h = gather_matmul(x, weight, tiles.tokens, tiles.pairs, tiles, T * K)
+        h = gather_matmul(x, weight, plan.tokens, plan.pairs, plan, T * K)
         ctx.save_for_backward(x, weight)
-        ctx.tiles = tiles
+        ctx.plan = plan
         return h.view(T, K, -1)
 
     @staticmethod
+    @autocast_off
     def backward(ctx, grad_h):
         x, weight = ctx.saved_tensors
-        tiles = ctx.tiles
+        plan = ctx.plan
         T = x.shape[0]
         grad_h = grad_h.reshape(-1, grad_h.shape[-1]).contiguous()
         grad_x = grad_w = None
         if ctx.needs_input_grad[0]:
-            per_pair = gather_matmul(grad_h, weight, tiles.pairs, tiles.pairs, tiles, grad_h.shape[0],
-                                     transpose_w=True)
+            per_pair = gather_matmul(grad_h, weight, plan.pairs, plan.pairs, plan, grad_h.shape[0], transpose_w=True)
             grad_x = per_pair.view(T, -1, x.shape[1]).sum(1)  # pair p = t·K + k
         if ctx.needs_input_grad[1]:
-            grad_w = weight_grad(x, grad_h, tiles.tokens, tiles.pairs, tiles, weight.shape)
+            grad_w = weight_grad(x, grad_h, plan.tokens, plan.pairs, plan, weight.shape)
         return grad_x, grad_w, None
 
 
@@ -140,38 +128,39 @@ class TritonExpertDown(torch.autograd.Function):
     """y[t] = Σ_k g[t, k] · h[t, k] @ W[indices[t, k]];  h [T, K, G], W [E, G, D] → y [T, D]."""
 
     @staticmethod
-    def forward(ctx, h, weight, indices, gates):
+    def forward(ctx, h, weight, plan: RoutingPlan, gates):
         T, K, G = h.shape
-        tiles = Tiles.of(indices, weight.shape[0])
         rows = h.reshape(T * K, G).contiguous()
         flat_gates = gates.reshape(-1).contiguous() if gates is not None else None
-        sorted_gates = flat_gates[tiles.pairs] if gates is not None else None  # the kernels read scale by sorted row
-        per_pair = gather_matmul(rows, weight, tiles.pairs, tiles.pairs, tiles, T * K, scale=sorted_gates)
+        sorted_gates = flat_gates[plan.pairs] if gates is not None else None  # the kernels read scale by sorted row
+        per_pair = gather_matmul(rows, weight, plan.pairs, plan.pairs, plan, T * K, scale=sorted_gates)
         ctx.save_for_backward(rows, weight, flat_gates)
-        ctx.tiles, ctx.shape = tiles, (T, K, G)
+        ctx.plan, ctx.shape = plan, (T, K, G)
         return per_pair.view(T, K, -1).sum(1)
 
     @staticmethod
+    @autocast_off
     def backward(ctx, grad_y):
         rows, weight, flat_gates = ctx.saved_tensors
-        tiles = ctx.tiles
+        plan = ctx.plan
         T, K, G = ctx.shape
         grad_y = grad_y.contiguous()
-        ungated = gather_matmul(grad_y, weight, tiles.tokens, tiles.pairs, tiles, T * K, transpose_w=True)
+        ungated = gather_matmul(grad_y, weight, plan.tokens, plan.pairs, plan, T * K, transpose_w=True)
         grad_h = grad_w = grad_gates = None
         if flat_gates is not None and ctx.needs_input_grad[3]:
-            grad_gates = (ungated.float() * rows.float()).sum(1).to(rows.dtype).view(T, K)
+            grad_gates = (ungated.float() * rows.float()).sum(1).to(flat_gates.dtype).view(T, K)
         if ctx.needs_input_grad[0]:
-            grad_h = (ungated * flat_gates[:, None] if flat_gates is not None else ungated).view(T, K, G)
+            gated = ungated * flat_gates[:, None] if flat_gates is not None else ungated
+            grad_h = gated.to(rows.dtype).view(T, K, G)
         if ctx.needs_input_grad[1]:
-            sorted_gates = flat_gates[tiles.pairs] if flat_gates is not None else None
-            grad_w = weight_grad(rows, grad_y, tiles.pairs, tiles.tokens, tiles, weight.shape, scale=sorted_gates)
+            sorted_gates = flat_gates[plan.pairs] if flat_gates is not None else None
+            grad_w = weight_grad(rows, grad_y, plan.pairs, plan.tokens, plan, weight.shape, scale=sorted_gates)
         return grad_h, grad_w, None, grad_gates
 
 
-def expert_up_triton(x: torch.Tensor, weight: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-    return TritonExpertUp.apply(x, weight, indices)
+def expert_up_triton(x: torch.Tensor, weight: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
+    return TritonExpertUp.apply(x, weight, plan)
 
 
-def expert_down_triton(h, weight, indices, gates=None) -> torch.Tensor:
-    return TritonExpertDown.apply(h, weight, indices, gates)
+def expert_down_triton(h, weight, plan: RoutingPlan, gates=None) -> torch.Tensor:
+    return TritonExpertDown.apply(h, weight, plan, gates)

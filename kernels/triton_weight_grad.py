@@ -4,7 +4,7 @@
 
 One program computes an I-block × J-block tile of one expert's gradient, looping over that
 expert's rows (``offsets[e] : offsets[e + 1]`` of the sorted order) BLOCK_R at a time; an expert
-with no rows gets zeros. Accumulation is fp32.
+with no rows gets zeros. Accumulation is fp32; IEEE and UPCAST as in ``triton_gather_matmul``.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ def weight_grad_kernel(
     stride_am, stride_ai,
     stride_bm, stride_bj,
     stride_oe, stride_oi, stride_oj,
-    HAS_SCALE: tl.constexpr, IEEE: tl.constexpr,
+    HAS_SCALE: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     expert = tl.program_id(0)
@@ -58,7 +58,9 @@ def weight_grad_kernel(
         if HAS_SCALE:
             scale = tl.load(scale_ptr + rows, mask=row_ok, other=0.0)
             b = (b.to(tl.float32) * scale[:, None].to(tl.float32)).to(b.dtype)
-        if IEEE:
+        if UPCAST:
+            acc += tl.dot(tl.trans(a.to(tl.float32)), b.to(tl.float32), input_precision="ieee")
+        elif IEEE:
             acc += tl.dot(tl.trans(a), b, input_precision="ieee")
         else:
             acc += tl.dot(tl.trans(a), b)

@@ -1,9 +1,42 @@
 """Test-wide settings."""
 
 import os
+import random
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
     # Without a GPU the Triton kernels run in Triton's CPU interpreter, so they are tested everywhere.
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def pytest_addoption(parser):
+    parser.addoption("--seed", type=int, default=None, help="Replay the randomised tests with this seed.")
+
+
+@pytest.fixture
+def seed(request) -> int:
+    """A fresh seed per test (or --seed N), applied to torch's global RNG and printed, so a failure shows
+    the seed and ``pytest --seed N`` replays it."""
+    value = request.config.getoption("--seed")
+    if value is None:
+        value = random.SystemRandom().randrange(2**31)
+    torch.manual_seed(value)
+    print(f"seed {value}: replay with pytest --seed {value} {request.node.nodeid}")
+    return value
+
+
+@pytest.fixture
+def device() -> torch.device:
+    """CUDA where there is one, else the CPU (where Triton runs in its interpreter)."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.fixture
+def fp32_ieee():
+    """fp32 products without TF32 for the duration of a test (the float64 comparisons' tolerances assume it)."""
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    yield
+    torch.set_float32_matmul_precision(before)

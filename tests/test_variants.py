@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from sffn_lab.config import FFNConfig, load_config
 from sffn_lab.errors import UserError
+from sffn_lab.kernels import RoutingPlan
 from sffn_lab.layers.expert_bank import ExpertBank
 from sffn_lab.layers.registry import FFN_KINDS, build_ffn, validate_ffn
 from sffn_lab.models import build_model
@@ -65,7 +66,7 @@ def test_expert_bank_with_uneven_and_empty_loads():
                             for t in range(T)])
 
     w = fresh(T, D)
-    (bank(x, indices, gates) * w).sum().backward()
+    (bank(x, RoutingPlan.of(indices, 5), gates) * w).sum().backward()
     grads = [bank.keys.grad.clone(), bank.values.grad.clone(), gates.grad.clone()]
     bank.zero_grad()
     gates.grad = None

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from sffn_lab.kernels import expert_down, expert_up
+from sffn_lab.kernels import RoutingPlan, expert_down, expert_up
 from sffn_lab.kernels.torch_grouped import expert_down_torch, expert_up_torch
 
 
@@ -53,9 +53,10 @@ def sparse_moe(backend: str | None = None, strategy: str | None = None) -> Calla
     """The expert bank's computation through ``sffn_lab.kernels`` (backend), or its torch path (strategy)."""
 
     def moe(x, keys, values, indices, gates):
+        plan = RoutingPlan.of(indices, keys.shape[0])  # once per layer, as the expert bank does
         if strategy is not None:
-            return expert_down_torch(torch.relu(expert_up_torch(x, keys, indices, strategy)), values, indices,
+            return expert_down_torch(torch.relu(expert_up_torch(x, keys, plan, strategy)), values, plan,
                                      gates, strategy)
-        return expert_down(torch.relu(expert_up(x, keys, indices, backend)), values, indices, gates, backend)
+        return expert_down(torch.relu(expert_up(x, keys, plan, backend)), values, plan, gates, backend)
 
     return moe

@@ -3,7 +3,8 @@
     y[t] = Σ_k gate[t, k] · V_eᵀ act(K_e x[t]),   e = indices[t, k]
 
 with keys K [N_E, D, G] and values V [N_E, G, D]. The two gathered grouped matmuls run through
-``sffn_lab.kernels`` (Triton on CUDA, a sorted grouped path on the CPU).
+``sffn_lab.kernels`` (Triton on CUDA, a sorted grouped path on the CPU); both read the layer's one
+``RoutingPlan`` (the pairs sorted by expert).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from sffn_lab.kernels import expert_down, expert_up
+from sffn_lab.kernels import RoutingPlan, expert_down, expert_up
 from sffn_lab.layers.dense import ACTIVATIONS
 
 
@@ -37,7 +38,7 @@ class ExpertBank(nn.Module):
         """Mean key vector of each block [N_E, D] (Avg-K's block score)."""
         return self.keys.mean(dim=2)
 
-    def forward(self, x: torch.Tensor, indices: torch.Tensor, gates: torch.Tensor | None) -> torch.Tensor:
-        """x [T, D], indices [T, K], gates [T, K] or None → y [T, D]."""
-        hidden = self.activation(expert_up(x, self.keys, indices))
-        return expert_down(hidden, self.values, indices, gates)
+    def forward(self, x: torch.Tensor, plan: RoutingPlan, gates: torch.Tensor | None) -> torch.Tensor:
+        """x [T, D], the plan of indices [T, K], gates [T, K] or None → y [T, D]."""
+        hidden = self.activation(expert_up(x, self.keys, plan))
+        return expert_down(hidden, self.values, plan, gates)

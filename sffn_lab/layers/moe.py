@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from sffn_lab.config import FFNConfig
+from sffn_lab.kernels import RoutingPlan
 from sffn_lab.layers.base import FFNOutput
 from sffn_lab.layers.expert_bank import ExpertBank
 from sffn_lab.layers.routers import build_router
@@ -29,7 +30,8 @@ class MoEFFN(nn.Module):
         B, S, D = x.shape
         flat = x.reshape(B * S, D)
         routing = self.router(flat, token_ids, self.bank)
-        y = self.bank(flat, routing.indices, routing.gates)
-        counts = torch.bincount(routing.indices.reshape(-1), minlength=self.bank.n_experts).float()
+        plan = RoutingPlan.of(routing.indices, self.bank.n_experts)
+        y = self.bank(flat, plan, routing.gates)
+        counts = plan.counts.float()
         gate_mean = routing.gates.detach().mean() if routing.gates is not None else None
         return FFNOutput(self.dropout(y).view(B, S, D), routing.aux_loss, counts, gate_mean)

@@ -14,7 +14,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from sffn_lab.config import PKMOptions
+from sffn_lab.kernels.precision import autocast_operands
 from sffn_lab.layers.base import FFNOutput
+from sffn_lab.layers.routers import at_least_fp32
 
 
 class ProductKeyMemory(nn.Module):
@@ -34,10 +36,12 @@ class ProductKeyMemory(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def select(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [T, D] → (scores [T, H, knn], slots [T, H, knn]) of the best cartesian products per head."""
+        """x [T, D] → (scores [T, H, knn] in fp32 or wider, slots [T, H, knn]) of the best cartesian products
+        per head."""
         H, n, dk, knn = self.opts.heads, self.opts.n_keys, self.opts.key_dim, self.opts.knn
         q = self.query(x).view(-1, H, 2, dk // 2)
-        half_scores = torch.einsum("thcd,hcnd->thcn", q, self.sub_keys)
+        with torch.autocast(x.device.type, enabled=False):  # scores and weights in fp32, like routing logits
+            half_scores = torch.einsum("thcd,hcnd->thcn", at_least_fp32(q), at_least_fp32(self.sub_keys))
         top_scores, top_keys = half_scores.topk(knn, dim=-1)  # [T, H, 2, knn]
         pair_scores = top_scores[:, :, 0, :, None] + top_scores[:, :, 1, None, :]  # [T, H, knn, knn]
         scores, flat = pair_scores.flatten(2).topk(knn, dim=-1)
@@ -49,7 +53,8 @@ class ProductKeyMemory(nn.Module):
         B, S, D = x.shape
         scores, slots = self.select(x.reshape(B * S, D))
         weights = torch.softmax(scores, dim=-1) if self.opts.activation == "softmax" else F.relu(scores)
-        y = F.embedding_bag(slots.flatten(1), self.values, per_sample_weights=self.dropout(weights).flatten(1),
-                            mode="sum")
+        # the value lookup is a sparse matmul: under autocast it runs in the autocast dtype, as one would
+        read, table = autocast_operands(self.dropout(weights).flatten(1), self.values)
+        y = F.embedding_bag(slots.flatten(1), table, per_sample_weights=read.to(table.dtype), mode="sum")
         counts = torch.bincount(slots.reshape(-1), minlength=self.values.shape[0]).float()
         return FFNOutput(y.view(B, S, D), expert_counts=counts, gate_mean=weights.detach().mean())

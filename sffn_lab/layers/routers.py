@@ -24,7 +24,8 @@ HASH_BUCKETS = 1 << 16  # token ids are hashed into this many buckets, each with
 
 @dataclass
 class Routing:
-    """indices [T, K] (long), gates [T, K] or None (all ones), aux_loss scalar or None (already weighted)."""
+    """indices [T, K] (long), gates [T, K] (fp32 or wider) or None (all ones), aux_loss scalar or None
+    (already weighted)."""
 
     indices: torch.Tensor
     gates: torch.Tensor | None = None
@@ -43,6 +44,13 @@ def global_mean(x: torch.Tensor) -> torch.Tensor:
 def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
     """Routing statistics in fp32 (or fp64) even when the model runs in half precision."""
     return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
+def fp32_scores(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """x [T, D] · rows [N, D]ᵀ → [T, N], computed in at least fp32 with autocast off (routing decisions
+    and gates do not take bf16 rounding)."""
+    with torch.autocast(x.device.type, enabled=False):
+        return at_least_fp32(x) @ at_least_fp32(rows).t()
 
 
 def neg_entropy_of_mean_softmax(logits: torch.Tensor) -> torch.Tensor:
@@ -70,7 +78,8 @@ class LinearRouter(nn.Module):
         self.k = k
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        return x @ self.selector.t()
+        """Routing logits [T, N_E] in fp32 (fp64 for fp64 inputs) whatever the model's precision."""
+        return fp32_scores(x, self.selector)
 
 
 class SigmaMoERouter(LinearRouter):
@@ -124,7 +133,7 @@ class SwitchRouter(LinearRouter):
             aux = self.opts.balance_coef * n_experts * (global_mean(dispatched) * global_mean(probs.mean(0))).sum()
         if self.opts.capacity_factor > 0:
             gates = gates * within_capacity(indices, n_experts, self.opts.capacity_factor)
-        return Routing(indices, gates.to(x.dtype), aux)
+        return Routing(indices, gates, aux)
 
 
 def within_capacity(indices: torch.Tensor, n_experts: int, capacity_factor: float) -> torch.Tensor:
@@ -260,7 +269,7 @@ class AvgKRouter(nn.Module):
         self.k, self.opts = k, opts
 
     def forward(self, x, token_ids=None, bank: ExpertBank | None = None) -> Routing:
-        scores = x @ bank.block_means().t()
+        scores = fp32_scores(x, bank.block_means())
         indices = scores.topk(self.k, dim=-1).indices
         return Routing(indices, gate_values(scores, indices, self.opts.gate))
 

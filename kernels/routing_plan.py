@@ -1,0 +1,99 @@
+"""One layer's routing sorted by expert: built once per layer, read by both expert products.
+
+Every tensor lives on the device of the routing indices, and building a plan never waits for the
+device: on CUDA the host learns the per-expert counts only where a path asks for them
+(``host_counts``, the split fallback of the PyTorch path).
+
+Shapes: T tokens, K experts per token, P = T·K (token, k) pairs, E experts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class Tiles:
+    """Row tiles of at most ``block_m`` sorted pairs that never straddle two experts.
+
+    ``expert``, ``start``, ``end`` [n]: tile i covers the sorted rows start[i] : min(start[i] + block_m,
+    end[i]) of expert[i]; end[i] is the end of that expert's rows (start < end only for real tiles). n = ⌈P / block_m⌉ + E is an upper bound fixed by the shapes
+    alone, so a kernel grid of n programs needs no host sync; programs past the last real tile
+    find start ≥ end and exit.
+    """
+
+    expert: torch.Tensor
+    start: torch.Tensor
+    end: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.expert.shape[0]
+
+
+@dataclass
+class RoutingPlan:
+    """indices [T, K] (long) sorted by expert: ``pairs`` [P] flat pair ids p = t·K + k in expert order
+    (stable), ``tokens`` [P] = pairs // K, ``counts`` [E] pairs per expert, ``offsets`` [E + 1]
+    (offsets[e] : offsets[e + 1] are expert e's sorted rows)."""
+
+    indices: torch.Tensor
+    pairs: torch.Tensor
+    tokens: torch.Tensor
+    counts: torch.Tensor
+    offsets: torch.Tensor
+    _host_counts: list[int] | None = field(default=None, repr=False)
+    _tiles: dict[int, Tiles] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def of(cls, indices: torch.Tensor, n_experts: int) -> RoutingPlan:
+        if indices.dim() != 2:
+            raise ValueError(f"indices must be [T, K], got shape {tuple(indices.shape)}")
+        flat = indices.reshape(-1)
+        pairs = torch.argsort(flat, stable=True)
+        counts = torch.bincount(flat, minlength=n_experts)
+        offsets = torch.zeros(n_experts + 1, dtype=torch.long, device=flat.device)
+        offsets[1:] = torch.cumsum(counts, 0)
+        return cls(indices, pairs, pairs // indices.shape[1], counts, offsets)
+
+    @property
+    def n_tokens(self) -> int:
+        return self.indices.shape[0]
+
+    @property
+    def k(self) -> int:
+        return self.indices.shape[1]
+
+    @property
+    def n_experts(self) -> int:
+        return self.counts.shape[0]
+
+    def host_counts(self) -> list[int]:
+        """Pairs per expert as Python ints (one device sync on CUDA, made once per plan)."""
+        if self._host_counts is None:
+            self._host_counts = self.counts.tolist()
+        return self._host_counts
+
+    def group_ends(self) -> torch.Tensor:
+        """offsets[1:] as int32 [E]: the ``offs`` of ``torch._grouped_mm``."""
+        return self.offsets[1:].to(torch.int32)
+
+    def tiles(self, block_m: int) -> Tiles:
+        """The row tiles of ``block_m`` rows (computed once per plan and tile height)."""
+        if block_m not in self._tiles:
+            self._tiles[block_m] = self._make_tiles(block_m)
+        return self._tiles[block_m]
+
+    def _make_tiles(self, block_m: int) -> Tiles:
+        E = self.n_experts
+        P = self.pairs.shape[0]
+        device = self.counts.device
+        per_expert = (self.counts + block_m - 1) // block_m  # tiles of each expert [E]
+        last = torch.cumsum(per_expert, 0)  # one past each expert's last tile
+        tile = torch.arange(-(-P // block_m) + E, device=device)
+        expert = torch.searchsorted(last, tile, right=True).clamp_max(E - 1)
+        within = tile - (last - per_expert)[expert]
+        end = self.offsets[expert + 1]
+        start = torch.minimum(self.offsets[expert] + within * block_m, end)  # past the last tile: start = end
+        return Tiles(expert, start, end)
