@@ -64,6 +64,7 @@ def quiet_lightning() -> None:
         ".*LeafSpec.*",
         ".*does not have many workers.*",
         ".*weights_only.*",
+        ".*is not supported on CPU. Using `precision=.*",  # build_trainer refuses the substitution itself
     ):
         warnings.filterwarnings("ignore", message=pattern)
 
@@ -156,6 +157,9 @@ def read_status(run_dir: Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
+PRECISION_ALIASES = {"32": "32-true", "16": "16-mixed", "bf16": "bf16-mixed", "64": "64-true"}  # Lightning's
+
+
 def build_trainer(config: Config, run_dir: Path, progress: bool) -> L.Trainer:
     t = config.train
     checkpoints = run_dir / "checkpoints"
@@ -179,12 +183,19 @@ def build_trainer(config: Config, run_dir: Path, progress: bool) -> L.Trainer:
     except ImportError:
         pass
     try:
-        return _lightning_trainer(t, loggers, callbacks, progress, run_dir)
+        trainer = _lightning_trainer(t, loggers, callbacks, progress, run_dir)
     except (ValueError, ImportError, MisconfigurationException) as exc:
         raise UserError(
             f"Lightning cannot train with train.accelerator={t.accelerator}, train.devices={t.devices}, "
             f"train.strategy={t.strategy}, train.precision={t.precision}: {exc}"
         ) from None
+    if PRECISION_ALIASES.get(t.precision, t.precision) != trainer.precision:
+        raise UserError(
+            f"train.precision={t.precision} is not available on {type(trainer.accelerator).__name__}: Lightning "
+            f"would run {trainer.precision} instead. Choose that precision explicitly (on the CPU: 32-true, "
+            "bf16-mixed or bf16-true; 16-mixed and 16-true need a GPU)."
+        )
+    return trainer
 
 
 def _lightning_trainer(t, loggers: list, callbacks: list, progress: bool, run_dir: Path) -> L.Trainer:
@@ -414,6 +425,7 @@ def evaluate(ckpt: Path, split: str, config_overrides: list[str] | None = None, 
     trainer = L.Trainer(
         accelerator=config.train.accelerator,
         devices=1,
+        precision=config.train.precision,  # scored as validation scored it during training
         logger=False,
         enable_progress_bar=progress,
         enable_model_summary=False,

@@ -222,6 +222,7 @@ def copy_run(run_dir: Path, to: Path, damage: str) -> Path:
         (["train", "--out", "{a_file}/runs"], "Cannot create the output directory"),
         (["train", "--strategy", "nonsense"], "train.strategy=nonsense"),
         (["train", "--strategy", "fsdp", "--accelerator", "cpu"], "train.strategy=fsdp"),
+        (["train", "--precision", "16-mixed", "--accelerator", "cpu"], "Lightning would run bf16-mixed instead"),
         (["eval", "{truncated_run}/checkpoints/last.ckpt"], "it is cut short or corrupt"),
         (["sample", "{truncated_run}/checkpoints/last.ckpt"], "it is cut short or corrupt"),
         (["train", "--resume", "{truncated_run}"], "it is cut short or corrupt"),
