@@ -255,8 +255,18 @@ def bench(
     out: Path = typer.Option(Path("bench"), help="Directory for bench.csv, environment.json and PNG plots."),
     quick: bool = typer.Option(False, "--quick", help="Tiny sizes: a seconds-long run of every section."),
     repeats: int | None = typer.Option(None, help="Timed repetitions per variant (default: 5, quick: 2)."),
+    gpu_check: bool = typer.Option(
+        False, "--gpu-check", help="The GPU acceptance check instead: kernels vs float64, bf16 training of "
+        "every kind, speed vs cuBLAS dense. One PASS/FAIL line each; exit 1 on a failure."
+    ),
 ) -> None:
     """Speed and activation memory of σ-MoE vs dense and vs other MoE implementations, on 2 threads."""
+    if gpu_check:
+        from sffn_lab.bench.gpu_check import run_gpu_check
+
+        if not run_gpu_check(lambda line: console.print(line, soft_wrap=True, highlight=False)):
+            raise typer.Exit(1)
+        return
     if repeats is not None and repeats < 1:
         raise UserError("--repeats must be at least 1.")
     from sffn_lab.bench import run_bench

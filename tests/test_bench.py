@@ -12,9 +12,12 @@ import torch
 from sffn_lab.kernels.reference import expert_down_reference, expert_up_reference
 
 from sffn_lab.bench.baselines import gshard_moe, masked_dense_moe, python_loop_moe
+from sffn_lab.bench.gpu_check import run_gpu_check
 from sffn_lab.bench.memory import saved_tensor_bytes
 from sffn_lab.bench.records import NOT_MEASURED_NO_GPU
 from sffn_lab.bench.sizes import QUICK
+from sffn_lab.layers.registry import FFN_KINDS
+from tests.test_cli import run_cli
 
 
 def test_quick_bench_writes_every_row_with_finite_positive_numbers(tmp_path):
@@ -92,3 +95,18 @@ def test_environment_records_the_allocator_settings_the_timings_depend_on(monkey
     monkeypatch.setenv("MALLOC_MMAP_MAX_", "0")
     monkeypatch.setenv("PATH_UNRELATED", "1")
     assert environment()["allocator_env"] == {"MALLOC_MMAP_MAX_": "0"}
+
+
+def test_gpu_check_passes_at_quick_sizes_on_this_machine(device):
+    """The acceptance check's accuracy and training parts, at toy sizes: on CUDA where there is one, else under
+    the Triton interpreter on the CPU."""
+    lines = []
+    assert run_gpu_check(lines.append, device=device.type, quick=True, speed=False), "\n".join(lines)
+    assert sum(line.startswith("PASS  ") for line in lines) == 6 + len(FFN_KINDS)
+    assert not any(line.startswith("FAIL") for line in lines)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without a GPU")
+def test_gpu_check_without_a_gpu_says_so_and_exits_0(capsys):
+    code, out, _ = run_cli(["bench", "--gpu-check"], capsys)
+    assert code == 0 and "no CUDA GPU on this machine" in out

@@ -9,65 +9,22 @@ from __future__ import annotations
 import pytest
 import torch
 
+from sffn_lab.bench.accuracy import TOLERANCE, compare_with_float64, relative_error, skewed_routing
 from sffn_lab.kernels import RoutingPlan, expert_down, expert_up, pick_backend, torch_grouped, triton_available
-from sffn_lab.kernels.reference import expert_down_reference, expert_up_reference
-from sffn_lab.kernels.torch_grouped import STRATEGIES, expert_down_torch, expert_up_torch
+from sffn_lab.kernels.torch_grouped import STRATEGIES
 
 BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(not triton_available(), reason="no triton"))]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-# Max error relative to the float64 result's largest magnitude (≥ 1); the float64 reference gets the same
-# inputs, already rounded to the dtype. fp32: rounding over D ≤ 40 terms with IEEE products. fp16 / bf16
-# accumulate in fp32 and round each product's result (h, y, the gradients) to the dtype: errors of a few
-# ulp (2^-10 and 2^-7 relative). The worst errors seen over 60 seeds × these 4 shapes (CPU, both backends):
-# fp32 5.1e-7, fp16 1.2e-3, bf16 1.6e-2 (2.2e-2 over 200 seeds of the autocast case); the tolerances
-# leave 2–40× room above them.
-TOL = {torch.float32: 2e-5, torch.float16: 5e-3, torch.bfloat16: 4e-2}
 
 
-def routing(T: int, K: int, E: int, device, empty: tuple[int, ...] = ()) -> torch.Tensor:
-    """Random distinct experts per token, skewed (uneven loads) and never using the ``empty`` experts."""
-    weights = torch.rand(E) ** 3 + 0.01
-    weights[list(empty)] = 0
-    return torch.multinomial(weights.expand(T, E), K, replacement=False).to(device)
-
-
-def run(backend, dtype, device, T, K, E, D, G, gated=True, empty=(1,), strategy=None):
-    """Forward and every gradient of up → relu → down against float64; returns (h, y, dx, dw1, dw2, dgates).
-
-    The gates are fp32 whatever the dtype of x and the weights, as routing gives them under mixed precision.
-    """
-    x = torch.randn(T, D).to(device, dtype)
-    w1 = (torch.randn(E, D, G) * D**-0.5).to(device, dtype)
-    w2 = (torch.randn(E, G, D) * G**-0.5).to(device, dtype)
-    gates = torch.rand(T, K, device=device) if gated else None
-    plan = RoutingPlan.of(routing(T, K, E, device, empty), E)
-    dy = torch.randn(T, D, device=device)
-
-    def forward_backward(fn_up, fn_down, tensors):
-        leaves = [t.detach().clone().requires_grad_(True) if t is not None else None for t in tensors]
-        x_, w1_, w2_, g_ = leaves
-        h = fn_up(x_, w1_, plan)
-        y = fn_down(torch.relu(h), w2_, plan, g_)
-        (y * dy.to(y.dtype)).sum().backward()
-        return [h, y] + [t.grad for t in leaves if t is not None]
-
-    if strategy is None:
-        up = lambda *a: expert_up(*a, backend=backend)  # noqa: E731
-        down = lambda *a: expert_down(*a, backend=backend)  # noqa: E731
-    else:
-        up = lambda *a: expert_up_torch(*a, strategy=strategy)  # noqa: E731
-        down = lambda *a: expert_down_torch(*a, strategy=strategy)  # noqa: E731
-    got = forward_backward(up, down, [x, w1, w2, gates])
-    ref = forward_backward(lambda x_, w, p: expert_up_reference(x_, w, p.indices),
-                           lambda h, w, p, g: expert_down_reference(h, w, p.indices, g),
-                           [t.double() if t is not None else None for t in (x, w1, w2, gates)])
-    errors = {}
-    for name, a, b in zip(["h", "y", "dx", "dw1", "dw2", "dgates"], got, ref):
+def run(backend, dtype, device, T, K, E, D, G, gated=True, empty=(1,), strategy=None) -> dict[str, torch.Tensor]:
+    """Forward and every gradient against float64 within TOLERANCE[dtype]; returns the outputs by name."""
+    result = compare_with_float64(backend, dtype, device, T, K, E, D, G, gated, empty, strategy)
+    for name, value in result.outputs.items():
         expected_dtype = torch.float32 if name == "dgates" else dtype
-        assert a.dtype == expected_dtype and a.device == b.device, f"{name}: {a.dtype} on {a.device}"
-        errors[name] = float((a.detach().double() - b.detach()).abs().max() / b.detach().abs().max().clamp_min(1.0))
-    assert max(errors.values()) < TOL[dtype], f"{backend} {dtype}: errors relative to max(|float64|, 1): {errors}"
-    return got, errors
+        assert value.dtype == expected_dtype and value.device.type == device.type, f"{name}: {value.dtype}"
+    assert result.worst() < TOLERANCE[dtype], f"{backend} {dtype}: errors relative to max(|float64|, 1): {result.errors}"
+    return result.outputs
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -80,8 +37,8 @@ def test_matches_float64_reference(backend, dtype, T, K, E, D, G, device, seed, 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_without_gates_and_with_several_empty_experts(backend, dtype, device, seed, fp32_ieee):
-    got, _ = run(backend, dtype, device, T=29, K=2, E=7, D=18, G=20, gated=False, empty=(0, 3, 6))
-    for dw in got[3:5]:  # experts no token used get exactly zero weight gradients
+    got = run(backend, dtype, device, T=29, K=2, E=7, D=18, G=20, gated=False, empty=(0, 3, 6))
+    for dw in (got["dkeys"], got["dvalues"]):  # experts no token used get exactly zero weight gradients
         assert dw[[0, 3, 6]].abs().sum() == 0
 
 
@@ -104,7 +61,7 @@ def test_autocast_computes_in_its_dtype_and_gives_fp32_parameters_fp32_gradients
     T, K, E, D, G = 33, 2, 4, 24, 16
     leaves = [torch.randn(T, D, device=device), torch.randn(E, D, G, device=device) * D**-0.5,
               torch.randn(E, G, D, device=device) * G**-0.5, torch.rand(T, K, device=device)]
-    plan = RoutingPlan.of(routing(T, K, E, device), E)
+    plan = RoutingPlan.of(skewed_routing(T, K, E, device), E)
 
     def forward_backward(tensors, backend, autocast):
         tensors = [t.detach().clone().requires_grad_(True) for t in tensors]
@@ -120,14 +77,13 @@ def test_autocast_computes_in_its_dtype_and_gives_fp32_parameters_fp32_gradients
     y_ref, grads_ref = forward_backward(rounded, "reference", autocast=False)
     assert y.dtype == torch.bfloat16
     assert all(g.dtype == torch.float32 for g in grads)
-    errors = [float((a.double() - b).abs().max() / b.abs().max().clamp_min(1.0))
-              for a, b in zip([y, *grads], [y_ref, *grads_ref], strict=True)]
-    assert max(errors) < TOL[torch.bfloat16], f"errors of y, dx, dw1, dw2, dgates: {errors}"
+    errors = [relative_error(a, b) for a, b in zip([y, *grads], [y_ref, *grads_ref], strict=True)]
+    assert max(errors) < TOLERANCE[torch.bfloat16], f"errors of y, dx, dw1, dw2, dgates: {errors}"
 
 
 def test_routing_plan_tiles_cover_every_pair_once_within_one_expert(device, seed):
     T, K, E, block_m = 45, 3, 6, 8
-    plan = RoutingPlan.of(routing(T, K, E, device, empty=(2,)), E)
+    plan = RoutingPlan.of(skewed_routing(T, K, E, device, empty=(2,)), E)
     tiles = plan.tiles(block_m)
     assert len(tiles) == -(-T * K // block_m) + E  # fixed by the shapes: no host sync to size a grid
     covered = torch.zeros(T * K, dtype=torch.long)
@@ -140,7 +96,7 @@ def test_routing_plan_tiles_cover_every_pair_once_within_one_expert(device, seed
 
 
 def test_routing_plan_tensors_live_on_the_routing_device(device, seed):
-    plan = RoutingPlan.of(routing(20, 2, 4, device), 4)
+    plan = RoutingPlan.of(skewed_routing(20, 2, 4, device), 4)
     tiles = plan.tiles(16)
     for t in (plan.pairs, plan.tokens, plan.counts, plan.offsets, plan.group_ends(), tiles.expert, tiles.start):
         assert t.device == device
@@ -160,7 +116,7 @@ def test_auto_backend_picks_only_what_can_run_the_input():
 
 def test_backends_agree_with_each_other(device, seed, fp32_ieee):
     x, w = torch.randn(40, 16, device=device), torch.randn(6, 16, 12, device=device)
-    plan = RoutingPlan.of(routing(40, 2, 6, device), 6)
+    plan = RoutingPlan.of(skewed_routing(40, 2, 6, device), 6)
     results = [expert_up(x, w, plan, backend=b) for b in ("torch", "reference")]
     if triton_available():
         results.append(expert_up(x, w, plan, backend="triton"))
