@@ -175,6 +175,8 @@ class TrainConfig:
     devices: int = 1
     strategy: str = "auto"
     precision: str = "32-true"
+    accumulate_grad_batches: int = 1  # batches whose gradients add up to one optimizer step
+    loggers: str = "csv,tensorboard"  # comma-separated: csv (always), tensorboard, wandb, mlflow
     skip_nonfinite: bool = False
     deterministic: bool = False  # torch deterministic algorithms (CPU runs are reproducible without it)
     out_dir: str = "runs"
@@ -353,6 +355,8 @@ def validate(config: Config) -> None:
         raise UserError("data.seq_len must be at least 2 and the batch sizes at least 1.")
     if t.max_steps < 1 or t.lr <= 0 or t.warmup_steps < 0 or t.val_every < 1:
         raise UserError("train.max_steps and train.val_every must be ≥ 1, train.lr > 0, warmup ≥ 0.")
+    if t.accumulate_grad_batches < 1:
+        raise UserError("train.accumulate_grad_batches must be at least 1.")
     from sffn_lab.layers.registry import validate_ffn
 
     validate_ffn(m.ffn, m.d_model)

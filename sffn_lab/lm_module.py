@@ -74,12 +74,15 @@ class LanguageModelModule(L.LightningModule):
         self.val_nll = SumMetric()
         self.val_tokens = SumMetric()
         self.usage_counts: dict[str, dict[int, torch.Tensor]] = {}  # stage → layer → [N_E] counts
+        self.gate_sums: dict[str, dict[int, torch.Tensor]] = {}  # stage → layer → [sum of batch mean gates, batches]
         self.last_val_usage: dict[int, torch.Tensor] = {}  # layer → [N_E] counts of the last validation
         self.nonfinite_skips = 0
         self.consecutive_skips = 0
         self.tokens_seen = 0
         self._clock: float | None = None
-        self.elapsed_s = 0.0
+        self.elapsed_s = 0.0  # training-step time over every segment of the run (tok/s is tokens_seen / this)
+        self.wall_before_s = 0.0  # wall time of the earlier segments of a resumed run, up to its checkpoint
+        self._segment_start = time.perf_counter()
 
     @classmethod
     def create(cls, config: Config, corpus: CorpusInfo) -> LanguageModelModule:
@@ -106,7 +109,7 @@ class LanguageModelModule(L.LightningModule):
         self._clock = now
         self.log("train/loss", lm_loss, prog_bar=True, sync_dist=True)
         self.log("train/aux_loss", out.aux_loss)
-        if self.global_step % self.config.train.log_every == 0:
+        if (self.global_step + 1) % self.config.train.log_every == 0:  # the steps whose rows Lightning writes
             self.log("tokens_seen", float(self.tokens_seen))
             if self.elapsed_s > 0:
                 self.log("tok/s", self.tokens_seen / self.elapsed_s, prog_bar=True)
@@ -195,23 +198,33 @@ class LanguageModelModule(L.LightningModule):
     # ------------------------------------------------------------------ expert usage
     def _accumulate_usage(self, stage: str, layer_outputs) -> None:
         counts_of_stage = self.usage_counts.setdefault(stage, {})
+        gates_of_stage = self.gate_sums.setdefault(stage, {})
         for i, out in enumerate(layer_outputs):
             if out.expert_counts is not None:
                 counts_of_stage[i] = counts_of_stage.get(i, 0) + out.expert_counts.detach().float()
+            if out.gate_mean is not None:
+                gates_of_stage[i] = gates_of_stage.get(i, 0) + torch.stack([out.gate_mean.detach().float(),
+                                                                            out.gate_mean.new_ones((), dtype=torch.float)])
 
     def _log_usage(self, stage: str) -> None:
-        """Log usage statistics per layer, summed over all devices, and start counting afresh."""
+        """Log usage statistics and the mean gate per layer (summed over all devices, over the batches since
+        the last log), a histogram of the expert loads where a logger draws them, and start afresh."""
         counts_of_stage = self.usage_counts.pop(stage, {})
-        if not counts_of_stage:
-            return
+        gates_of_stage = self.gate_sums.pop(stage, {})
         from sffn_lab.analysis.usage import usage_stats
+        from sffn_lab.loggers import log_histogram
 
         for layer, counts in sorted(counts_of_stage.items()):
             counts = self.trainer.strategy.reduce(counts, reduce_op="sum")
             for key, value in usage_stats(counts).items():
                 self.log(f"{stage}_usage/layer{layer}/{key}", float(value))
+            log_histogram(self.loggers, f"{stage}_usage/layer{layer}/load", counts / counts.mean().clamp_min(1e-9),
+                          self.global_step)
             if stage == "val":
                 self.last_val_usage[layer] = counts.cpu()
+        for layer, (total, n) in sorted(gates_of_stage.items()):
+            total, n = self.trainer.strategy.reduce(torch.stack([total, n]), reduce_op="sum")
+            self.log(f"{stage}_usage/layer{layer}/mean_gate", float(total / n))
 
     # ------------------------------------------------------------------ checkpoint extras
     def on_save_checkpoint(self, checkpoint):
@@ -219,8 +232,13 @@ class LanguageModelModule(L.LightningModule):
             "torch_rng": torch.get_rng_state(),
             "tokens_seen": self.tokens_seen,
             "elapsed_s": self.elapsed_s,
+            "wall_time_s": self.wall_time_s(),
             "nonfinite_skips": self.nonfinite_skips,
         }
+
+    def wall_time_s(self) -> float:
+        """Wall time of the run so far: the earlier segments up to their checkpoint, plus this process's."""
+        return self.wall_before_s + time.perf_counter() - self._segment_start
 
     def on_load_checkpoint(self, checkpoint):
         extra = checkpoint.get("sffn")
@@ -228,6 +246,7 @@ class LanguageModelModule(L.LightningModule):
             torch.set_rng_state(extra["torch_rng"])
             self.tokens_seen = extra["tokens_seen"]
             self.elapsed_s = extra["elapsed_s"]
+            self.wall_before_s = extra.get("wall_time_s", 0.0)
             self.nonfinite_skips = extra["nonfinite_skips"]
 
     def on_train_start(self):

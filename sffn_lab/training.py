@@ -24,7 +24,6 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.loggers import CSVLogger
 
 from sffn_lab.analysis.model_cost import count_model
 from sffn_lab.callbacks import (
@@ -47,6 +46,7 @@ from sffn_lab.config import (
 from sffn_lab.data.datamodule import LMDataModule
 from sffn_lab.errors import UserError
 from sffn_lab.lm_module import CorpusInfo, LanguageModelModule
+from sffn_lab.loggers import FlushLogsBeforeCheckpoint, build_loggers, check_installed, parse_loggers
 
 CONFIG_FILE = "config.yaml"
 STATUS_FILE = "status.json"
@@ -160,7 +160,9 @@ def read_status(run_dir: Path) -> dict[str, Any]:
 PRECISION_ALIASES = {"32": "32-true", "16": "16-mixed", "bf16": "bf16-mixed", "64": "64-true"}  # Lightning's
 
 
-def build_trainer(config: Config, run_dir: Path, progress: bool) -> L.Trainer:
+def build_trainer(
+    config: Config, run_dir: Path, progress: bool, resume_step: int | None = None, rank_zero: bool = True
+) -> L.Trainer:
     t = config.train
     checkpoints = run_dir / "checkpoints"
     best = ModelCheckpoint(
@@ -171,17 +173,10 @@ def build_trainer(config: Config, run_dir: Path, progress: bool) -> L.Trainer:
         dirpath=checkpoints, save_top_k=0, save_last=True, every_n_train_steps=t.checkpoint_every or t.val_every,
     )
     callbacks: list[L.Callback] = [best, last, ValidateAtLastStep(), CheckpointOnInterrupt(checkpoints / LAST_CKPT)]
-    callbacks.append(UsageHeatmap(run_dir / "expert_usage.png"))
+    callbacks += [UsageHeatmap(run_dir / "expert_usage.png"), FlushLogsBeforeCheckpoint()]
     if progress:
         callbacks.append(StepProgressBar(leave=True))
-    loggers: list = [CSVLogger(save_dir=str(run_dir), name="", version="")]
-    try:
-        import tensorboard  # noqa: F401
-        from lightning.pytorch.loggers import TensorBoardLogger
-
-        loggers.append(TensorBoardLogger(save_dir=str(run_dir), name="tensorboard", version=""))
-    except ImportError:
-        pass
+    loggers = build_loggers(parse_loggers(t.loggers), run_dir, config.name, resume_step, rank_zero)
     try:
         trainer = _lightning_trainer(t, loggers, callbacks, progress, run_dir)
     except (ValueError, ImportError, MisconfigurationException) as exc:
@@ -206,6 +201,7 @@ def _lightning_trainer(t, loggers: list, callbacks: list, progress: bool, run_di
         limit_val_batches=t.val_batches or 1.0,
         log_every_n_steps=t.log_every,
         gradient_clip_val=t.grad_clip or None,
+        accumulate_grad_batches=t.accumulate_grad_batches,
         accelerator=t.accelerator,
         devices=t.devices,
         strategy=t.strategy,
@@ -225,6 +221,7 @@ def _lightning_trainer(t, loggers: list, callbacks: list, progress: bool, run_di
 def prepare(config: Config) -> tuple[LMDataModule, LanguageModelModule]:
     """Load the corpus and build the model; raises ``UserError`` before anything is written."""
     quiet_lightning()
+    check_installed(parse_loggers(config.train.loggers))
     L.seed_everything(config.train.seed, workers=True, verbose=False)
     data = LMDataModule(config.data, seed=config.train.seed)
     module = LanguageModelModule.create(config, corpus_info(data))
@@ -245,14 +242,15 @@ def train(
     directory and the other ranks find it in the environment they inherit.
     """
     data, module = prepare(config)
-    ckpt_path = None
+    ckpt_path = resume_step = None
     created = False
     if resume_dir is not None:
         run_dir = Path(resume_dir)
         last = run_dir / "checkpoints" / LAST_CKPT
         if last.is_file():
-            check_resumable(read_checkpoint(last), config, last)
-            ckpt_path = str(last)
+            checkpoint = read_checkpoint(last)
+            check_resumable(checkpoint, config, last)
+            ckpt_path, resume_step = str(last), checkpoint["global_step"]
     elif is_launched_rank():
         run_dir = Path(os.environ[RUN_DIR_ENV])
     else:
@@ -266,7 +264,7 @@ def train(
     start = time.perf_counter()
     trainer = None
     try:
-        trainer = build_trainer(config, run_dir, progress and rank_zero)
+        trainer = build_trainer(config, run_dir, progress and rank_zero, resume_step, rank_zero)
         trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
     except TrainingInterrupted:
         if rank_zero:
@@ -280,7 +278,7 @@ def train(
         os.environ.pop(RUN_DIR_ENV, None)
     if "val/loss" not in trainer.callback_metrics:  # resumed from a checkpoint already at max_steps
         trainer.validate(module, datamodule=data, verbose=False)
-    summary = summarize(run_dir, trainer, module, time.perf_counter() - start)
+    summary = summarize(run_dir, trainer, module, module.wall_time_s())
     if rank_zero:
         (run_dir / SUMMARY_FILE).write_text(json.dumps(asdict(summary), indent=2))
         write_status(run_dir, "finished", step=trainer.global_step)

@@ -12,6 +12,7 @@ import pytest
 
 from sffn_lab import training
 from sffn_lab.cli import main
+from tests.histories import csv_history, tensorboard_history
 
 TINY = [
     "--set", "model.d_model=32", "--set", "model.n_layers=1", "--set", "model.n_heads=2",
@@ -122,6 +123,8 @@ def test_ctrl_c_saves_and_resume_equals_uninterrupted(tmp_path, capsys, monkeypa
     a, b = (json.loads((d / "summary.json").read_text()) for d in (full, part))
     assert a["val_loss"] == b["val_loss"]  # bitwise: same data, same dropout masks, same optimizer state
     assert a["tokens_seen"] == b["tokens_seen"]
+    assert csv_history(part) == csv_history(full)  # every metric of every step, none lost or repeated
+    assert tensorboard_history(part) == tensorboard_history(full)
 
 
 def test_resume_with_a_changed_config_is_refused(tmp_path, capsys):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import errno
 import hashlib
+import importlib.util
 import json
 import os
 import shutil
@@ -24,6 +25,7 @@ from sffn_lab.cli import DEFAULT_CONFIG
 from sffn_lab.config import load_config
 from sffn_lab.data import corpora
 from sffn_lab.data.corpora import CorpusSpec, RemoteFile
+from tests.histories import csv_history, tensorboard_history
 from tests.gloo_ranks import AUX_ROUTERS, aux_loss_rank, router_aux_and_grad
 from tests.test_cli import run_cli
 
@@ -99,6 +101,11 @@ def test_sigkill_then_resume_ends_with_the_same_metrics(tmp_path):
     assert summary["step"] == 60
     assert summary["val_loss"] == full.val_loss  # bitwise on the CPU
     assert summary["tokens_seen"] == full.tokens_seen
+    # the whole logged history, with no row lost before the kill and none repeated after the resume
+    assert csv_history(run_dir) == csv_history(full.run_dir)
+    assert tensorboard_history(run_dir) == tensorboard_history(full.run_dir)
+    assert summary["wall_time_s"] > training.read_checkpoint(run_dir / "checkpoints" / "last.ckpt")["sffn"][
+        "wall_time_s"] * 0.5  # covers the first segment too
 
 
 def test_disk_full_while_saving_stops_and_keeps_the_previous_checkpoint(tmp_path, capsys, monkeypatch):
@@ -223,6 +230,10 @@ def copy_run(run_dir: Path, to: Path, damage: str) -> Path:
         (["train", "--strategy", "nonsense"], "train.strategy=nonsense"),
         (["train", "--strategy", "fsdp", "--accelerator", "cpu"], "train.strategy=fsdp"),
         (["train", "--precision", "16-mixed", "--accelerator", "cpu"], "Lightning would run bf16-mixed instead"),
+        (["train", "--set", "train.loggers=csv,neptune"], "Unknown logger(s) neptune"),
+        pytest.param(["train", "--set", "train.loggers=wandb"], "pip install 'sffn-lab[wandb]'",
+                     marks=pytest.mark.skipif(importlib.util.find_spec("wandb") is not None, reason="wandb installed")),
+        (["train", "--set", "train.accumulate_grad_batches=0"], "accumulate_grad_batches must be at least 1"),
         (["eval", "{truncated_run}/checkpoints/last.ckpt"], "it is cut short or corrupt"),
         (["sample", "{truncated_run}/checkpoints/last.ckpt"], "it is cut short or corrupt"),
         (["train", "--resume", "{truncated_run}"], "it is cut short or corrupt"),

@@ -1,0 +1,150 @@
+"""The run's metric loggers (``train.loggers``), whose history survives a resume.
+
+- ``csv`` (always): ``metrics.csv``. Lightning's CSV logger deletes an existing file; here a resumed
+  run keeps the rows logged before its checkpoint's step, drops the rows of steps that will be
+  repeated, and appends. The rows are flushed to disk before every checkpoint, so a run killed after
+  a checkpoint has lost no row that the checkpoint covers.
+- ``tensorboard``: events under ``tensorboard/``; a resumed writer purges the events from the
+  checkpoint's step on (``purge_step``), so TensorBoard shows one history.
+- ``wandb`` / ``mlflow`` (optional extras): a resumed run continues the same W&B / MLflow run (its id
+  is kept in the run directory).
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.loggers import CSVLogger, Logger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+
+from sffn_lab.errors import UserError
+
+LOGGERS = ("csv", "tensorboard", "wandb", "mlflow")
+TRACKER_IDS = "trackers.json"  # W&B / MLflow run ids, for resuming the same tracker run
+EXTRAS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}  # logger → its Python package
+
+
+def parse_loggers(text: str) -> list[str]:
+    """``"csv,tensorboard"`` → the chosen loggers (csv always first); a clear error for unknown names."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in LOGGERS]
+    if unknown:
+        raise UserError(f"Unknown logger(s) {', '.join(unknown)} in train.loggers. Choose from: {', '.join(LOGGERS)}.")
+    return ["csv", *dict.fromkeys(n for n in names if n != "csv")]
+
+
+def check_installed(names: list[str]) -> None:
+    """Refuse, before anything is written, a logger whose package is missing, naming the extra to install."""
+    for name in names:
+        package = EXTRAS.get(name)
+        if package and importlib.util.find_spec(package) is None:
+            raise UserError(
+                f"train.loggers includes '{name}', but the '{package}' package is not installed. "
+                f"Install it with: pip install 'sffn-lab[{name}]'"
+            )
+
+
+class _AppendingWriter(ExperimentWriter):
+    """Lightning's CSV writer, except that an existing metrics.csv is kept and appended to."""
+
+    def _check_log_dir_exists(self) -> None:
+        if self._fs.isfile(self.metrics_file_path):
+            with open(self.metrics_file_path, newline="") as f:
+                self.metrics_keys = list(csv.DictReader(f).fieldnames or [])
+
+
+class AppendingCSVLogger(CSVLogger):
+    """``metrics.csv`` directly in the run directory, appended to across resumes."""
+
+    @property
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _AppendingWriter(log_dir=self.log_dir)
+        return self._experiment
+
+
+def keep_history_before(metrics_csv: Path, step: int) -> None:
+    """Drop the rows of steps ≥ ``step`` (logged after the checkpoint a run resumes from)."""
+    if not metrics_csv.is_file():
+        return
+    with open(metrics_csv, newline="") as f:
+        reader = csv.DictReader(f)
+        fields = reader.fieldnames or []
+        rows = [row for row in reader if row.get("step", "") == "" or int(row["step"]) < step]
+    tmp = metrics_csv.with_suffix(".tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+    tmp.replace(metrics_csv)
+
+
+class FlushLogsBeforeCheckpoint(L.Callback):
+    """Write every logger's buffered metrics to disk before each checkpoint, so the checkpoint never covers
+    a step whose metrics exist only in memory."""
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        for logger in trainer.loggers:
+            logger.save()
+
+
+def build_loggers(names: list[str], run_dir: Path, run_name: str, resume_step: int | None,
+                  rank_zero: bool = True) -> list[Logger]:
+    """The loggers of a run; ``resume_step`` is the step of the checkpoint a resumed run continues from.
+    Only rank zero touches the run directory's history (other DDP ranks' loggers never write)."""
+    if resume_step is not None and rank_zero:
+        keep_history_before(run_dir / "metrics.csv", resume_step)
+    loggers: list[Logger] = [AppendingCSVLogger(save_dir=str(run_dir), name="", version="")]
+    ids = _read_ids(run_dir)
+    if "tensorboard" in names:
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        purge = {"purge_step": resume_step} if resume_step is not None else {}
+        loggers.append(TensorBoardLogger(save_dir=str(run_dir), name="tensorboard", version="", default_hp_metric=False,
+                                         **purge))
+    if "wandb" in names:
+        from lightning.pytorch.loggers import WandbLogger
+
+        ids.setdefault("wandb", _new_id())
+        loggers.append(WandbLogger(name=run_name, id=ids["wandb"], resume="allow", save_dir=str(run_dir),
+                                   project=os.environ.get("WANDB_PROJECT", "sffn-lab")))
+    if "mlflow" in names:
+        from lightning.pytorch.loggers import MLFlowLogger
+
+        mlflow = MLFlowLogger(experiment_name="sffn-lab", run_name=run_name, run_id=ids.get("mlflow"),
+                              tracking_uri=os.environ.get("MLFLOW_TRACKING_URI", f"file:{run_dir / 'mlruns'}"))
+        ids["mlflow"] = mlflow.run_id
+        loggers.append(mlflow)
+    if ids and rank_zero:
+        (run_dir / TRACKER_IDS).write_text(json.dumps(ids))
+    return loggers
+
+
+def _read_ids(run_dir: Path) -> dict[str, str]:
+    path = run_dir / TRACKER_IDS
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _new_id() -> str:
+    import uuid
+
+    return uuid.uuid4().hex[:12]
+
+
+def log_histogram(loggers: list[Logger], key: str, values, step: int) -> None:
+    """A histogram of ``values`` [N] in the loggers that draw histograms (TensorBoard, W&B); others skip it."""
+    from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
+
+    for logger in loggers:
+        if isinstance(logger, TensorBoardLogger):
+            logger.experiment.add_histogram(key, values.detach().float().cpu(), step)
+        elif isinstance(logger, WandbLogger):
+            import wandb
+
+            logger.experiment.log({key: wandb.Histogram(values.detach().float().cpu().numpy()), "trainer/global_step": step})
