@@ -1,8 +1,11 @@
-"""Lightning callbacks of sffn-lab: step-based progress, a final validation, and Ctrl-C handling."""
+"""Lightning callbacks of sffn-lab: step-based progress (a bar, or plain lines in batch jobs), a final
+validation, and Ctrl-C handling."""
 
 from __future__ import annotations
 
 import signal
+import sys
+import time
 from pathlib import Path
 
 import lightning as L
@@ -26,6 +29,55 @@ class StepProgressBar(RichProgressBar):
     @property
     def total_train_batches(self) -> int | float:
         return self.trainer.max_steps - self.trainer.global_step if self.trainer.max_steps > 0 else float("inf")
+
+
+class PlainProgress(L.Callback):
+    """For batch jobs (standard output not a terminal): one flushed line every ``every`` steps and after
+    each validation, with step, loss, tokens/s, elapsed time and an ETA."""
+
+    def __init__(self, every: int, stream=None):
+        self.every = max(1, every)
+        self.stream = stream
+        self._start: float | None = None
+        self._start_step = 0
+
+    def _say(self, text: str) -> None:
+        print(text, file=self.stream or sys.stdout, flush=True)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._start, self._start_step = time.perf_counter(), trainer.global_step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if step % self.every or not trainer.is_global_zero or self._start is None:
+            return
+        elapsed = time.perf_counter() - self._start
+        done = step - self._start_step
+        eta = elapsed / done * (trainer.max_steps - step) if done else float("nan")
+        metrics = trainer.callback_metrics
+        parts = [f"step {step}/{trainer.max_steps}"]
+        if "train/loss" in metrics:
+            parts.append(f"loss {float(metrics['train/loss']):.4f}")
+        if "tok/s" in metrics:
+            parts.append(f"tok/s {float(metrics['tok/s']):,.0f}")
+        parts += [f"elapsed {format_seconds(elapsed)}", f"ETA {format_seconds(eta)}"]
+        self._say("  ".join(parts))
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.is_global_zero and not trainer.sanity_checking and "val/loss" in trainer.callback_metrics:
+            self._say(f"step {trainer.global_step}/{trainer.max_steps}  "
+                      f"val/loss {float(trainer.callback_metrics['val/loss']):.4f}")
+
+
+def format_seconds(seconds: float) -> str:
+    """3725 → '1h02m05s'; 65 → '1m05s'; 4.2 → '4.2s'."""
+    if seconds != seconds:  # NaN: not known yet
+        return "?"
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s"
 
 
 class ValidateAtLastStep(L.Callback):

@@ -13,6 +13,7 @@ import logging
 import os
 import pickle
 import shutil
+import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -28,6 +29,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from sffn_lab.analysis.model_cost import count_model
 from sffn_lab.callbacks import (
     CheckpointOnInterrupt,
+    PlainProgress,
     StepProgressBar,
     TrainingInterrupted,
     UsageHeatmap,
@@ -174,11 +176,14 @@ def build_trainer(
     )
     callbacks: list[L.Callback] = [best, last, ValidateAtLastStep(), CheckpointOnInterrupt(checkpoints / LAST_CKPT)]
     callbacks += [UsageHeatmap(run_dir / "expert_usage.png"), FlushLogsBeforeCheckpoint()]
-    if progress:
+    bar = progress and sys.stdout.isatty()
+    if bar:
         callbacks.append(StepProgressBar(leave=True))
+    elif progress:  # a batch job's log file: plain lines
+        callbacks.append(PlainProgress(t.log_every))
     loggers = build_loggers(parse_loggers(t.loggers), run_dir, config.name, resume_step, rank_zero)
     try:
-        trainer = _lightning_trainer(t, loggers, callbacks, progress, run_dir)
+        trainer = _lightning_trainer(t, loggers, callbacks, bar, run_dir)
     except (ValueError, ImportError, MisconfigurationException) as exc:
         raise UserError(
             f"Lightning cannot train with train.accelerator={t.accelerator}, train.devices={t.devices}, "

@@ -11,6 +11,7 @@ import lightning as L
 import pytest
 
 from sffn_lab import training
+from sffn_lab.callbacks import format_seconds
 from sffn_lab.cli import main
 from tests.histories import csv_history, tensorboard_history
 
@@ -225,3 +226,20 @@ def test_sigma_moe_run_logs_expert_usage_and_draws_the_heatmap(tmp_path, capsys)
     assert (run_dir / "expert_usage.png").stat().st_size > 5000
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["active_params"] < summary["total_params"]
+
+
+def test_batch_jobs_get_one_plain_progress_line_every_log_every_steps(tmp_path, capsys):
+    """With standard output not a terminal (here: captured), progress is plain lines, not a rich bar."""
+    code, out, err = run_cli(["train", *TINY, "--max-steps", "20", "--out", tmp_path / "runs"], capsys)
+    assert code == 0, err
+    lines = [line for line in out.splitlines() if line.startswith("step ")]
+    train_lines = [line for line in lines if "  loss " in line]
+    assert [line.split()[1] for line in train_lines] == ["5/20", "10/20", "15/20", "20/20"]  # train.log_every=5
+    assert all("tok/s" in line and "elapsed" in line and "ETA" in line for line in train_lines[1:])
+    assert [line.split()[1] for line in lines if "val/loss" in line] == ["10/20", "20/20"]  # train.val_every=10
+    assert "━" not in out  # no progress bar drawing
+
+
+@pytest.mark.parametrize("seconds, text", [(4.24, "4.2s"), (65, "1m05s"), (3725, "1h02m05s"), (float("nan"), "?")])
+def test_format_seconds(seconds, text):
+    assert format_seconds(seconds) == text
