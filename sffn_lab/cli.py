@@ -16,6 +16,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from sffn_lab.errors import UserError
+from sffn_lab.experiments import DEFAULT_CONFIG, shipped, shipped_names
 
 app = typer.Typer(
     add_completion=False,
@@ -24,7 +25,6 @@ app = typer.Typer(
     help="sffn-lab: train, evaluate and ablate sparse feed-forward layers in language models.",
 )
 console = Console(width=None if sys.stdout.isatty() else 160)
-DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "experiments" / "default.yaml"
 
 
 def _warn_if_cpu_busy() -> None:
@@ -73,9 +73,23 @@ def _format_summary(summary) -> Table:
     return table
 
 
+def _experiment_file(config: Path | None) -> Path:
+    """The experiment file ``sffn train -c`` names: a path, a shipped name, or the default; grids are refused."""
+    if config is None:
+        return DEFAULT_CONFIG
+    if not config.is_file() and shipped(config) is not None:
+        config = shipped(config)
+    if config.is_file():
+        from sffn_lab.config import read_yaml
+
+        if {"runs", "grid"} & set(read_yaml(config)):
+            raise UserError(f"'{config}' is an ablation grid, not an experiment: run it with  sffn ablate {config}")
+    return config
+
+
 @app.command()
 def train(
-    config: Path | None = typer.Option(None, "--config", "-c", help="YAML experiment file."),
+    config: Path | None = typer.Option(None, "--config", "-c", help="YAML experiment file or a shipped name."),
     set_: list[str] = typer.Option([], "--set", "-s", help="Override a key: --set model.d_model=256."),
     data: str | None = typer.Option(None, help="Corpus name or path to a text file."),
     max_steps: int | None = typer.Option(None, help="Training steps."),
@@ -102,7 +116,7 @@ def train(
             raise UserError("--resume continues a run with its own config; do not pass --config with it.")
         cfg = training.load_run_config(resume, overrides)
     else:
-        cfg = load_config(config or DEFAULT_CONFIG, overrides)
+        cfg = load_config(_experiment_file(config), overrides)
     _warn_if_cpu_busy()
     summary = training.train(cfg, progress=progress, resume_dir=resume)
     if not training.is_launched_rank():
@@ -215,7 +229,7 @@ def _print_cost_table(title: str, name: str, rows: list[dict]) -> None:
 
 @app.command()
 def ablate(
-    grid: Path = typer.Argument(..., help="Grid file (experiments/*.yaml with runs / grid / seeds)."),
+    grid: Path = typer.Argument(..., help="Grid file, or the name of a shipped grid (cpu_variants, paper/avgk …)."),
     out: Path = typer.Option(Path("runs"), help="Parent directory of the sweep directory."),
     set_: list[str] = typer.Option([], "--set", "-s", help="Override a key in every run."),
     seeds: str | None = typer.Option(None, help="Comma-separated seeds, replacing the grid's."),
@@ -226,6 +240,10 @@ def ablate(
     from sffn_lab.ablation import estimate_seconds, load_grid, run_state, run_sweep
 
     seed_list = [int(s) for s in seeds.split(",")] if seeds else None
+    if not grid.is_file() and shipped(grid) is not None:
+        grid = shipped(grid)
+    elif not grid.is_file():
+        raise UserError(f"Grid file '{grid}' does not exist, nor is it a shipped grid ({', '.join(shipped_names())}).")
     sweep = load_grid(grid, list(set_), seed_list)
     sweep_dir = out / sweep.name
     estimate_seconds(sweep)

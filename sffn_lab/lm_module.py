@@ -74,7 +74,7 @@ class LanguageModelModule(L.LightningModule):
         self.val_nll = SumMetric()
         self.val_tokens = SumMetric()
         self.usage_counts: dict[str, dict[int, torch.Tensor]] = {}  # stage → layer → [N_E] counts
-        self.gate_sums: dict[str, dict[int, torch.Tensor]] = {}  # stage → layer → [sum of batch mean gates, batches]
+        self.gate_sums: dict[str, dict[int, torch.Tensor]] = {}  # stage → layer → [Σ gates, number of gates]
         self.last_val_usage: dict[int, torch.Tensor] = {}  # layer → [N_E] counts of the last validation
         self.nonfinite_skips = 0
         self.consecutive_skips = 0
@@ -202,9 +202,9 @@ class LanguageModelModule(L.LightningModule):
         for i, out in enumerate(layer_outputs):
             if out.expert_counts is not None:
                 counts_of_stage[i] = counts_of_stage.get(i, 0) + out.expert_counts.detach().float()
-            if out.gate_mean is not None:
-                gates_of_stage[i] = gates_of_stage.get(i, 0) + torch.stack([out.gate_mean.detach().float(),
-                                                                            out.gate_mean.new_ones((), dtype=torch.float)])
+            if out.gate_mean is not None:  # weighted by the batch's assignments, so that the mean is over gates
+                n = out.expert_counts.sum().float() if out.expert_counts is not None else out.gate_mean.new_ones(())
+                gates_of_stage[i] = gates_of_stage.get(i, 0) + torch.stack([out.gate_mean.detach().float() * n, n])
 
     def _log_usage(self, stage: str) -> None:
         """Log usage statistics and the mean gate per layer (summed over all devices, over the batches since

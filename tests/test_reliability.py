@@ -158,7 +158,7 @@ def test_ddp_on_two_cpu_processes_matches_one_process(tmp_path):
     one, two = logged(single.run_dir), logged(run_dirs[0])
     compared = [c for c in one
                 if c.startswith(("train/loss", "train/aux_loss", "train_usage/", "val_usage/"))]
-    assert len(compared) == 2 + 2 * 4, compared  # losses + 4 usage statistics in training and validation
+    assert len(compared) == 2 + 2 * 5, compared  # losses + 4 usage statistics and the mean gate, train and val
     for column in compared:
         assert one[column].keys() == two[column].keys(), column
         for step in one[column]:

@@ -1,0 +1,23 @@
+"""The shipped experiments and ablation grids, installed with the package as ``sffn_lab.experiments``.
+
+``sffn train`` without ``--config`` uses ``default.yaml``; ``sffn ablate NAME`` finds a shipped grid by
+its name (``cpu_variants``, ``paper/avgk``) when NAME is not a file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+DIRECTORY = Path(__file__).resolve().parent
+DEFAULT_CONFIG = DIRECTORY / "default.yaml"
+
+
+def shipped(name: str | Path) -> Path | None:
+    """The shipped YAML file called ``name`` (with or without ``.yaml``), or None."""
+    name = str(name).removesuffix(".yaml")
+    path = DIRECTORY / f"{name}.yaml"
+    return path if path.is_file() and DIRECTORY in path.resolve().parents else None
+
+
+def shipped_names() -> list[str]:
+    return sorted(str(p.relative_to(DIRECTORY).with_suffix("")) for p in DIRECTORY.rglob("*.yaml"))
