@@ -159,21 +159,11 @@ def sample(
     seed: int = typer.Option(0, help="Random seed."),
 ) -> None:
     """Generate text from a trained model."""
-    import torch
-
-    from sffn_lab.data.datamodule import LMDataModule
-    from sffn_lab.models.sampling import generate
-    from sffn_lab.training import load_checkpoint
+    from sffn_lab.training import sample as sample_text
 
     if tokens < 1:
         raise UserError("--tokens must be at least 1.")
-    module = load_checkpoint(checkpoint)
-    data = LMDataModule(module.config.data, seed=module.config.train.seed)
-    ids = data.encode(prompt) if prompt else [0]
-    prompt_ids = torch.tensor([ids], dtype=torch.long)
-    generator = torch.Generator().manual_seed(seed)
-    out = generate(module.model, prompt_ids, tokens, module.config.data.seq_len, temperature, top_k, generator)
-    print(data.decode(out[0].tolist()))
+    print(sample_text(checkpoint, prompt, tokens, temperature, top_k, seed))
 
 
 class XAxis(str, Enum):

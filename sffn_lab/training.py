@@ -46,6 +46,7 @@ from sffn_lab.config import (
     validate,
 )
 from sffn_lab.data.datamodule import LMDataModule
+from sffn_lab.data.tokenizers import tokenizer_to_dict
 from sffn_lab.errors import UserError
 from sffn_lab.lm_module import CorpusInfo, LanguageModelModule
 from sffn_lab.loggers import FlushLogsBeforeCheckpoint, build_loggers, check_installed, parse_loggers
@@ -54,6 +55,7 @@ CONFIG_FILE = "config.yaml"
 STATUS_FILE = "status.json"
 SUMMARY_FILE = "summary.json"
 LAST_CKPT = "last.ckpt"
+TOKENIZER_FILE = "tokenizer.json"  # the corpus' tokenizer, so that sampling needs no corpus
 RUN_DIR_ENV = "SFFN_RUN_DIR"  # passes rank 0's run directory to the other DDP ranks
 
 
@@ -262,6 +264,7 @@ def train(
         run_dir = new_run_dir(config, run_dir)
         created = True
         save_config(config, run_dir / CONFIG_FILE)
+        (run_dir / TOKENIZER_FILE).write_text(json.dumps(tokenizer_to_dict(data.corpus.tokenizer)))
     os.environ[RUN_DIR_ENV] = str(run_dir)
     rank_zero = not is_launched_rank()
     if rank_zero:
@@ -409,6 +412,28 @@ def load_checkpoint(path: Path) -> LanguageModelModule:
             f"Checkpoint '{path}' does not match the model its config describes: {problems[0]}"
         ) from None
     return module
+
+
+def sample(ckpt: Path, prompt: str, tokens: int, temperature: float, top_k: int | None, seed: int) -> str:
+    """``tokens`` generated tokens after ``prompt``, decoded, from a checkpoint or run directory; the run's saved
+    tokenizer is used (older runs without one rebuild it from the corpus)."""
+    from sffn_lab.data.tokenizers import UnencodableText, tokenizer_from_dict
+    from sffn_lab.models.sampling import generate
+
+    module = load_checkpoint(ckpt)
+    run_dir = Path(ckpt) if Path(ckpt).is_dir() else Path(ckpt).parent.parent
+    if (run_dir / TOKENIZER_FILE).is_file():
+        tokenizer = tokenizer_from_dict(json.loads((run_dir / TOKENIZER_FILE).read_text()))
+    else:
+        tokenizer = LMDataModule(module.config.data, seed=module.config.train.seed).corpus.tokenizer
+    try:
+        ids = tokenizer.encode(prompt) if prompt else [0]
+    except UnencodableText as exc:
+        raise UserError(f"The prompt cannot be encoded for this model: {exc}.") from None
+    generator = torch.Generator().manual_seed(seed)
+    out = generate(module.model, torch.tensor([ids], dtype=torch.long), tokens, module.config.data.seq_len,
+                   temperature, top_k, generator)
+    return tokenizer.decode(out[0].tolist())
 
 
 def evaluate(ckpt: Path, split: str, config_overrides: list[str] | None = None, progress: bool = False) -> dict:

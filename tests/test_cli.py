@@ -243,3 +243,17 @@ def test_batch_jobs_get_one_plain_progress_line_every_log_every_steps(tmp_path, 
 @pytest.mark.parametrize("seconds, text", [(4.24, "4.2s"), (65, "1m05s"), (3725, "1h02m05s"), (float("nan"), "?")])
 def test_format_seconds(seconds, text):
     assert format_seconds(seconds) == text
+
+
+def test_sample_uses_the_run_directorys_tokenizer_and_names_unencodable_characters(tmp_path, capsys):
+    corpus = tmp_path / "words.txt"
+    corpus.write_text("the cat sat on the mat\nthe dog sat on the log\n" * 400)
+    run_dir = train_tiny(tmp_path, capsys, "--max-steps", "3", "--data", str(corpus))
+    assert json.loads((run_dir / "tokenizer.json").read_text())["kind"] == "byte"
+    corpus.unlink()  # sampling must not need the corpus any more
+    code, out, err = run_cli(["sample", run_dir, "--prompt", "the cat", "--tokens", "5"], capsys)
+    assert code == 0 and out.startswith("the cat"), err
+
+    synthetic = train_tiny(tmp_path / "synthetic", capsys, "--max-steps", "3")
+    code, out, err = run_cli(["sample", synthetic, "--prompt", "hello world", "--tokens", "5"], capsys)
+    assert code == 2 and "cannot be encoded" in err and "'h'" in err and "' '" in err and "Traceback" not in err

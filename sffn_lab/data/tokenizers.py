@@ -1,4 +1,8 @@
-"""Tokenizers: bytes, words with ``<eos>`` per line, and the synthetic corpus' symbols."""
+"""Tokenizers: bytes, words with ``<eos>`` per line, and the synthetic corpus' symbols.
+
+Each one saves itself as a small JSON-able dict (``tokenizer_to_dict`` / ``tokenizer_from_dict``), which
+a run directory keeps as ``tokenizer.json`` so that ``sffn sample`` needs no corpus.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,14 @@ from typing import Protocol
 import numpy as np
 
 EOS, UNK = "<eos>", "<unk>"
+
+
+class UnencodableText(ValueError):
+    """Text with characters the tokenizer has no token for (``characters`` lists them once each)."""
+
+    def __init__(self, characters: list[str], vocabulary: str):
+        super().__init__(f"no token for {', '.join(map(repr, characters))}; the vocabulary is {vocabulary!r}")
+        self.characters = characters
 
 
 class Tokenizer(Protocol):
@@ -42,7 +54,10 @@ class SymbolTokenizer:
     def encode(self, text: str) -> list[int]:
         if self.symbols is None:
             return [int(t) for t in text.split()]
-        return [self.symbols.index(c) for c in text if c in self.symbols]
+        unknown = [c for c in dict.fromkeys(text) if c not in self.symbols]
+        if unknown:
+            raise UnencodableText(unknown, self.symbols)
+        return [self.symbols.index(c) for c in text]
 
     def decode(self, ids: list[int]) -> str:
         if self.symbols is None:
@@ -77,3 +92,23 @@ class WordTokenizer:
 
     def decode(self, ids: list[int]) -> str:
         return " ".join(self.words[i] for i in ids).replace(f" {EOS} ", "\n").replace(EOS, "\n")
+
+
+def tokenizer_to_dict(tokenizer: Tokenizer) -> dict:
+    if isinstance(tokenizer, ByteTokenizer):
+        return {"kind": "byte"}
+    if isinstance(tokenizer, SymbolTokenizer):
+        return {"kind": "symbol", "vocab_size": tokenizer.vocab_size}
+    if isinstance(tokenizer, WordTokenizer):
+        return {"kind": "word", "words": tokenizer.words}
+    raise TypeError(f"cannot save a {type(tokenizer).__name__}")
+
+
+def tokenizer_from_dict(data: dict) -> Tokenizer:
+    if data["kind"] == "byte":
+        return ByteTokenizer()
+    if data["kind"] == "symbol":
+        return SymbolTokenizer(data["vocab_size"])
+    if data["kind"] == "word":
+        return WordTokenizer(data["words"])
+    raise ValueError(f"unknown tokenizer kind {data['kind']!r}")
