@@ -19,7 +19,6 @@ from sffn_lab.errors import UserError
 from sffn_lab.experiments import DEFAULT_CONFIG, shipped, shipped_names
 
 app = typer.Typer(
-    add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     help="sffn-lab: train, evaluate and ablate sparse feed-forward layers in language models.",
@@ -73,6 +72,22 @@ def _format_summary(summary) -> Table:
     return table
 
 
+def complete_override(incomplete: str) -> list[str]:
+    from sffn_lab.config_help import complete_override as keys
+
+    return keys(incomplete)
+
+
+def _complete_corpus(incomplete: str) -> list[str]:
+    from sffn_lab.data.corpora import CORPUS_NAMES
+
+    return [name for name in CORPUS_NAMES if name.startswith(incomplete)]
+
+
+def _complete_shipped(incomplete: str) -> list[str]:
+    return [name for name in shipped_names() if name.startswith(incomplete)]
+
+
 def _experiment_file(config: Path | None) -> Path:
     """The experiment file ``sffn train -c`` names: a path, a shipped name, or the default; grids are refused."""
     if config is None:
@@ -90,8 +105,9 @@ def _experiment_file(config: Path | None) -> Path:
 @app.command()
 def train(
     config: Path | None = typer.Option(None, "--config", "-c", help="YAML experiment file or a shipped name."),
-    set_: list[str] = typer.Option([], "--set", "-s", help="Override a key: --set model.d_model=256."),
-    data: str | None = typer.Option(None, help="Corpus name or path to a text file."),
+    set_: list[str] = typer.Option([], "--set", "-s", help="Override a key: --set model.d_model=256.",
+                                   autocompletion=complete_override),
+    data: str | None = typer.Option(None, help="Corpus name or path to a text file.", autocompletion=_complete_corpus),
     max_steps: int | None = typer.Option(None, help="Training steps."),
     seed: int | None = typer.Option(None, help="Random seed."),
     accelerator: str | None = typer.Option(None, help="cpu, gpu, auto ..."),
@@ -219,9 +235,11 @@ def _print_cost_table(title: str, name: str, rows: list[dict]) -> None:
 
 @app.command()
 def ablate(
-    grid: Path = typer.Argument(..., help="Grid file, or the name of a shipped grid (cpu_variants, paper/avgk …)."),
+    grid: Path = typer.Argument(..., help="Grid file, or the name of a shipped grid (cpu_variants, paper/avgk …).",
+                                autocompletion=_complete_shipped),
     out: Path = typer.Option(Path("runs"), help="Parent directory of the sweep directory."),
-    set_: list[str] = typer.Option([], "--set", "-s", help="Override a key in every run."),
+    set_: list[str] = typer.Option([], "--set", "-s", help="Override a key in every run.",
+                                   autocompletion=complete_override),
     seeds: str | None = typer.Option(None, help="Comma-separated seeds, replacing the grid's."),
     jobs: int = typer.Option(1, help="Runs trained in parallel processes."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan and stop."),
@@ -316,6 +334,38 @@ def _print_report(sweep_dir: Path) -> None:
         table.add_row(*row_cells(row), style="bold" if row.best else None)
     console.print(table)
     console.print(f"wrote {sweep_dir / 'results.md'}, results.csv and curves.png", soft_wrap=True)
+
+
+config_app = typer.Typer(no_args_is_help=True, help="Show the resolved configuration, or every key.")
+app.add_typer(config_app, name="config")
+
+
+@config_app.command("show")
+def config_show(
+    config: Path | None = typer.Option(None, "--config", "-c", help="YAML experiment file or a shipped name.",
+                                       autocompletion=_complete_shipped),
+    set_: list[str] = typer.Option([], "--set", "-s", help="Override a key: --set model.d_model=256.",
+                                   autocompletion=complete_override),
+) -> None:
+    """Print the configuration `sffn train` would run with these options, as YAML."""
+    import yaml
+
+    from sffn_lab.config import load_config, to_dict
+
+    print(yaml.safe_dump(to_dict(load_config(_experiment_file(config), list(set_))), sort_keys=False), end="")
+
+
+@config_app.command("keys")
+def config_keys() -> None:
+    """Every config key with its type, default and what it sets."""
+    from sffn_lab.config_help import key_help
+
+    table = Table(title="Config keys (set with --set key=value)")
+    for column in ("key", "type", "default", "what it sets"):
+        table.add_column(column)
+    for row in key_help():
+        table.add_row(row.key, row.type, repr(row.default), row.help)
+    console.print(table)
 
 
 def main() -> None:

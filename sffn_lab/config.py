@@ -48,7 +48,7 @@ class SwitchOptions:
 class SBaseOptions:
     """S-BASE: Sinkhorn-balanced selection in training, top-K of the logits at eval."""
 
-    sinkhorn_iters: int = 3
+    sinkhorn_iters: int = 3  # Sinkhorn normalisation rounds per training batch
     entropy_coef: float = 0.0  # optional γ entropy regulariser as in σ-MoE
 
 
@@ -56,7 +56,7 @@ class SBaseOptions:
 class HashOptions:
     """HashLayer: a fixed random hash of the token id picks the expert."""
 
-    seed: int = 0
+    seed: int = 0  # seed of the fixed random token-id → experts table
 
 
 @dataclass
@@ -70,7 +70,7 @@ class AvgKOptions:
 class PKMOptions:
     """Product-key memory: sub-key tables per head, top-k per half, cartesian top-k."""
 
-    heads: int = 4
+    heads: int = 4  # query heads, each selecting knn slots
     n_keys: int = 32  # sub-keys per half: the memory has n_keys² value slots
     knn: int = 32  # slots selected per head
     key_dim: int = 64  # query size per head (two halves of key_dim / 2)
@@ -85,13 +85,13 @@ class FFNConfig:
     ``n_experts`` blocks of ``expert_size`` cells and select ``top_k`` blocks per token.
     """
 
-    kind: str = "dense"
-    d_ff: int = 512
+    kind: str = "dense"  # dense, topk, sigma_moe, switch, sbase, base, hash, avgk or pkm
+    d_ff: int = 512  # dense width: the number of memory cells (topk keeps top_k of them)
     activation: str = "relu"  # "relu" or "gelu"
     n_experts: int = 8  # N_E
     expert_size: int = 64  # G (cells per block)
     top_k: int = 2  # K (blocks per token; for kind=topk: cells per token)
-    dropout: float = 0.0
+    dropout: float = 0.0  # dropout on the FFN output
     sigma_moe: SigmaMoEOptions = field(default_factory=SigmaMoEOptions)
     switch: SwitchOptions = field(default_factory=SwitchOptions)
     sbase: SBaseOptions = field(default_factory=SBaseOptions)
@@ -121,12 +121,12 @@ class SMLPConfig:
 @dataclass
 class ModelConfig:
     backbone: str = "transformer"  # "transformer" or "smlp"
-    d_model: int = 128
-    n_layers: int = 4
-    n_heads: int = 4
+    d_model: int = 128  # residual stream width D
+    n_layers: int = 4  # Transformer blocks
+    n_heads: int = 4  # attention heads (d_model must divide by it)
     positions: str = "rope"  # "rope" or "learned"
-    dropout: float = 0.0
-    tie_embeddings: bool = True
+    dropout: float = 0.0  # residual and attention dropout
+    tie_embeddings: bool = True  # output projection shares the input embedding
     ffn: FFNConfig = field(default_factory=FFNConfig)
     smlp: SMLPConfig = field(default_factory=SMLPConfig)
 
@@ -135,56 +135,56 @@ class ModelConfig:
 class SyntheticConfig:
     """The embedded synthetic corpus: documents drawn from several latent Markov sources."""
 
-    seed: int = 0
-    n_sources: int = 4
-    vocab_size: int = 32
-    order: int = 2
-    doc_length: int = 512
-    train_tokens: int = 2_000_000
-    valid_tokens: int = 100_000
-    test_tokens: int = 100_000
+    seed: int = 0  # seed of the generated corpus
+    n_sources: int = 4  # latent Markov sources documents are drawn from
+    vocab_size: int = 32  # symbols of the corpus
+    order: int = 2  # Markov order of each source
+    doc_length: int = 512  # tokens per document
+    train_tokens: int = 2_000_000  # tokens of the training split
+    valid_tokens: int = 100_000  # tokens of the validation split
+    test_tokens: int = 100_000  # tokens of the test split
 
 
 @dataclass
 class DataConfig:
     corpus: str = "synthetic"  # a registered corpus name or a path to a local text file
-    seq_len: int = 128
-    batch_size: int = 32
-    eval_batch_size: int = 64
+    seq_len: int = 128  # tokens per training window
+    batch_size: int = 32  # windows per training batch (per device)
+    eval_batch_size: int = 64  # windows per evaluation batch
     cache_dir: str = ""  # empty: $SFFN_DATA or the user's cache directory
-    num_workers: int = 0
+    num_workers: int = 0  # DataLoader worker processes
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
 
 @dataclass
 class TrainConfig:
-    max_steps: int = 1000
-    lr: float = 1e-3
+    max_steps: int = 1000  # optimizer steps
+    lr: float = 1e-3  # peak learning rate (AdamW)
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
-    warmup_steps: int = 100
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0
+    warmup_steps: int = 100  # linear warmup steps before the cosine decay
+    weight_decay: float = 0.1  # AdamW weight decay on matrices (not on embeddings, norms, biases)
+    beta1: float = 0.9  # AdamW β1
+    beta2: float = 0.95  # AdamW β2
+    grad_clip: float = 1.0  # gradient-norm clipping (0: none)
     val_every: int = 250  # steps between validations (each also saves the best checkpoint)
     checkpoint_every: int = 0  # steps between saves of last.ckpt; 0: at every validation
     val_batches: int = 0  # 0: the whole validation split; N: its first N batches (fast curves)
-    log_every: int = 10
-    seed: int = 0
-    accelerator: str = "auto"
-    devices: int = 1
-    strategy: str = "auto"
-    precision: str = "32-true"
+    log_every: int = 10  # steps between logged training rows (and plain progress lines)
+    seed: int = 0  # seed of init, data order and dropout
+    accelerator: str = "auto"  # Lightning accelerator: auto, cpu, gpu …
+    devices: int = 1  # devices (processes under ddp)
+    strategy: str = "auto"  # Lightning strategy: auto, ddp, fsdp …
+    precision: str = "32-true"  # 32-true, bf16-mixed, bf16-true, 16-mixed (GPU) …
     accumulate_grad_batches: int = 1  # batches whose gradients add up to one optimizer step
     loggers: str = "csv,tensorboard"  # comma-separated: csv (always), tensorboard, wandb, mlflow
-    skip_nonfinite: bool = False
+    skip_nonfinite: bool = False  # skip a batch whose loss is NaN/inf instead of stopping
     deterministic: bool = False  # torch deterministic algorithms (CPU runs are reproducible without it)
-    out_dir: str = "runs"
+    out_dir: str = "runs"  # directory that holds the run directories
 
 
 @dataclass
 class Config:
-    name: str = "default"
+    name: str = "default"  # run name: the prefix of the run directory
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)

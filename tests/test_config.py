@@ -1,9 +1,12 @@
 """The config system: YAML files, dotted overrides, strict keys with suggestions, types."""
 
 import pytest
+import yaml
 
-from sffn_lab.config import Config, all_keys, load_config, parse_override, save_config
+from sffn_lab.config import Config, all_keys, load_config, parse_override, save_config, to_dict
+from sffn_lab.config_help import complete_override, key_help
 from sffn_lab.errors import UserError
+from sffn_lab.experiments import DEFAULT_CONFIG
 
 
 def test_defaults_and_overrides_apply(tmp_path):
@@ -63,3 +66,24 @@ def test_every_leaf_key_is_listed():
     keys = all_keys(Config)
     assert "model.ffn.kind" in keys and "train.lr" in keys and "data.synthetic.seed" in keys
     assert "model" not in keys
+
+
+def test_config_show_prints_the_resolved_config_and_keys_lists_every_key(capsys):
+    from tests.test_cli import run_cli
+
+    code, out, err = run_cli(["config", "show", "--set", "model.ffn.kind=sigma_moe", "--set", "train.lr=0.002"], capsys)
+    assert code == 0, err
+    shown = yaml.safe_load(out)
+    assert shown["model"]["ffn"]["kind"] == "sigma_moe" and shown["train"]["lr"] == 0.002
+    assert shown == to_dict(load_config(DEFAULT_CONFIG, ["model.ffn.kind=sigma_moe", "train.lr=0.002"]))
+
+    code, out, err = run_cli(["config", "keys"], capsys)
+    assert code == 0, err
+    rows = key_help()
+    assert [r.key for r in rows] == all_keys() and all(r.help for r in rows)  # every key documented
+    assert all(r.key in out for r in rows)
+
+
+def test_set_completion_offers_matching_keys():
+    assert complete_override("model.ffn.sig") == [k + "=" for k in all_keys() if k.startswith("model.ffn.sig")]
+    assert "train.precision=" in complete_override("train.pre") and complete_override("train.lr=1") == []

@@ -1,0 +1,57 @@
+"""Every config key with its type, default and the one-line comment written beside it in ``config.py``.
+
+``sffn config keys`` prints this table; shell completion of ``--set`` offers the keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import re
+import typing
+from dataclasses import dataclass
+
+from sffn_lab.config import Config, all_keys
+
+_FIELD = re.compile(r"^\s+(\w+)\s*:[^=]+=.*?(?:#\s*(.*))?$")
+
+
+@dataclass
+class KeyHelp:
+    key: str
+    type: str
+    default: typing.Any
+    help: str
+
+
+def _comments(cls: type) -> dict[str, str]:
+    """field name → the comment on its line in the class source ('' when none)."""
+    comments = {}
+    for line in inspect.getsource(cls).splitlines():
+        match = _FIELD.match(line)
+        if match:
+            comments[match.group(1)] = (match.group(2) or "").strip()
+    return comments
+
+
+def key_help(cls: type = Config, prefix: str = "") -> list[KeyHelp]:
+    """KeyHelp of every dotted leaf key under ``cls``, in declaration order."""
+    hints = typing.get_type_hints(cls)
+    comments = _comments(cls)
+    defaults = cls()
+    rows = []
+    for f in dataclasses.fields(cls):
+        kind = hints[f.name]
+        if dataclasses.is_dataclass(kind):
+            rows += key_help(kind, f"{prefix}{f.name}.")
+        else:
+            rows.append(KeyHelp(f"{prefix}{f.name}", getattr(kind, "__name__", str(kind)),
+                                getattr(defaults, f.name), comments.get(f.name, "")))
+    return rows
+
+
+def complete_override(incomplete: str) -> list[str]:
+    """Shell completion of ``--set``: the keys (``key=``) that start with what was typed."""
+    if "=" in incomplete:
+        return []
+    return [f"{key}=" for key in all_keys() if key.startswith(incomplete)]
