@@ -184,20 +184,66 @@ def check_matching(sweep: Sweep) -> None:
         )
 
 
+ESTIMATE_METHOD = (
+    "measured here: 2 training steps (forward, backward, AdamW) of each distinct model at up to 4 windows, "
+    "scaled to the run's steps and batch; validation at 1/3 of a training token's time over the validation "
+    "tokens of every validation; 3 s of start-up per run; data loading not counted"
+)
+
+
 def estimate_seconds(sweep: Sweep) -> None:
-    """Rough time per run: 3× forward FLOPs per trained token over a matmul rate measured here,
-    plus a fixed cost per step (optimizer, logging) and per run (start-up, validations)."""
-    n = 512
-    a = torch.randn(n, n)
-    start = time.perf_counter()
-    for _ in range(10):
-        a @ a
-    rate = 10 * 2 * n**3 / (time.perf_counter() - start)
-    efficiency = 0.3  # small layers, attention and the optimizer run below peak matmul speed
+    """Set each run's ``estimated_s`` from step times measured on this machine (see ESTIMATE_METHOD)."""
+    per_token: dict[str, float] = {}
     for run in sweep.runs:
-        t, d = run.config.train, run.config.data
-        compute = 3 * run.flops_per_token * t.max_steps * d.batch_size * d.seq_len / (rate * efficiency)
-        run.estimated_s = compute + 0.01 * t.max_steps + 3.0
+        c = run.config
+        key = repr((c.model, c.data.seq_len, c.data.batch_size, c.train.precision))
+        if key not in per_token:
+            per_token[key] = measured_seconds_per_token(c)
+        train_tokens = c.train.max_steps * c.data.batch_size * c.data.seq_len
+        validations = c.train.max_steps // c.train.val_every + 1
+        run.estimated_s = per_token[key] * (train_tokens + validations * _validation_tokens(c) / 3) + 3.0
+
+
+def measured_seconds_per_token(config: Config, steps: int = 2) -> float:
+    """Seconds per trained token of one optimizer step of ``config``'s model on random tokens (after a warm-up)."""
+    from sffn_lab.models import build_model
+
+    device = "cuda" if torch.cuda.is_available() and config.train.accelerator != "cpu" else "cpu"
+    torch.manual_seed(0)
+    vocab = _vocab_size(config)
+    model = build_model(config.model, vocab, config.data.seq_len).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    batch = min(config.data.batch_size, 4)
+    tokens = torch.randint(0, vocab, (batch, config.data.seq_len), device=device)
+    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled="bf16" in config.train.precision)
+
+    def step() -> None:
+        with autocast:
+            out = model(tokens)
+            loss = torch.nn.functional.cross_entropy(out.logits.float().flatten(0, 1), tokens.flatten())
+        (loss + out.aux_loss).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    step()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / (steps * tokens.numel())
+
+
+def _validation_tokens(config: Config) -> int:
+    """Tokens of one validation: val_batches windows, else the whole split (the synthetic corpus' size or 5%
+    of a local file; 0 for a named corpus not yet downloaded)."""
+    d = config.data
+    if config.train.val_batches:
+        return config.train.val_batches * d.eval_batch_size * d.seq_len
+    if d.corpus == "synthetic":
+        return d.synthetic.valid_tokens
+    path = Path(d.corpus)
+    return path.stat().st_size // 20 if path.is_file() else 0
 
 
 def run_state(run_dir: Path) -> str:
@@ -232,6 +278,11 @@ def execute(run: PlannedRun, sweep_dir: Path, threads: int | None = None) -> str
     return "trained"
 
 
+def claim_gpu(gpu_ids) -> None:
+    """Worker initializer: make one GPU from the queue the only one this process sees."""
+    os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu_ids.get())
+
+
 def run_sweep(sweep: Sweep, sweep_dir: Path, jobs: int = 1, on_done=None) -> dict[str, str]:
     """Execute every run of the sweep (``jobs`` at a time); returns run dir name → what was done."""
     sweep_dir.mkdir(parents=True, exist_ok=True)
@@ -245,7 +296,14 @@ def run_sweep(sweep: Sweep, sweep_dir: Path, jobs: int = 1, on_done=None) -> dic
     threads = max(1, (os.cpu_count() or 1) // jobs)
     import multiprocessing
 
-    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+    context = multiprocessing.get_context("spawn")
+    gpu_ids = None
+    if torch.cuda.is_available() and torch.cuda.device_count() >= jobs:  # each worker process gets its own GPU
+        gpu_ids = context.Queue()
+        for gpu in range(jobs):
+            gpu_ids.put(gpu)
+    with ProcessPoolExecutor(jobs, mp_context=context, initializer=claim_gpu if gpu_ids else None,
+                             initargs=(gpu_ids,) if gpu_ids else ()) as pool:
         futures = {run.dir_name: (run, pool.submit(execute, run, sweep_dir, threads)) for run in sweep.runs}
         for name, (run, future) in futures.items():
             outcome[name] = future.result()

@@ -245,7 +245,7 @@ def ablate(
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan and stop."),
 ) -> None:
     """Train a grid of matched runs over several seeds (resumable), then report mean ± std."""
-    from sffn_lab.ablation import estimate_seconds, load_grid, run_state, run_sweep
+    from sffn_lab.ablation import ESTIMATE_METHOD, estimate_seconds, load_grid, run_state, run_sweep
 
     seed_list = [int(s) for s in seeds.split(",")] if seeds else None
     if not grid.is_file() and shipped(grid) is not None:
@@ -264,6 +264,7 @@ def ablate(
                       f"{run.active_params:,}", f"{run.flops_per_token:,}", f"{run.estimated_s:.3g} s",
                       run_state(sweep_dir / run.dir_name))
     console.print(table)
+    console.print(f"estimated times: {ESTIMATE_METHOD}", soft_wrap=True)
     if dry_run:
         return
     _warn_if_cpu_busy()

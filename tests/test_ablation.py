@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -118,3 +119,19 @@ def test_overlaid_lines_never_share_a_colour_and_dash_pattern(n):
 
     styles = {(s["color"], s["linestyle"]) for s in line_styles(n)}
     assert len(styles) == n
+
+
+def test_each_parallel_job_claims_its_own_gpu(monkeypatch):
+    import queue
+
+    from sffn_lab.ablation import claim_gpu
+
+    ids = queue.Queue()
+    for gpu in (0, 1):
+        ids.put(gpu)
+    seen = []
+    for _ in range(2):
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+        claim_gpu(ids)
+        seen.append(os.environ["CUDA_VISIBLE_DEVICES"])
+    assert seen == ["0", "1"]
