@@ -185,20 +185,37 @@ def check_matching(sweep: Sweep) -> None:
 
 
 ESTIMATE_METHOD = (
-    "measured here: 2 training steps (forward, backward, AdamW) of each distinct model at up to 4 windows, "
-    "scaled to the run's steps and batch; validation at 1/3 of a training token's time over the validation "
-    "tokens of every validation; 3 s of start-up per run; data loading not counted"
+    "measured here: 2 training steps (forward, backward, AdamW) at up to 4 windows of each distinct model "
+    "whose step costs under 5 GFLOP (else of the cheapest model, scaled by FLOPs per token), scaled to the "
+    "run's steps and batch; validation at 1/3 of a training token's time over the validation tokens of "
+    "every validation; 3 s of start-up per run; data loading not counted"
 )
+CHEAP_STEP_FLOPS = 5e9  # a step this size takes well under a second on a laptop core: measure it directly
 
 
 def estimate_seconds(sweep: Sweep) -> None:
     """Set each run's ``estimated_s`` from step times measured on this machine (see ESTIMATE_METHOD)."""
-    per_token: dict[str, float] = {}
+    models = {}
+    for run in sweep.runs:
+        c = run.config
+        models.setdefault(repr((c.model, c.data.seq_len, c.data.batch_size, c.train.precision)), run)
+
+    def step_flops(run: PlannedRun) -> float:
+        return 3 * run.flops_per_token * min(run.config.data.batch_size, 4) * run.config.data.seq_len
+
+    cheapest = min(models.values(), key=step_flops)
+    cheapest_s = measured_seconds_per_token(cheapest.config)
+    per_token = {}
+    for key, run in models.items():
+        if run is cheapest:
+            per_token[key] = cheapest_s
+        elif step_flops(run) <= CHEAP_STEP_FLOPS:
+            per_token[key] = measured_seconds_per_token(run.config)
+        else:
+            per_token[key] = cheapest_s * run.flops_per_token / cheapest.flops_per_token
     for run in sweep.runs:
         c = run.config
         key = repr((c.model, c.data.seq_len, c.data.batch_size, c.train.precision))
-        if key not in per_token:
-            per_token[key] = measured_seconds_per_token(c)
         train_tokens = c.train.max_steps * c.data.batch_size * c.data.seq_len
         validations = c.train.max_steps // c.train.val_every + 1
         run.estimated_s = per_token[key] * (train_tokens + validations * _validation_tokens(c) / 3) + 3.0

@@ -9,7 +9,6 @@ valid key suggested, a value of the wrong type fails with the expected type name
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -18,7 +17,16 @@ from typing import Any
 
 import yaml
 
-from sffn_lab.errors import UserError
+from sffn_lab.errors import UserError, did_you_mean
+
+BLOCK_KINDS = ("sigma_moe", "switch", "sbase", "base", "hash", "avgk")  # expert bank + router
+FFN_KINDS = ("dense", "topk", *BLOCK_KINDS, "pkm")
+GATES = {"sigma_moe": ("sigmoid", "softmax", "none"), "avgk": ("none", "softmax", "sigmoid")}
+ACTIVATION_NAMES = ("relu", "gelu")  # the keys of layers.dense.ACTIVATIONS
+BACKBONES = ("transformer", "smlp")
+POSITIONS = ("rope", "learned")
+SMLP_ROUTINGS = ("deterministic", "partial_prediction")
+SMLP_MIXINGS = ("toeplitz", "full")
 
 # ----------------------------------------------------------------------------------------------
 # Feed-forward layer (the part every S-FFN variant configures)
@@ -201,10 +209,7 @@ def _field_types(cls: type) -> dict[str, Any]:
 
 
 def _suggest(key: str, options: list[str]) -> str:
-    close = difflib.get_close_matches(key, options, n=1, cutoff=0.5)
-    if close:
-        return f" Did you mean '{close[0]}'?"
-    return f" Valid keys: {', '.join(sorted(options))}."
+    return did_you_mean(key, options, cutoff=0.5) or f" Valid keys: {', '.join(sorted(options))}."
 
 
 def _coerce(value: Any, expected: Any, where: str) -> Any:
@@ -338,13 +343,17 @@ def save_config(config: Config, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
 
 
+def choice(value: str, options: tuple[str, ...], key: str) -> None:
+    """Refuse a value that is not one of ``options``, suggesting the closest."""
+    if value not in options:
+        raise UserError(f"Unknown {key} '{value}'.{did_you_mean(value, options)} Choose one of: {', '.join(options)}.")
+
+
 def validate(config: Config) -> None:
     """Cross-field checks that a single key's type cannot express."""
     m, d, t = config.model, config.data, config.train
-    if m.backbone not in ("transformer", "smlp"):
-        raise UserError(f"model.backbone must be 'transformer' or 'smlp', got '{m.backbone}'.")
-    if m.positions not in ("rope", "learned"):
-        raise UserError(f"model.positions must be 'rope' or 'learned', got '{m.positions}'.")
+    choice(m.backbone, BACKBONES, "model.backbone")
+    choice(m.positions, POSITIONS, "model.positions")
     if m.d_model <= 0 or m.n_layers <= 0 or m.n_heads <= 0:
         raise UserError("model.d_model, model.n_layers and model.n_heads must be positive.")
     if m.backbone == "transformer" and m.d_model % m.n_heads:
@@ -357,12 +366,59 @@ def validate(config: Config) -> None:
         raise UserError("train.max_steps and train.val_every must be ≥ 1, train.lr > 0, warmup ≥ 0.")
     if t.accumulate_grad_batches < 1:
         raise UserError("train.accumulate_grad_batches must be at least 1.")
-    from sffn_lab.layers.registry import validate_ffn
-
-    validate_ffn(m.ffn, m.d_model)
+    validate_ffn(m.ffn)
     if m.backbone == "smlp":
-        from sffn_lab.models.smlp import smlp_checks
+        validate_smlp(m.smlp)
 
-        problem = smlp_checks(m)
-        if problem:
-            raise UserError(problem)
+
+def validate_ffn(cfg: FFNConfig) -> None:
+    """Reject impossible FFN settings with a message that says what to change."""
+    choice(cfg.kind, FFN_KINDS, "model.ffn.kind")
+    choice(cfg.activation, ACTIVATION_NAMES, "model.ffn.activation")
+    if cfg.d_ff < 1 or not 0 <= cfg.dropout < 1:
+        raise UserError("model.ffn.d_ff must be positive and model.ffn.dropout in [0, 1).")
+    if cfg.kind == "topk" and not 1 <= cfg.top_k <= cfg.d_ff:
+        raise UserError(f"model.ffn.top_k ({cfg.top_k}) must be between 1 and model.ffn.d_ff ({cfg.d_ff}).")
+    if cfg.kind in BLOCK_KINDS:
+        if cfg.n_experts < 1 or cfg.expert_size < 1:
+            raise UserError("model.ffn.n_experts and model.ffn.expert_size must be positive.")
+        if not 1 <= cfg.top_k <= cfg.n_experts:
+            raise UserError(
+                f"model.ffn.top_k ({cfg.top_k}) must be between 1 and model.ffn.n_experts ({cfg.n_experts}): "
+                "a token cannot use more experts than exist."
+            )
+    if cfg.kind in GATES:
+        choice(getattr(cfg, cfg.kind).gate, GATES[cfg.kind], f"model.ffn.{cfg.kind}.gate")
+    if cfg.kind == "sigma_moe":
+        o = cfg.sigma_moe
+        choice(o.init, ("paper", "standard"), "model.ffn.sigma_moe.init")
+        if not 0 <= o.expert_dropout < 1:
+            raise UserError("model.ffn.sigma_moe.expert_dropout must be in [0, 1).")
+        if o.expert_dropout > 0 and cfg.n_experts - cfg.top_k < 1:
+            raise UserError("Expert dropout needs model.ffn.n_experts > model.ffn.top_k, or nothing is left to pick.")
+    if cfg.kind == "switch" and cfg.switch.capacity_factor < 0:
+        raise UserError("model.ffn.switch.capacity_factor must be ≥ 0 (0: no capacity limit).")
+    if cfg.kind == "sbase" and cfg.sbase.sinkhorn_iters < 1:
+        raise UserError("model.ffn.sbase.sinkhorn_iters must be at least 1.")
+    if cfg.kind == "pkm":
+        p = cfg.pkm
+        choice(p.activation, ("softmax", "relu"), "model.ffn.pkm.activation")
+        if p.heads < 1 or p.key_dim < 2 or p.key_dim % 2:
+            raise UserError("model.ffn.pkm needs heads ≥ 1 and an even key_dim ≥ 2.")
+        if not 1 <= p.knn <= p.n_keys:
+            raise UserError(
+                f"model.ffn.pkm.knn ({p.knn}) must be between 1 and model.ffn.pkm.n_keys ({p.n_keys}): each half "
+                "selects knn of its n_keys sub-keys."
+            )
+
+
+def validate_smlp(s: SMLPConfig) -> None:
+    """Reject sMLP options that cannot work."""
+    choice(s.routing, SMLP_ROUTINGS, "model.smlp.routing")
+    choice(s.mixing, SMLP_MIXINGS, "model.smlp.mixing")
+    if s.n_dense_blocks < 0 or s.n_sparse_blocks < 0 or s.n_dense_blocks + s.n_sparse_blocks == 0:
+        raise UserError("model.smlp needs at least one block (n_dense_blocks + n_sparse_blocks ≥ 1).")
+    if s.d_hidden < 1 or s.n_chunks < 1 or s.d_hidden % s.n_chunks:
+        raise UserError(f"model.smlp.n_chunks ({s.n_chunks}) must divide model.smlp.d_hidden ({s.d_hidden}).")
+    if not 0 < s.prediction_fraction < 1:
+        raise UserError("model.smlp.prediction_fraction must be between 0 and 1.")

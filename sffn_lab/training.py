@@ -269,7 +269,6 @@ def train(
     rank_zero = not is_launched_rank()
     if rank_zero:
         write_status(run_dir, "running", step=0)
-    start = time.perf_counter()
     trainer = None
     try:
         trainer = build_trainer(config, run_dir, progress and rank_zero, resume_step, rank_zero)

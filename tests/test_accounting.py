@@ -8,9 +8,9 @@ import pytest
 
 from sffn_lab.analysis.accounting import compute_equal, count_ffn, param_equal, variants_table
 from sffn_lab.analysis.model_cost import count_model
-from sffn_lab.config import FFNConfig, PKMOptions, load_config
+from sffn_lab.config import BLOCK_KINDS, FFN_KINDS, FFNConfig, PKMOptions, load_config
 from sffn_lab.errors import UserError
-from sffn_lab.layers.registry import BLOCK_KINDS, FFN_KINDS, build_ffn
+from sffn_lab.layers.factory import build_ffn
 from sffn_lab.models import build_model
 
 D = 48

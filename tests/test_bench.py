@@ -9,14 +9,14 @@ import os
 
 import pytest
 import torch
-from sffn_lab.kernels.reference import expert_down_reference, expert_up_reference
 
 from sffn_lab.bench.baselines import gshard_moe, masked_dense_moe, python_loop_moe
 from sffn_lab.bench.gpu_check import run_gpu_check
 from sffn_lab.bench.memory import saved_tensor_bytes
 from sffn_lab.bench.records import NOT_MEASURED_NO_GPU
 from sffn_lab.bench.sizes import QUICK
-from sffn_lab.layers.registry import FFN_KINDS
+from sffn_lab.config import FFN_KINDS
+from sffn_lab.kernels.reference import expert_down_reference, expert_up_reference
 from tests.test_cli import run_cli
 
 

@@ -41,5 +41,5 @@ def test_a_wheel_install_trains_and_plans_a_shipped_grid_from_another_directory(
                    "--no-progress")
     assert trained.returncode == 0, trained.stderr[-2000:]
     assert (elsewhere / "runs").is_dir()
-    planned = sffn("ablate", "paper/avgk", "--dry-run")
-    assert planned.returncode == 0 and "paper_avgk" in planned.stdout, planned.stderr[-2000:]
+    planned = sffn("ablate", "cpu_sigma_moe_ablations", "--dry-run")
+    assert planned.returncode == 0 and "cpu_sigma_moe_ablations" in planned.stdout, planned.stderr[-2000:]

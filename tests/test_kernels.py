@@ -10,7 +10,14 @@ import pytest
 import torch
 
 from sffn_lab.bench.accuracy import TOLERANCE, compare_with_float64, relative_error, skewed_routing
-from sffn_lab.kernels import RoutingPlan, expert_down, expert_up, pick_backend, torch_grouped, triton_available
+from sffn_lab.kernels import (
+    RoutingPlan,
+    expert_down,
+    expert_up,
+    pick_backend,
+    torch_grouped,
+    triton_available,
+)
 from sffn_lab.kernels.torch_grouped import STRATEGIES
 
 BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(not triton_available(), reason="no triton"))]

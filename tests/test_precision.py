@@ -12,8 +12,7 @@ import pytest
 
 from sffn_lab import training
 from sffn_lab.ablation import load_grid
-from sffn_lab.config import Config, load_config, read_yaml, validate
-from sffn_lab.layers.registry import FFN_KINDS
+from sffn_lab.config import FFN_KINDS, Config, load_config, read_yaml, validate
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 CPU_PRECISIONS = ("32-true", "bf16-mixed", "bf16-true")  # Lightning's 16-mixed needs CUDA

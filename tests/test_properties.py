@@ -8,10 +8,17 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sffn_lab.config import Config, FFNConfig, SigmaMoEOptions, SwitchOptions, all_keys, load_config
+from sffn_lab.config import (
+    BLOCK_KINDS,
+    Config,
+    FFNConfig,
+    SigmaMoEOptions,
+    SwitchOptions,
+    all_keys,
+    load_config,
+)
 from sffn_lab.errors import UserError
 from sffn_lab.layers.moe import MoEFFN
-from sffn_lab.layers.registry import BLOCK_KINDS
 
 FAST = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 KEYS = all_keys(Config)

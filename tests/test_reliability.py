@@ -25,8 +25,8 @@ from sffn_lab.cli import DEFAULT_CONFIG
 from sffn_lab.config import load_config
 from sffn_lab.data import corpora
 from sffn_lab.data.corpora import CorpusSpec, RemoteFile
-from tests.histories import csv_history, tensorboard_history
 from tests.gloo_ranks import AUX_ROUTERS, aux_loss_rank, router_aux_and_grad
+from tests.histories import csv_history, tensorboard_history
 from tests.test_cli import run_cli
 
 TINY = [

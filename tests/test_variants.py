@@ -8,11 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sffn_lab.config import FFNConfig, load_config
+from sffn_lab.config import FFN_KINDS, FFNConfig, load_config, validate_ffn
 from sffn_lab.errors import UserError
 from sffn_lab.kernels import RoutingPlan
 from sffn_lab.layers.expert_bank import ExpertBank
-from sffn_lab.layers.registry import FFN_KINDS, build_ffn, validate_ffn
+from sffn_lab.layers.factory import build_ffn
 from sffn_lab.models import build_model
 from tests.causality import assert_causal
 
@@ -26,7 +26,7 @@ def fresh(*shape, dtype=torch.float64):
 
 def layer(kind: str, **options) -> torch.nn.Module:
     cfg = dataclasses.replace(FFNConfig(kind=kind, d_ff=24, n_experts=6, expert_size=4, top_k=2), **options)
-    validate_ffn(cfg, D)
+    validate_ffn(cfg)
     return build_ffn(cfg, D, n_layers=2).double()
 
 

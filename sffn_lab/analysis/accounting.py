@@ -11,9 +11,8 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-from sffn_lab.config import FFNConfig
+from sffn_lab.config import BLOCK_KINDS, FFN_KINDS, FFNConfig
 from sffn_lab.errors import UserError
-from sffn_lab.layers.registry import BLOCK_KINDS, FFN_KINDS
 
 LEARNED_ROUTERS = ("sigma_moe", "switch", "sbase", "base")
 

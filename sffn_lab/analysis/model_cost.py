@@ -1,7 +1,7 @@
 """Total parameters, active parameters and forward FLOPs per token of a whole language model.
 
 The FFN part comes from ``count_ffn`` (one function for every variant); this module adds the
-embeddings, attention and norms of the Transformer, or delegates to the sMLP's own count.
+embeddings, attention and norms of the Transformer, or those of the sMLP backbone.
 FLOPs count a multiply-add as 2 and are per token of a forward pass; causal attention costs each
 token on average (S + 1) / 2 scores at context length S.
 """
@@ -24,8 +24,6 @@ class ModelCost:
 def count_model(cfg: ModelConfig, vocab_size: int, seq_len: int) -> ModelCost:
     """Costs of the model ``build_model(cfg, vocab_size, seq_len)`` would build."""
     if cfg.backbone == "smlp":
-        from sffn_lab.models.smlp import count_smlp
-
         return count_smlp(cfg, vocab_size, seq_len)
     d, n = cfg.d_model, cfg.n_layers
     ffn = count_ffn(cfg.ffn, d)
@@ -42,4 +40,25 @@ def count_model(cfg: ModelConfig, vocab_size: int, seq_len: int) -> ModelCost:
     )
     score_flops = 2 * 2 * d * (seq_len + 1) / 2  # q·k and p·v over the causal prefix
     flops = 2 * vocab_size * d + n * (2 * 4 * d * d + score_flops + ffn.flops_per_token)
+    return ModelCost(int(total), int(active), int(flops))
+
+
+def count_smlp(cfg: ModelConfig, vocab_size: int, seq_len: int):
+    """Total / active parameters and forward FLOPs per token of ``SparseAllMLP(cfg, vocab_size, seq_len)``."""
+    s, D, L = cfg.smlp, cfg.d_model, seq_len
+    Fh = s.d_hidden
+    unit = 2 * D + (D * 2 * Fh + 2 * Fh) + 2 * Fh + (Fh * D + D)  # LN, in-proj, LN_v, out-proj
+    unit_flops = 2 * D * 2 * Fh + Fh * (L + 1) + 2 * Fh * D  # causal mixing: (L+1)/2 terms on average
+    mixing = (L * L if s.mixing == "full" else L) + L  # one mixing matrix's weight and bias
+    dense_block = unit + mixing
+    router = (Fh // s.n_chunks) * s.n_chunks if s.routing == "partial_prediction" else 0
+    ffn = count_ffn(cfg.ffn, D)
+    sparse_block = unit + s.n_chunks * mixing + router + 2 * D + ffn.total_params
+    sparse_active = unit + s.n_chunks * mixing + router + 2 * D + ffn.active_params
+    head = vocab_size * D
+    total = head + 2 * D + s.n_dense_blocks * dense_block + s.n_sparse_blocks * sparse_block
+    active = head + 2 * D + s.n_dense_blocks * dense_block + s.n_sparse_blocks * sparse_active
+    flops = 2 * head + (s.n_dense_blocks + s.n_sparse_blocks) * unit_flops + s.n_sparse_blocks * (
+        ffn.flops_per_token + 2 * router
+    )
     return ModelCost(int(total), int(active), int(flops))

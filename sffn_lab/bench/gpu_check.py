@@ -142,8 +142,7 @@ def kernel_backend(backend: str) -> Iterator[None]:
 
 # ---------------------------------------------------------------------------------------------- training
 def training_checks(device, quick: bool) -> Iterator[CheckResult]:
-    from sffn_lab.config import load_config
-    from sffn_lab.layers.registry import FFN_KINDS
+    from sffn_lab.config import FFN_KINDS, load_config
 
     size = (["model.d_model=32", "model.n_heads=2", "model.ffn.d_ff=64", "model.ffn.expert_size=16"] if quick
             else ["model.d_model=256", "model.n_heads=4", "model.ffn.d_ff=1024", "model.ffn.expert_size=128"])
@@ -196,47 +195,51 @@ SPEED_CASES = [(T, D, E) for T in (8192, 65536) for D in (512, 1024) for E in (1
 
 
 def speed_rows(G: int = 128, K: int = 4) -> Iterator[SpeedRow]:
+    for T, D, E in SPEED_CASES:
+        for dtype in (torch.bfloat16, torch.float32):
+            yield speed_row(T, D, E, G, K, dtype)
+            torch.cuda.empty_cache()
+
+
+def speed_row(T: int, D: int, E: int, G: int, K: int, dtype: torch.dtype) -> SpeedRow:
+    """Forward+backward of the σ-MoE expert bank (Triton and torch path) and of the two dense FFNs, in ms."""
     import triton.testing
 
     from sffn_lab.layers.dense import DenseFFN
 
-    for T, D, E in SPEED_CASES:
-        for dtype in (torch.bfloat16, torch.float32):
-            torch.manual_seed(0)
-            x = torch.randn(T, D, device="cuda", dtype=dtype, requires_grad=True)
-            keys = (torch.randn(E, D, G, device="cuda", dtype=dtype) * D**-0.5).requires_grad_(True)
-            values = (torch.randn(E, G, D, device="cuda", dtype=dtype) * G**-0.5).requires_grad_(True)
-            gates = torch.rand(T, K, device="cuda", requires_grad=True)
-            indices = torch.rand(T, E, device="cuda").topk(K, dim=1).indices
-            dy = torch.randn(T, D, device="cuda", dtype=dtype)
+    torch.manual_seed(0)
+    x = torch.randn(T, D, device="cuda", dtype=dtype, requires_grad=True)
+    keys = (torch.randn(E, D, G, device="cuda", dtype=dtype) * D**-0.5).requires_grad_(True)
+    values = (torch.randn(E, G, D, device="cuda", dtype=dtype) * G**-0.5).requires_grad_(True)
+    gates = torch.rand(T, K, device="cuda", requires_grad=True)
+    indices = torch.rand(T, E, device="cuda").topk(K, dim=1).indices
+    dy = torch.randn(T, D, device="cuda", dtype=dtype)
 
-            def moe(backend: str) -> Callable[[], None]:
-                def step() -> None:
-                    plan = RoutingPlan.of(indices, E)  # once per layer, as the expert bank does
-                    h = expert_up(x, keys, plan, backend)
-                    expert_down(torch.relu(h), values, plan, gates, backend).backward(dy)
-                return step
+    def moe(backend: str) -> Callable[[], None]:
+        def step() -> None:
+            plan = RoutingPlan.of(indices, E)  # once per layer, as the expert bank does
+            h = expert_up(x, keys, plan, backend)
+            expert_down(torch.relu(h), values, plan, gates, backend).backward(dy)
+        return step
 
-            def dense(d_ff: int) -> Callable[[], None]:
-                layer = DenseFFN(D, d_ff).to("cuda", dtype)
-                return lambda: layer(x).y.backward(dy)
+    def dense(d_ff: int) -> Callable[[], None]:
+        layer = DenseFFN(D, d_ff).to("cuda", dtype)
+        return lambda: layer(x).y.backward(dy)
 
-            def time_ms(fn: Callable[[], None]) -> float:
-                return triton.testing.do_bench(fn, warmup=25, rep=100, grad_to_none=[x, keys, values, gates])
+    def time_ms(fn: Callable[[], None]) -> float:
+        return triton.testing.do_bench(fn, warmup=25, rep=100, grad_to_none=[x, keys, values, gates])
 
-            moe_ms = time_ms(moe("triton"))
-            active_flops = 3 * 2 * 2 * T * K * G * D  # two products, forward and two backward products each
-            yield SpeedRow(
-                case=f"T {T}, D {D}, N_E {E}, G {G}, K {K}",
-                dtype=str(dtype).removeprefix("torch."),
-                moe_ms=moe_ms,
-                torch_path_ms=time_ms(moe("torch")),
-                flop_matched_ms=time_ms(dense(K * G)),
-                param_matched_ms=time_ms(dense(E * G)),
-                tflops=active_flops / (moe_ms * 1e-3) / 1e12,
-            )
-            del x, keys, values, gates, dy
-            torch.cuda.empty_cache()
+    moe_ms = time_ms(moe("triton"))
+    active_flops = 3 * 2 * 2 * T * K * G * D  # two products, forward and two backward products each
+    return SpeedRow(
+        case=f"T {T}, D {D}, N_E {E}, G {G}, K {K}",
+        dtype=str(dtype).removeprefix("torch."),
+        moe_ms=moe_ms,
+        torch_path_ms=time_ms(moe("torch")),
+        flop_matched_ms=time_ms(dense(K * G)),
+        param_matched_ms=time_ms(dense(E * G)),
+        tflops=active_flops / (moe_ms * 1e-3) / 1e12,
+    )
 
 
 # ---------------------------------------------------------------------------------------------- driver

@@ -10,7 +10,7 @@ from sffn_lab.bench.records import Measurement, with_ratios
 from sffn_lab.bench.sizes import BenchSizes
 from sffn_lab.bench.timing import interleaved_medians
 from sffn_lab.config import FFNConfig
-from sffn_lab.layers.registry import build_ffn
+from sffn_lab.layers.factory import build_ffn
 
 
 def layer_vs_dense(sizes: BenchSizes) -> list[Measurement]:

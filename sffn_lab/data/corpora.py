@@ -12,7 +12,6 @@ every later time, so later corruption or truncation is caught too.
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import io
 import json
@@ -28,7 +27,7 @@ import numpy as np
 from sffn_lab.config import DataConfig
 from sffn_lab.data import synthetic
 from sffn_lab.data.tokenizers import ByteTokenizer, SymbolTokenizer, Tokenizer, WordTokenizer
-from sffn_lab.errors import UserError
+from sffn_lab.errors import UserError, did_you_mean
 
 SPLITS = ("train", "valid", "test")
 
@@ -136,9 +135,8 @@ def load_corpus(cfg: DataConfig) -> Corpus:
         return text_file_corpus(path, cache_root(cfg))
     if "/" in name or "." in name:
         raise UserError(f"Corpus file '{name}' does not exist. Give a path to a text file or a corpus name.")
-    close = difflib.get_close_matches(name, CORPUS_NAMES, n=1)
-    hint = f" Did you mean '{close[0]}'?" if close else ""
-    raise UserError(f"Unknown corpus '{name}'.{hint} Known corpora: {', '.join(CORPUS_NAMES)}, or a file path.")
+    raise UserError(f"Unknown corpus '{name}'.{did_you_mean(name, CORPUS_NAMES)} Known corpora: "
+                    f"{', '.join(CORPUS_NAMES)}, or a file path.")
 
 
 # --------------------------------------------------------------------------------------------- synthetic

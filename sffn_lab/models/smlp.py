@@ -29,11 +29,8 @@ from torch import nn
 
 from sffn_lab.config import ModelConfig
 from sffn_lab.layers.base import FFNOutput
-from sffn_lab.layers.registry import build_ffn
+from sffn_lab.layers.factory import build_ffn
 from sffn_lab.models.output import LMOutput
-
-
-MIXINGS = ("toeplitz", "full")
 
 
 def mixing_matrices(weight: torch.Tensor, seq_len: int, mixing: str) -> torch.Tensor:
@@ -161,43 +158,3 @@ class SparseAllMLP(nn.Module):
         P = self.blocks[-1].mixing.prefix_length(S)  # the last block is sparse when any is
         mask = torch.arange(S, device=tokens.device) >= P if P else None
         return LMOutput(self.head(self.ln_out(x)), outputs, mask)
-
-
-def count_smlp(cfg: ModelConfig, vocab_size: int, seq_len: int):
-    """Total / active parameters and forward FLOPs per token of ``SparseAllMLP(cfg, vocab_size, seq_len)``."""
-    from sffn_lab.analysis.accounting import count_ffn
-    from sffn_lab.analysis.model_cost import ModelCost
-
-    s, D, L = cfg.smlp, cfg.d_model, seq_len
-    Fh = s.d_hidden
-    unit = 2 * D + (D * 2 * Fh + 2 * Fh) + 2 * Fh + (Fh * D + D)  # LN, in-proj, LN_v, out-proj
-    unit_flops = 2 * D * 2 * Fh + Fh * (L + 1) + 2 * Fh * D  # causal mixing: (L+1)/2 terms on average
-    mixing = (L * L if s.mixing == "full" else L) + L  # one mixing matrix's weight and bias
-    dense_block = unit + mixing
-    router = (Fh // s.n_chunks) * s.n_chunks if s.routing == "partial_prediction" else 0
-    ffn = count_ffn(cfg.ffn, D)
-    sparse_block = unit + s.n_chunks * mixing + router + 2 * D + ffn.total_params
-    sparse_active = unit + s.n_chunks * mixing + router + 2 * D + ffn.active_params
-    head = vocab_size * D
-    total = head + 2 * D + s.n_dense_blocks * dense_block + s.n_sparse_blocks * sparse_block
-    active = head + 2 * D + s.n_dense_blocks * dense_block + s.n_sparse_blocks * sparse_active
-    flops = 2 * head + (s.n_dense_blocks + s.n_sparse_blocks) * unit_flops + s.n_sparse_blocks * (
-        ffn.flops_per_token + 2 * router
-    )
-    return ModelCost(int(total), int(active), int(flops))
-
-
-def smlp_checks(cfg: ModelConfig) -> str | None:
-    """A message when the sMLP options cannot work, else None."""
-    s = cfg.smlp
-    if s.routing not in ("deterministic", "partial_prediction"):
-        return f"model.smlp.routing must be 'deterministic' or 'partial_prediction', got '{s.routing}'."
-    if s.n_dense_blocks < 0 or s.n_sparse_blocks < 0 or s.n_dense_blocks + s.n_sparse_blocks == 0:
-        return "model.smlp needs at least one block (n_dense_blocks + n_sparse_blocks ≥ 1)."
-    if s.d_hidden < 1 or s.n_chunks < 1 or s.d_hidden % s.n_chunks:
-        return f"model.smlp.n_chunks ({s.n_chunks}) must divide model.smlp.d_hidden ({s.d_hidden})."
-    if s.mixing not in MIXINGS:
-        return f"model.smlp.mixing must be one of {', '.join(MIXINGS)}, got '{s.mixing}'."
-    if not 0 < s.prediction_fraction < 1:
-        return "model.smlp.prediction_fraction must be between 0 and 1."
-    return None

@@ -15,7 +15,7 @@ from torch import nn
 
 from sffn_lab.config import ModelConfig
 from sffn_lab.layers.base import FFNOutput
-from sffn_lab.layers.registry import build_ffn
+from sffn_lab.layers.factory import build_ffn
 from sffn_lab.models.output import LMOutput
 
 

@@ -1,0 +1,76 @@
+"""The package's imports run one way: no module imports, directly or through others, a module that imports it."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = {"sffn_lab": ROOT / "sffn_lab", "sffn_lab.kernels": ROOT / "kernels",
+            "sffn_lab.experiments": ROOT / "experiments"}
+
+
+def modules() -> dict[str, Path]:
+    found = {}
+    for package, folder in PACKAGES.items():
+        for path in folder.rglob("*.py"):
+            parts = path.relative_to(folder).with_suffix("").parts
+            if parts[-1] == "__init__":
+                parts = parts[:-1]
+            found[".".join((package, *parts))] = path
+    return found
+
+
+def imports_of(path: Path, known: set[str]) -> set[str]:
+    """The package modules a file imports (module-level or inside functions), resolved to known module names."""
+    targets = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        names = []
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+        for name in names:
+            while name and name not in known:
+                name = name.rpartition(".")[0]
+            if name:
+                targets.add(name)
+    return targets
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        stack.append(node)
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                return stack[stack.index(nxt):] + [nxt]
+            if nxt not in state and (cycle := visit(nxt)):
+                return cycle
+        stack.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (cycle := visit(node)):
+            return cycle
+    return None
+
+
+def test_no_import_cycles():
+    found = modules()
+    graph = {}
+    for name, path in found.items():
+        # a package's __init__ importing its own submodules is the package, not a cycle
+        graph[name] = {t for t in imports_of(path, set(found)) if t != name and not (
+            path.name == "__init__.py" and t.startswith(name + "."))}
+    cycle = find_cycle(graph)
+    assert cycle is None, " → ".join(cycle)
+
+
+def test_config_is_a_leaf():
+    found = modules()
+    assert imports_of(found["sffn_lab.config"], set(found)) <= {"sffn_lab.errors"}
