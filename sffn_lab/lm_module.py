@@ -17,10 +17,10 @@ import torch.nn.functional as F
 from torchmetrics import SumMetric
 
 from sffn_lab.config import Config, from_dict, to_dict
+from sffn_lab.data.datamodule import IGNORE_INDEX
 from sffn_lab.errors import UserError
 from sffn_lab.models import build_model
 
-IGNORE_INDEX = -100
 MAX_CONSECUTIVE_SKIPS = 20  # with train.skip_nonfinite: give up after this many non-finite batches in a row
 
 
@@ -31,7 +31,6 @@ class CorpusInfo:
     vocab_size: int
     unit: str  # "byte", "word" or "token" (synthetic)
     entropy_rate_bits: float | None = None  # bits per token of the true process (synthetic only)
-    unigram_entropy_bits: float | None = None
 
 
 class NonFiniteLossError(UserError):

@@ -124,7 +124,6 @@ def corpus_info(data: LMDataModule) -> CorpusInfo:
         vocab_size=data.vocab_size,
         unit=data.unit,
         entropy_rate_bits=data.entropy_rate_bits,
-        unigram_entropy_bits=data.unigram_entropy_bits,
     )
 
 

@@ -18,29 +18,31 @@ LEARNED_ROUTERS = ("sigma_moe", "switch", "sbase", "base")
 
 
 @dataclass(frozen=True)
-class FFNCost:
+class Cost:
+    """Of one FFN layer or of a whole model."""
+
     total_params: int
-    active_params: int
-    flops_per_token: int
+    active_params: int  # parameters touched by one token (embedding: one row; experts: the selected ones)
+    flops_per_token: int  # forward, a multiply-add counted as 2
 
 
-def count_ffn(cfg: FFNConfig, d_model: int) -> FFNCost:
+def count_ffn(cfg: FFNConfig, d_model: int) -> Cost:
     """Total and active parameters and forward FLOPs/token of one FFN layer built from ``cfg``."""
     D = d_model
     if cfg.kind == "dense":
         params = 2 * D * cfg.d_ff + cfg.d_ff + D
-        return FFNCost(params, params, 4 * D * cfg.d_ff)
+        return Cost(params, params, 4 * D * cfg.d_ff)
     if cfg.kind == "topk":
         # every key (and its bias) is computed; only K value columns are read
         total = 2 * D * cfg.d_ff + cfg.d_ff + D
         active = D * cfg.d_ff + cfg.d_ff + cfg.top_k * D + D
-        return FFNCost(total, active, 2 * D * cfg.d_ff + 2 * cfg.top_k * D)
+        return Cost(total, active, 2 * D * cfg.d_ff + 2 * cfg.top_k * D)
     if cfg.kind in BLOCK_KINDS:
         E, G, K = cfg.n_experts, cfg.expert_size, cfg.top_k
         router = E * D if cfg.kind in LEARNED_ROUTERS else 0
         # Avg-K scores blocks against their mean keys (E·D multiply-adds), like a learned router
         router_flops = 2 * E * D if cfg.kind != "hash" else 0
-        return FFNCost(2 * E * G * D + router, 2 * K * G * D + router, 4 * K * G * D + router_flops)
+        return Cost(2 * E * G * D + router, 2 * K * G * D + router, 4 * K * G * D + router_flops)
     if cfg.kind == "pkm":
         p = cfg.pkm
         query = D * p.heads * p.key_dim
@@ -48,7 +50,7 @@ def count_ffn(cfg: FFNConfig, d_model: int) -> FFNCost:
         values = p.n_keys**2 * D
         active = query + sub_keys + p.heads * p.knn * D
         flops = 2 * query + 2 * sub_keys + p.heads * p.knn**2 + 2 * p.heads * p.knn * D
-        return FFNCost(query + sub_keys + values, active, flops)
+        return Cost(query + sub_keys + values, active, flops)
     raise UserError(f"Unknown model.ffn.kind '{cfg.kind}'.")
 
 
@@ -129,12 +131,12 @@ def variants_table(d_model: int, d_ff: int, expert_size: int = 128, top_k: int =
         elif kind == "topk":
             options = {"top_k": top_k * expert_size}  # as many active cells as the block variants
         cfg = param_equal(dense, kind, d_model, **options)
-        rows.append({"kind": kind, "sizes": _sizes(cfg), **cost_columns(count_ffn(cfg, d_model), dense_cost)})
+        rows.append({"kind": kind, "sizes": ffn_sizes(cfg), **cost_columns(count_ffn(cfg, d_model), dense_cost)})
     return rows
 
 
 def cost_columns(cost, dense_cost) -> dict:
-    """Table columns of a cost (``FFNCost`` or ``ModelCost``), with FLOPs and parameters relative to dense."""
+    """Table columns of a cost (of a layer or a model), with FLOPs and parameters relative to dense."""
     return {
         "total_params": cost.total_params,
         "active_params": cost.active_params,
@@ -144,7 +146,8 @@ def cost_columns(cost, dense_cost) -> dict:
     }
 
 
-def _sizes(cfg: FFNConfig) -> str:
+def ffn_sizes(cfg: FFNConfig) -> str:
+    """The sizes that define an FFN layer, e.g. ``N_E=16 G=128 K=4`` or ``d_ff=2048``."""
     if cfg.kind in BLOCK_KINDS:
         return f"N_E={cfg.n_experts} G={cfg.expert_size} K={cfg.top_k}"
     if cfg.kind == "topk":

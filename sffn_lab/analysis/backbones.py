@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from sffn_lab.analysis.accounting import cost_columns, param_equal
+from sffn_lab.analysis.accounting import cost_columns, ffn_sizes, param_equal
 from sffn_lab.analysis.model_cost import count_model
 from sffn_lab.config import FFNConfig, ModelConfig, SMLPConfig
 
@@ -59,8 +59,7 @@ def backbones_table(d_model: int, d_ff: int, n_layers: int, seq_len: int, vocab_
 
 
 def _sizes(cfg: ModelConfig) -> str:
-    f = cfg.ffn
-    ffn = f"d_ff={f.d_ff}" if f.kind == "dense" else f"N_E={f.n_experts} G={f.expert_size} K={f.top_k}"
+    ffn = ffn_sizes(cfg.ffn)
     if cfg.backbone != "smlp":
         return f"{cfg.n_layers} layers, FFN {ffn}"
     s = cfg.smlp

@@ -66,10 +66,9 @@ def line_styles(n: int) -> list[dict]:
 
 def plot_runs(run_dirs: list[Path], output: Path, x_axis: str = "steps") -> None:
     """Overlay the validation curves of ``run_dirs`` in one labelled PNG."""
-    import matplotlib
+    from sffn_lab.analysis.plotting import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     curves = [validation_curve(r, x_axis) for r in run_dirs]
     fig, ax = plt.subplots(figsize=(7, 4.5))

@@ -8,20 +8,11 @@ token on average (S + 1) / 2 scores at context length S.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-from sffn_lab.analysis.accounting import count_ffn
+from sffn_lab.analysis.accounting import Cost, count_ffn
 from sffn_lab.config import ModelConfig
 
 
-@dataclass
-class ModelCost:
-    total_params: int
-    active_params: int  # parameters touched by one token (embedding: one row; experts: the selected ones)
-    flops_per_token: int
-
-
-def count_model(cfg: ModelConfig, vocab_size: int, seq_len: int) -> ModelCost:
+def count_model(cfg: ModelConfig, vocab_size: int, seq_len: int) -> Cost:
     """Costs of the model ``build_model(cfg, vocab_size, seq_len)`` would build."""
     if cfg.backbone == "smlp":
         return count_smlp(cfg, vocab_size, seq_len)
@@ -40,10 +31,10 @@ def count_model(cfg: ModelConfig, vocab_size: int, seq_len: int) -> ModelCost:
     )
     score_flops = 2 * 2 * d * (seq_len + 1) / 2  # q·k and p·v over the causal prefix
     flops = 2 * vocab_size * d + n * (2 * 4 * d * d + score_flops + ffn.flops_per_token)
-    return ModelCost(int(total), int(active), int(flops))
+    return Cost(int(total), int(active), int(flops))
 
 
-def count_smlp(cfg: ModelConfig, vocab_size: int, seq_len: int):
+def count_smlp(cfg: ModelConfig, vocab_size: int, seq_len: int) -> Cost:
     """Total / active parameters and forward FLOPs per token of ``SparseAllMLP(cfg, vocab_size, seq_len)``."""
     s, D, L = cfg.smlp, cfg.d_model, seq_len
     Fh = s.d_hidden
@@ -61,4 +52,4 @@ def count_smlp(cfg: ModelConfig, vocab_size: int, seq_len: int):
     flops = 2 * head + (s.n_dense_blocks + s.n_sparse_blocks) * unit_flops + s.n_sparse_blocks * (
         ffn.flops_per_token + 2 * router
     )
-    return ModelCost(int(total), int(active), int(flops))
+    return Cost(int(total), int(active), int(flops))

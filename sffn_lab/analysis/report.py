@@ -138,10 +138,9 @@ def write_report(sweep_dir: Path) -> list[Row]:
 
 def plot_sweep(sweep_dir: Path, output: Path) -> None:
     """Validation curves, one line per run name: mean over seeds with a min–max band."""
-    import matplotlib
+    from sffn_lab.analysis.plotting import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     import numpy as np
 
     fig, ax = plt.subplots(figsize=(7.5, 4.5))

@@ -31,10 +31,9 @@ def usage_stats(counts: torch.Tensor) -> dict[str, float]:
 
 def plot_usage_heatmap(usage: dict[str, torch.Tensor], path: Path) -> None:
     """One row per layer (label → counts [N_E]), colour = share of that layer's assignments."""
-    import matplotlib
+    from sffn_lab.analysis.plotting import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     width = max(c.numel() for c in usage.values())
     grid = torch.full((len(usage), width), float("nan"))

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from sffn_lab.analysis.accounting import param_equal
+from sffn_lab.analysis.accounting import ffn_sizes, param_equal
 from sffn_lab.bench.records import Measurement, with_ratios
 from sffn_lab.bench.sizes import BenchSizes, LMCase
 from sffn_lab.bench.timing import interleaved_medians
@@ -64,8 +64,7 @@ def lm_throughput(sizes: BenchSizes, config_path: Path) -> list[Measurement]:
         for name, cfg in configs.items():
             f, d = cfg.model.ffn, cfg.data
             tokens = d.batch_size * d.seq_len * case.steps_per_round
-            experts = f"N_E={f.n_experts} G={f.expert_size} K={f.top_k}"
-            ffn = f"d_ff={f.d_ff}" if f.kind == "dense" else experts
+            ffn = ffn_sizes(f)
             case_rows.append(Measurement(
                 "lm", case.name, name, "train_tokens_per_s", tokens / seconds[name],
                 note=f"{params[name]:,} params, {ffn}, batch {d.batch_size}x{d.seq_len}, "

@@ -9,10 +9,9 @@ from sffn_lab.bench.records import Measurement
 
 def plot_scaling(rows: list[Measurement], path: Path) -> None:
     """Time vs N_E, G and K (log-log), each against its ideal: flat for N_E, linear for G and K."""
-    import matplotlib
+    from sffn_lab.analysis.plotting import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
     for ax, (label, ideal) in zip(axes, (("N_E", "flat"), ("G", "linear"), ("K", "linear")), strict=True):
@@ -35,10 +34,9 @@ def plot_scaling(rows: list[Measurement], path: Path) -> None:
 
 def plot_ratios(rows: list[Measurement], path: Path) -> None:
     """Bars: σ-MoE/dense time and memory, the alternatives' time relative to ours, LM tokens/s ratios."""
-    import matplotlib
+    from sffn_lab.analysis.plotting import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     layer = [r for r in rows if r.section == "layer" and r.variant != "dense"]
     others = [r for r in rows if r.section == "alternatives" and r.variant != r.reference]

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sffn_lab.layers.base import FFNOutput
+from sffn_lab.layers.ffn_output import FFNOutput
 
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu}
 

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
 from sffn_lab.config import FFNConfig
 from sffn_lab.kernels import RoutingPlan
-from sffn_lab.layers.base import FFNOutput
 from sffn_lab.layers.expert_bank import ExpertBank
+from sffn_lab.layers.ffn_output import FFNOutput
 from sffn_lab.layers.routers import build_router
 
 
@@ -21,9 +19,7 @@ class MoEFFN(nn.Module):
         super().__init__()
         self.bank = ExpertBank(d_model, cfg.n_experts, cfg.expert_size, cfg.activation)
         self.router = build_router(cfg, d_model, n_layers)
-        if cfg.kind == "sigma_moe" and cfg.sigma_moe.init == "paper":
-            scale = math.sqrt(2 / n_layers)
-            self.bank.init_normal_(d_model**-0.5 * scale, (cfg.n_experts * cfg.expert_size) ** -0.5 * scale)
+        self.router.init_bank(self.bank)
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, token_ids: torch.Tensor | None = None) -> FFNOutput:

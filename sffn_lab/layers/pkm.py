@@ -15,7 +15,7 @@ from torch import nn
 
 from sffn_lab.config import PKMOptions
 from sffn_lab.kernels.precision import autocast_operands
-from sffn_lab.layers.base import FFNOutput
+from sffn_lab.layers.ffn_output import FFNOutput
 from sffn_lab.layers.routers import at_least_fp32
 
 

@@ -68,7 +68,15 @@ def renorm_rows_keep_std(weight: torch.Tensor) -> None:
         weight.mul_(std / weight.std())
 
 
-class LinearRouter(nn.Module):
+class Router(nn.Module):
+    """Base of every router: ``forward(x [T, D], token_ids [T] | None, bank) -> Routing``, and the variant's
+    own initialisation of the expert bank it routes to (by default the bank's own)."""
+
+    def init_bank(self, bank: ExpertBank) -> None:
+        """Initialise ``bank`` as this variant's method prescribes (nothing to change by default)."""
+
+
+class LinearRouter(Router):
     """Base of the routers that score experts with a learned selection matrix W_sel [N_E, D]."""
 
     def __init__(self, d_model: int, n_experts: int, k: int):
@@ -88,9 +96,16 @@ class SigmaMoERouter(LinearRouter):
     def __init__(self, d_model: int, n_experts: int, k: int, opts, n_layers: int):
         super().__init__(d_model, n_experts, k)
         self.opts = opts
+        self.depth_scale = math.sqrt(2 / n_layers)  # the paper's √(2 / n_layers) on every init std
         if opts.init == "paper":
-            nn.init.normal_(self.selector, std=d_model**-0.5 * math.sqrt(2 / n_layers))
+            nn.init.normal_(self.selector, std=d_model**-0.5 * self.depth_scale)
             renorm_rows_keep_std(self.selector)
+
+    def init_bank(self, bank: ExpertBank) -> None:
+        """The paper's init: keys std D^-½·s, values std (N_E·G)^-½·s, s = √(2 / n_layers)."""
+        if self.opts.init == "paper":
+            E, D, G = bank.keys.shape
+            bank.init_normal_(D**-0.5 * self.depth_scale, (E * G) ** -0.5 * self.depth_scale)
 
     def forward(self, x, token_ids=None, bank=None) -> Routing:
         logits = self.logits(x)
@@ -246,7 +261,7 @@ def _swap_into_full_expert(token: int, assigned, remaining, taken) -> None:
     remaining[f] -= 1
 
 
-class HashRouter(nn.Module):
+class HashRouter(Router):
     """HashLayer: a fixed random list of K distinct experts per hashed token id; no gate, no loss."""
 
     def __init__(self, n_experts: int, k: int, seed: int):
@@ -261,7 +276,7 @@ class HashRouter(nn.Module):
         return Routing(self.table[token_ids.reshape(-1) % HASH_BUCKETS])
 
 
-class AvgKRouter(nn.Module):
+class AvgKRouter(Router):
     """Avg-K: block score = x · mean of the block's key vectors; top-K blocks; no balancing loss."""
 
     def __init__(self, k: int, opts):
@@ -274,7 +289,7 @@ class AvgKRouter(nn.Module):
         return Routing(indices, gate_values(scores, indices, self.opts.gate))
 
 
-def build_router(cfg: FFNConfig, d_model: int, n_layers: int) -> nn.Module:
+def build_router(cfg: FFNConfig, d_model: int, n_layers: int) -> Router:
     E, K = cfg.n_experts, cfg.top_k
     if cfg.kind == "sigma_moe":
         return SigmaMoERouter(d_model, E, K, cfg.sigma_moe, n_layers)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from sffn_lab.layers.base import FFNOutput
 from sffn_lab.layers.dense import ACTIVATIONS
+from sffn_lab.layers.ffn_output import FFNOutput
 
 
 class TopKFFN(nn.Module):

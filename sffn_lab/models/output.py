@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from sffn_lab.layers.base import FFNOutput
+from sffn_lab.layers.ffn_output import FFNOutput
 
 
 @dataclass

@@ -28,8 +28,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from sffn_lab.config import ModelConfig
-from sffn_lab.layers.base import FFNOutput
 from sffn_lab.layers.factory import build_ffn
+from sffn_lab.layers.ffn_output import FFNOutput
 from sffn_lab.models.output import LMOutput
 
 

@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from sffn_lab.config import ModelConfig
-from sffn_lab.layers.base import FFNOutput
 from sffn_lab.layers.factory import build_ffn
+from sffn_lab.layers.ffn_output import FFNOutput
 from sffn_lab.models.output import LMOutput
 
 
@@ -36,13 +36,12 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 class CausalSelfAttention(nn.Module):
     """Multi-head causal self-attention: x [B, S, D] → [B, S, D]."""
 
-    def __init__(self, d_model: int, n_heads: int, dropout: float, rope: bool):
+    def __init__(self, d_model: int, n_heads: int, dropout: float):
         super().__init__()
         self.n_heads = n_heads
         self.qkv = nn.Linear(d_model, 3 * d_model)
         self.proj = nn.Linear(d_model, d_model)
         self.dropout = dropout
-        self.rope = rope
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
         B, S, D = x.shape
@@ -60,7 +59,7 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.ln_attn = nn.LayerNorm(cfg.d_model)
-        self.attn = CausalSelfAttention(cfg.d_model, cfg.n_heads, cfg.dropout, cfg.positions == "rope")
+        self.attn = CausalSelfAttention(cfg.d_model, cfg.n_heads, cfg.dropout)
         self.ln_ffn = nn.LayerNorm(cfg.d_model)
         self.ffn = build_ffn(cfg.ffn, cfg.d_model, cfg.n_layers)
         self.dropout = nn.Dropout(cfg.dropout)
