@@ -265,7 +265,8 @@ def _validation_tokens(config: Config) -> int:
 
 def run_state(run_dir: Path) -> str:
     """'finished', 'resumable' (a checkpoint to continue from) or 'new'."""
-    from sffn_lab.training import LAST_CKPT, read_status
+    from sffn_lab.checkpoints import LAST_CKPT
+    from sffn_lab.run_dir import read_status
 
     if not run_dir.exists():
         return "new"

@@ -121,7 +121,9 @@ def train(
 ) -> None:
     """Train a language model (the default experiment when run without options)."""
     from sffn_lab import training
+    from sffn_lab.checkpoints import load_run_config
     from sffn_lab.config import load_config
+    from sffn_lab.run_dir import is_launched_rank
 
     overrides = _typed_overrides(
         data=data, max_steps=max_steps, seed=seed, accelerator=accelerator, devices=devices,
@@ -130,12 +132,12 @@ def train(
     if resume is not None:
         if config is not None:
             raise UserError("--resume continues a run with its own config; do not pass --config with it.")
-        cfg = training.load_run_config(resume, overrides)
+        cfg = load_run_config(resume, overrides)
     else:
         cfg = load_config(_experiment_file(config), overrides)
     _warn_if_cpu_busy()
     summary = training.train(cfg, progress=progress, resume_dir=resume)
-    if not training.is_launched_rank():
+    if not is_launched_rank():
         console.print(_format_summary(summary))
         console.print(f"run directory: {summary.run_dir}", soft_wrap=True)
 

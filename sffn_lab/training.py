@@ -1,9 +1,7 @@
-"""Run directories, the Lightning Trainer, and the train / resume / evaluate entry points.
+"""The Lightning Trainer and the entry points: train (new or resumed), evaluate, sample.
 
-A run directory holds ``config.yaml`` (the resolved config), ``metrics.csv`` (CSVLogger),
-``checkpoints/`` (last and best), ``status.json`` (running / finished / failed) and, when the
-run ends, ``summary.json``. Everything that can fail because of the user's input (config, corpus,
-model sizes) is checked before the run directory is created.
+Everything that can fail because of the user's input (config, corpus, model sizes, loggers) is checked
+before the run directory (``sffn_lab.run_dir``) is created.
 """
 
 from __future__ import annotations
@@ -11,18 +9,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-import pickle
-import shutil
 import sys
-import time
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 import lightning as L
 import torch
-from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import ModelCheckpoint
 
@@ -35,12 +28,17 @@ from sffn_lab.callbacks import (
     UsageHeatmap,
     ValidateAtLastStep,
 )
+from sffn_lab.checkpoints import (
+    LAST_CKPT,
+    AtomicCheckpointIO,
+    check_resumable,
+    load_checkpoint,
+    read_checkpoint,
+)
 from sffn_lab.config import (
     Config,
     apply_overrides,
     from_dict,
-    load_config,
-    read_yaml,
     save_config,
     to_dict,
     validate,
@@ -50,13 +48,17 @@ from sffn_lab.data.tokenizers import tokenizer_to_dict
 from sffn_lab.errors import UserError
 from sffn_lab.lm_module import CorpusInfo, LanguageModelModule
 from sffn_lab.loggers import FlushLogsBeforeCheckpoint, build_loggers, check_installed, parse_loggers
-
-CONFIG_FILE = "config.yaml"
-STATUS_FILE = "status.json"
-SUMMARY_FILE = "summary.json"
-LAST_CKPT = "last.ckpt"
-TOKENIZER_FILE = "tokenizer.json"  # the corpus' tokenizer, so that sampling needs no corpus
-RUN_DIR_ENV = "SFFN_RUN_DIR"  # passes rank 0's run directory to the other DDP ranks
+from sffn_lab.run_dir import (
+    CONFIG_FILE,
+    RUN_DIR_ENV,
+    SUMMARY_FILE,
+    TOKENIZER_FILE,
+    is_launched_rank,
+    new_run_dir,
+    record_failure,
+    scored_tokens,
+    write_status,
+)
 
 
 def quiet_lightning() -> None:
@@ -71,32 +73,6 @@ def quiet_lightning() -> None:
         ".*is not supported on CPU. Using `precision=.*",  # build_trainer refuses the substitution itself
     ):
         warnings.filterwarnings("ignore", message=pattern)
-
-
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Writes each checkpoint to a temporary file and renames it into place.
-
-    A run killed mid-save leaves the previous checkpoint intact; a half-written file is never
-    under the checkpoint's name.
-    """
-
-    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp")
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with open(tmp, "wb") as file:
-                torch.save(checkpoint, file)
-                file.flush()
-                os.fsync(file.fileno())  # the data is on disk before the name points at it
-            os.replace(tmp, path)
-        except OSError as exc:
-            tmp.unlink(missing_ok=True)
-            raise UserError(
-                f"Could not write checkpoint '{path}': {exc.strerror or exc}. The run stopped at step "
-                f"{checkpoint.get('global_step', '?')}; earlier checkpoints are intact. Free some space "
-                f"(or fix the permissions) and continue with: sffn train --resume {path.parent.parent}"
-            ) from None
 
 
 @dataclass
@@ -125,39 +101,6 @@ def corpus_info(data: LMDataModule) -> CorpusInfo:
         unit=data.unit,
         entropy_rate_bits=data.entropy_rate_bits,
     )
-
-
-def new_run_dir(config: Config, path: Path | None = None) -> Path:
-    """A fresh directory: ``path`` if given, else ``<train.out_dir>/<name>-<timestamp>`` (suffixed if taken)."""
-    out = Path(config.train.out_dir) if path is None else Path(path).parent
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UserError(f"Cannot create the output directory '{out}': {exc}.") from None
-    if not os.access(out, os.W_OK):
-        raise UserError(f"The output directory '{out}' is not writable. Choose another with --out.")
-    if path is not None:
-        Path(path).mkdir()
-        return Path(path)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    run_dir = out / f"{config.name}-{stamp}"
-    suffix = 1
-    while run_dir.exists():
-        suffix += 1
-        run_dir = out / f"{config.name}-{stamp}-{suffix}"
-    run_dir.mkdir()
-    return run_dir
-
-
-def write_status(run_dir: Path, status: str, **extra: Any) -> None:
-    tmp = run_dir / f".{STATUS_FILE}.tmp"
-    tmp.write_text(json.dumps({"status": status, **extra}, indent=2))
-    os.replace(tmp, run_dir / STATUS_FILE)
-
-
-def read_status(run_dir: Path) -> dict[str, Any]:
-    path = Path(run_dir) / STATUS_FILE
-    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 PRECISION_ALIASES = {"32": "32-true", "16": "16-mixed", "bf16": "bf16-mixed", "64": "64-true"}  # Lightning's
@@ -234,11 +177,6 @@ def prepare(config: Config) -> tuple[LMDataModule, LanguageModelModule]:
     return data, module
 
 
-def is_launched_rank() -> bool:
-    """True in the processes Lightning's DDP launcher starts for ranks other than 0."""
-    return os.environ.get("LOCAL_RANK", "0") != "0" or os.environ.get("NODE_RANK", "0") != "0"
-
-
 def train(
     config: Config, progress: bool = True, resume_dir: Path | None = None, run_dir: Path | None = None
 ) -> RunSummary:
@@ -278,7 +216,7 @@ def train(
         raise
     except BaseException as exc:
         if rank_zero:
-            _record_failure(run_dir, trainer.global_step if trainer else 0, exc, created)
+            record_failure(run_dir, trainer.global_step if trainer else 0, exc, created)
         raise
     finally:
         os.environ.pop(RUN_DIR_ENV, None)
@@ -289,15 +227,6 @@ def train(
         (run_dir / SUMMARY_FILE).write_text(json.dumps(asdict(summary), indent=2))
         write_status(run_dir, "finished", step=trainer.global_step)
     return summary
-
-
-def _record_failure(run_dir: Path, step: int, exc: BaseException, created: bool) -> None:
-    """Mark the run failed; a run directory this call ``created`` is removed if it holds no checkpoint."""
-    checkpoints = run_dir / "checkpoints"
-    if created and not any(checkpoints.glob("*.ckpt")):
-        shutil.rmtree(run_dir, ignore_errors=True)
-        return
-    write_status(run_dir, "failed", step=step, error=str(exc) or type(exc).__name__)
 
 
 def summarize(run_dir: Path, trainer: L.Trainer, module: LanguageModelModule, wall: float) -> RunSummary:
@@ -323,93 +252,6 @@ def summarize(run_dir: Path, trainer: L.Trainer, module: LanguageModelModule, wa
         best_checkpoint=(ckpt.best_model_path or None) if ckpt else None,
     )
     return summary
-
-
-EVERY_TOKEN = "every token of the split"
-
-
-def scored_tokens(config: Config) -> str:
-    """Which tokens the reported losses cover, so that numbers are compared on the same token sets."""
-    m = config.model
-    if m.backbone == "smlp" and m.smlp.routing == "partial_prediction" and m.smlp.n_sparse_blocks:
-        kept = 1 - m.smlp.prediction_fraction
-        return f"the last {kept:.0%} of each {config.data.seq_len}-token window only (partial prediction)"
-    return EVERY_TOKEN
-
-
-def load_run_config(run_dir: Path, overrides: list[str]) -> Config:
-    """The config a run was made with; only ``train.max_steps`` may be changed when resuming."""
-    run_dir = Path(run_dir)
-    if not (run_dir / CONFIG_FILE).is_file():
-        raise UserError(f"'{run_dir}' is not a run directory (no {CONFIG_FILE} in it).")
-    config = load_config(run_dir / CONFIG_FILE, overrides)
-    saved = from_dict(Config, read_yaml(run_dir / CONFIG_FILE))
-    changed = _diff(to_dict(saved), to_dict(config))
-    changed.discard("train.max_steps")
-    if changed:
-        raise UserError(
-            f"Cannot resume '{run_dir}' with a different config (changed: {', '.join(sorted(changed))}). "
-            "Only train.max_steps may change when resuming; start a new run for anything else."
-        )
-    return config
-
-
-def _diff(a: dict, b: dict, prefix: str = "") -> set[str]:
-    keys = set()
-    for k in a.keys() | b.keys():
-        if isinstance(a.get(k), dict) and isinstance(b.get(k), dict):
-            keys |= _diff(a[k], b[k], f"{prefix}{k}.")
-        elif a.get(k) != b.get(k):
-            keys.add(f"{prefix}{k}")
-    return keys
-
-
-def read_checkpoint(path: Path) -> dict[str, Any]:
-    """The contents of an sffn-lab checkpoint file (tensors memory-mapped); ``UserError`` if unusable."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"Checkpoint '{path}' does not exist.")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as exc:
-        reason = str(exc).split(". ")[0].splitlines()[0] if str(exc) else type(exc).__name__
-        raise UserError(
-            f"Checkpoint '{path}' is not a valid sffn-lab checkpoint: it is cut short or corrupt "
-            f"({reason}) and was not loaded. Use another checkpoint of the run: checkpoints/best-*.ckpt "
-            "(copied to last.ckpt, --resume goes on from it)."
-        ) from None
-    if not isinstance(checkpoint, dict) or "config" not in checkpoint.get("hyper_parameters", {}):
-        raise UserError(f"Checkpoint '{path}' is not a valid sffn-lab checkpoint (it holds no config).")
-    return checkpoint
-
-
-def check_resumable(checkpoint: dict[str, Any], config: Config, path: Path) -> None:
-    """Refuse to resume ``config`` from a checkpoint of a different model or training setup."""
-    changed = _diff(checkpoint["hyper_parameters"]["config"], to_dict(config))
-    changed.discard("train.max_steps")
-    if changed:
-        raise UserError(
-            f"Checkpoint '{path}' was written by a run with a different config (changed: "
-            f"{', '.join(sorted(changed))}); it cannot continue this run."
-        )
-
-
-def load_checkpoint(path: Path) -> LanguageModelModule:
-    """A trained module from a checkpoint file, or a run directory (its best, else last, checkpoint)."""
-    path = Path(path)
-    if path.is_dir():
-        candidates = sorted((path / "checkpoints").glob("best-*.ckpt")) or [path / "checkpoints" / LAST_CKPT]
-        path = candidates[-1]
-    checkpoint = read_checkpoint(path)
-    try:
-        module = LanguageModelModule(**checkpoint["hyper_parameters"])
-        module.load_state_dict(checkpoint["state_dict"])
-    except (RuntimeError, KeyError, TypeError) as exc:
-        problems = [line.strip() for line in str(exc).splitlines()[1:] if line.strip()] or [str(exc)]
-        raise UserError(
-            f"Checkpoint '{path}' does not match the model its config describes: {problems[0]}"
-        ) from None
-    return module
 
 
 def sample(ckpt: Path, prompt: str, tokens: int, temperature: float, top_k: int | None, seed: int) -> str:

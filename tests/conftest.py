@@ -15,14 +15,15 @@ def pytest_addoption(parser):
     parser.addoption("--seed", type=int, default=None, help="Replay the randomised tests with this seed.")
 
 
-@pytest.fixture
+@pytest.fixture(autouse=True)
 def seed(request) -> int:
-    """A fresh seed per test (or --seed N), applied to torch's global RNG and printed, so a failure shows
-    the seed and ``pytest --seed N`` replays it."""
+    """Every test: a fresh seed (or --seed N) applied to torch's and Python's global RNGs and printed, so a
+    failing randomised test shows its seed and ``pytest --seed N TEST`` replays it."""
     value = request.config.getoption("--seed")
     if value is None:
         value = random.SystemRandom().randrange(2**31)
     torch.manual_seed(value)
+    random.seed(value)
     print(f"seed {value}: replay with pytest --seed {value} {request.node.nodeid}")
     return value
 

@@ -12,17 +12,14 @@ import yaml
 
 from sffn_lab.ablation import load_grid
 from sffn_lab.errors import UserError
-from tests.test_cli import run_cli
+from tests.support import TINY, run_cli
 
-TINY = ["model.d_model=32", "model.n_layers=1", "model.n_heads=2", "model.ffn.d_ff=64", "data.seq_len=32",
-        "data.batch_size=8", "data.synthetic.train_tokens=40000", "data.synthetic.valid_tokens=3000",
-        "data.synthetic.test_tokens=2000", "train.val_every=4", "train.max_steps=8", "train.warmup_steps=2",
-        "train.checkpoint_every=2"]
+GRID_SETTINGS = [*TINY, "train.val_every=4", "train.max_steps=8", "train.warmup_steps=2", "train.checkpoint_every=2"]
 
 
 def write_grid(tmp_path: Path, runs: list[dict], **extra) -> Path:
     path = tmp_path / "grid.yaml"
-    path.write_text(yaml.safe_dump({"name": "tiny", "set": TINY, "seeds": [0, 1], "runs": runs, **extra}))
+    path.write_text(yaml.safe_dump({"name": "tiny", "set": GRID_SETTINGS, "seeds": [0, 1], "runs": runs, **extra}))
     return path
 
 

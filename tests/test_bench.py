@@ -17,7 +17,7 @@ from sffn_lab.bench.records import NOT_MEASURED_NO_GPU
 from sffn_lab.bench.sizes import QUICK
 from sffn_lab.config import FFN_KINDS
 from sffn_lab.kernels.reference import expert_down_reference, expert_up_reference
-from tests.test_cli import run_cli
+from tests.support import run_cli
 
 
 def test_quick_bench_writes_every_row_with_finite_positive_numbers(tmp_path):

@@ -69,7 +69,7 @@ def test_every_leaf_key_is_listed():
 
 
 def test_config_show_prints_the_resolved_config_and_keys_lists_every_key(capsys):
-    from tests.test_cli import run_cli
+    from tests.support import run_cli
 
     code, out, err = run_cli(["config", "show", "--set", "model.ffn.kind=sigma_moe", "--set", "train.lr=0.002"], capsys)
     assert code == 0, err

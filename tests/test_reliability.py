@@ -21,20 +21,17 @@ import pytest
 import torch
 
 from sffn_lab import training
+from sffn_lab.checkpoints import read_checkpoint
 from sffn_lab.cli import DEFAULT_CONFIG
 from sffn_lab.config import load_config
 from sffn_lab.data import corpora
 from sffn_lab.data.corpora import CorpusSpec, RemoteFile
 from tests.gloo_ranks import AUX_ROUTERS, aux_loss_rank, router_aux_and_grad
 from tests.histories import csv_history, tensorboard_history
-from tests.test_cli import run_cli
+from tests.support import TINY as SHARED_TINY
+from tests.support import as_flags, run_cli
 
-TINY = [
-    "model.d_model=32", "model.n_layers=1", "model.n_heads=2", "model.ffn.d_ff=64", "data.seq_len=32",
-    "data.batch_size=8", "data.eval_batch_size=64", "data.synthetic.train_tokens=40000",
-    "data.synthetic.valid_tokens=3000", "data.synthetic.test_tokens=2000", "train.val_every=10",
-    "train.log_every=5", "train.warmup_steps=5", "model.dropout=0.1", "train.checkpoint_every=7",
-]
+TINY = [*SHARED_TINY, "train.checkpoint_every=7"]
 SIGMA_MOE = ["model.ffn.kind=sigma_moe", "model.ffn.n_experts=4", "model.ffn.expert_size=16",
              "model.ffn.top_k=2", "model.ffn.sigma_moe.entropy_coef=0.01"]
 
@@ -42,10 +39,6 @@ SIGMA_MOE = ["model.ffn.kind=sigma_moe", "model.ffn.n_experts=4", "model.ffn.exp
 def sffn(args: list[str], **kwargs) -> subprocess.Popen:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen([sys.executable, "-m", "sffn_lab", *map(str, args)], env=env, **kwargs)
-
-
-def overrides_as_flags(overrides: list[str]) -> list[str]:
-    return [flag for o in overrides for flag in ("--set", o)]
 
 
 def logged(run_dir: Path | str) -> dict[str, dict[int, float]]:
@@ -72,7 +65,7 @@ def test_sigkill_then_resume_ends_with_the_same_metrics(tmp_path):
     full = training.train(load_config(DEFAULT_CONFIG, [*overrides, f"train.out_dir={tmp_path / 'full'}"]),
                           progress=False)
 
-    proc = sffn(["train", *overrides_as_flags(overrides), "--out", tmp_path / "killed", "--no-progress"],
+    proc = sffn(["train", *as_flags(overrides), "--out", tmp_path / "killed", "--no-progress"],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
     first_save = None
@@ -91,7 +84,7 @@ def test_sigkill_then_resume_ends_with_the_same_metrics(tmp_path):
     run_dir = found[0].parents[1]
     assert json.loads((run_dir / "status.json").read_text())["status"] == "running"
     assert not (run_dir / "summary.json").exists()
-    assert 0 < training.read_checkpoint(run_dir / "checkpoints" / "last.ckpt")["global_step"] < 60
+    assert 0 < read_checkpoint(run_dir / "checkpoints" / "last.ckpt")["global_step"] < 60
 
     resumed = sffn(["train", "--resume", run_dir, "--no-progress"],
                    stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -104,7 +97,7 @@ def test_sigkill_then_resume_ends_with_the_same_metrics(tmp_path):
     # the whole logged history, with no row lost before the kill and none repeated after the resume
     assert csv_history(run_dir) == csv_history(full.run_dir)
     assert tensorboard_history(run_dir) == tensorboard_history(full.run_dir)
-    assert summary["wall_time_s"] > training.read_checkpoint(run_dir / "checkpoints" / "last.ckpt")["sffn"][
+    assert summary["wall_time_s"] > read_checkpoint(run_dir / "checkpoints" / "last.ckpt")["sffn"][
         "wall_time_s"] * 0.5  # covers the first segment too
 
 
@@ -120,7 +113,7 @@ def test_disk_full_while_saving_stops_and_keeps_the_previous_checkpoint(tmp_path
         return real_save(obj, file, *args, **kwargs)
 
     monkeypatch.setattr(torch, "save", save_until_the_disk_is_full)
-    args = ["train", *overrides_as_flags([*TINY, "train.checkpoint_every=3", "train.val_every=100"]),
+    args = ["train", *as_flags([*TINY, "train.checkpoint_every=3", "train.val_every=100"]),
             "--max-steps", "9", "--out", tmp_path / "runs", "--no-progress"]
     code, out, err = run_cli(args, capsys)
     assert code == 2 and "No space left on device" in err and "earlier checkpoints are intact" in err
@@ -128,7 +121,7 @@ def test_disk_full_while_saving_stops_and_keeps_the_previous_checkpoint(tmp_path
     run_dir = next((tmp_path / "runs").iterdir())
     checkpoints = run_dir / "checkpoints"
     assert [p.name for p in checkpoints.iterdir()] == ["last.ckpt"]  # no temporary file left behind
-    assert training.read_checkpoint(checkpoints / "last.ckpt")["global_step"] == 3
+    assert read_checkpoint(checkpoints / "last.ckpt")["global_step"] == 3
     assert json.loads((run_dir / "status.json").read_text())["status"] == "failed"
 
     monkeypatch.setattr(torch, "save", real_save)  # space freed: the run continues from step 3
@@ -148,7 +141,7 @@ def test_ddp_on_two_cpu_processes_matches_one_process(tmp_path):
     single = training.train(load_config(DEFAULT_CONFIG, [*base, f"train.out_dir={tmp_path / 'one'}"]),
                             progress=False)
 
-    proc = sffn(["train", *overrides_as_flags(base), "--devices", "2", "--strategy", "ddp",
+    proc = sffn(["train", *as_flags(base), "--devices", "2", "--strategy", "ddp",
                  "--out", tmp_path / "two", "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     out, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err.decode()[-3000:]
@@ -249,7 +242,7 @@ def test_bad_input_gives_exit_2_and_leaves_earlier_runs_intact(tmp_path, capsys,
     places = {**{name: tmp_path / name for name in files}, **runs}
     args = [a.format(**places) for a in args]
     if args[0] == "train" and "--resume" not in args:
-        args = [*args, *overrides_as_flags(TINY), *([] if "--out" in args else ["--out", earlier_run.parent])]
+        args = [*args, *as_flags(TINY), *([] if "--out" in args else ["--out", earlier_run.parent])]
     before = {run: snapshot(run) for run in [earlier_run.parent, *runs.values()]}
 
     code, out, err = run_cli(args, capsys)
@@ -270,7 +263,7 @@ def test_a_corrupt_token_cache_gives_exit_2_and_is_rebuilt_on_the_next_run(tmp_p
     (cached,) = (cache / "tinyshakespeare").glob("bytes.*.npy")
     for damage in (b"", cached.read_bytes()[:200]):  # empty, and cut short
         cached.write_bytes(damage)
-        args = ["train", *data, *overrides_as_flags(TINY), "--out", tmp_path / "runs"]
+        args = ["train", *data, *as_flags(TINY), "--out", tmp_path / "runs"]
         code, out, err = run_cli(args, capsys)
         assert code == 2 and "were corrupt" in err and "Traceback" not in err
         assert not cached.exists() and not (tmp_path / "runs").exists()
@@ -283,7 +276,6 @@ def test_training_on_busy_cores_warns_and_still_trains(tmp_path, capsys, monkeyp
     """/proc/loadavg's runnable count includes the reader: 3 → two other processes; 1 → none, whatever
     the lagging load averages say."""
     from sffn_lab import busy_cpu
-    from tests.test_cli import TINY
 
     fake = tmp_path / "loadavg"
     fake.write_text(loadavg)
@@ -291,8 +283,8 @@ def test_training_on_busy_cores_warns_and_still_trains(tmp_path, capsys, monkeyp
     monkeypatch.setattr(busy_cpu.os, "cpu_count", lambda: 2)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
     assert busy_cpu.other_runnable_tasks(samples=2, interval_s=0) == (expected_others or 0)
-    code, out, err = run_cli(["train", *TINY, "--max-steps", "2", "--out", tmp_path / "runs", "--no-progress"],
-                             capsys)
+    code, out, err = run_cli(["train", *as_flags(TINY), "--max-steps", "2", "--out", tmp_path / "runs",
+                              "--no-progress"], capsys)
     assert code == 0, err
     if expected_others:
         assert f"warning: {expected_others} other process(es) are running on this machine's 2 cores" in out

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from sffn_lab.analysis.curves import line_styles, read_metrics, validation_curve
 from sffn_lab.errors import UserError
-from sffn_lab.training import EVERY_TOKEN
+from sffn_lab.run_dir import EVERY_TOKEN
 
 RUN_DIR = re.compile(r"^(?P<name>.+)-s(?P<seed>\d+)$")
 

@@ -1,0 +1,126 @@
+"""Checkpoints: written atomically, read with a clear error when unusable, and checked before a resume.
+
+``checkpoints/last.ckpt`` is the run's latest state (every validation, every ``train.checkpoint_every``
+steps and on Ctrl-C); ``checkpoints/best-<step>.ckpt`` the best by validation loss.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+
+from sffn_lab.config import Config, from_dict, load_config, read_yaml, to_dict
+from sffn_lab.errors import UserError
+from sffn_lab.lm_module import LanguageModelModule
+from sffn_lab.run_dir import CONFIG_FILE
+
+LAST_CKPT = "last.ckpt"
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes each checkpoint to a temporary file and renames it into place.
+
+    A run killed mid-save leaves the previous checkpoint intact; a half-written file is never
+    under the checkpoint's name.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.tmp")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(tmp, "wb") as file:
+                torch.save(checkpoint, file)
+                file.flush()
+                os.fsync(file.fileno())  # the data is on disk before the name points at it
+            os.replace(tmp, path)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise UserError(
+                f"Could not write checkpoint '{path}': {exc.strerror or exc}. The run stopped at step "
+                f"{checkpoint.get('global_step', '?')}; earlier checkpoints are intact. Free some space "
+                f"(or fix the permissions) and continue with: sffn train --resume {path.parent.parent}"
+            ) from None
+
+
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    """The contents of an sffn-lab checkpoint file (tensors memory-mapped); ``UserError`` if unusable."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"Checkpoint '{path}' does not exist.")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as exc:
+        reason = str(exc).split(". ")[0].splitlines()[0] if str(exc) else type(exc).__name__
+        raise UserError(
+            f"Checkpoint '{path}' is not a valid sffn-lab checkpoint: it is cut short or corrupt "
+            f"({reason}) and was not loaded. Use another checkpoint of the run: checkpoints/best-*.ckpt "
+            "(copied to last.ckpt, --resume goes on from it)."
+        ) from None
+    if not isinstance(checkpoint, dict) or "config" not in checkpoint.get("hyper_parameters", {}):
+        raise UserError(f"Checkpoint '{path}' is not a valid sffn-lab checkpoint (it holds no config).")
+    return checkpoint
+
+
+def config_changes(saved: dict, config: Config) -> set[str]:
+    """Dotted keys whose value differs between a saved config (as a dict) and ``config``, except
+    ``train.max_steps`` (the one key a resumed run may change)."""
+    return _changed_keys(saved, to_dict(config)) - {"train.max_steps"}
+
+
+def _changed_keys(a: dict, b: dict, prefix: str = "") -> set[str]:
+    keys = set()
+    for k in a.keys() | b.keys():
+        if isinstance(a.get(k), dict) and isinstance(b.get(k), dict):
+            keys |= _changed_keys(a[k], b[k], f"{prefix}{k}.")
+        elif a.get(k) != b.get(k):
+            keys.add(f"{prefix}{k}")
+    return keys
+
+
+def load_run_config(run_dir: Path, overrides: list[str]) -> Config:
+    """The config a run was made with; only ``train.max_steps`` may be changed when resuming."""
+    run_dir = Path(run_dir)
+    if not (run_dir / CONFIG_FILE).is_file():
+        raise UserError(f"'{run_dir}' is not a run directory (no {CONFIG_FILE} in it).")
+    config = load_config(run_dir / CONFIG_FILE, overrides)
+    changed = config_changes(to_dict(from_dict(Config, read_yaml(run_dir / CONFIG_FILE))), config)
+    if changed:
+        raise UserError(
+            f"Cannot resume '{run_dir}' with a different config (changed: {', '.join(sorted(changed))}). "
+            "Only train.max_steps may change when resuming; start a new run for anything else."
+        )
+    return config
+
+
+def check_resumable(checkpoint: dict[str, Any], config: Config, path: Path) -> None:
+    """Refuse to resume ``config`` from a checkpoint of a different model or training setup."""
+    changed = config_changes(checkpoint["hyper_parameters"]["config"], config)
+    if changed:
+        raise UserError(
+            f"Checkpoint '{path}' was written by a run with a different config (changed: "
+            f"{', '.join(sorted(changed))}); it cannot continue this run."
+        )
+
+
+def load_checkpoint(path: Path) -> LanguageModelModule:
+    """A trained module from a checkpoint file, or a run directory (its best, else last, checkpoint)."""
+    path = Path(path)
+    if path.is_dir():
+        candidates = sorted((path / "checkpoints").glob("best-*.ckpt")) or [path / "checkpoints" / LAST_CKPT]
+        path = candidates[-1]
+    checkpoint = read_checkpoint(path)
+    try:
+        module = LanguageModelModule(**checkpoint["hyper_parameters"])
+        module.load_state_dict(checkpoint["state_dict"])
+    except (RuntimeError, KeyError, TypeError) as exc:
+        problems = [line.strip() for line in str(exc).splitlines()[1:] if line.strip()] or [str(exc)]
+        raise UserError(
+            f"Checkpoint '{path}' does not match the model its config describes: {problems[0]}"
+        ) from None
+    return module

@@ -1,0 +1,83 @@
+"""A run directory: where it is created, the files it holds, and its status.
+
+``<train.out_dir>/<name>-<timestamp>/`` holds ``config.yaml`` (the resolved config), ``tokenizer.json``,
+``metrics.csv`` and ``tensorboard/`` (``sffn_lab.loggers``), ``checkpoints/`` (``sffn_lab.checkpoints``),
+``status.json`` (running / interrupted / failed / finished) and, when the run ends, ``summary.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from sffn_lab.config import Config
+from sffn_lab.errors import UserError
+
+CONFIG_FILE = "config.yaml"
+STATUS_FILE = "status.json"
+SUMMARY_FILE = "summary.json"
+TOKENIZER_FILE = "tokenizer.json"  # the corpus' tokenizer, so that sampling needs no corpus
+RUN_DIR_ENV = "SFFN_RUN_DIR"  # passes rank 0's run directory to the other DDP ranks
+
+
+def new_run_dir(config: Config, path: Path | None = None) -> Path:
+    """A fresh directory: ``path`` if given, else ``<train.out_dir>/<name>-<timestamp>`` (suffixed if taken)."""
+    out = Path(config.train.out_dir) if path is None else Path(path).parent
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"Cannot create the output directory '{out}': {exc}.") from None
+    if not os.access(out, os.W_OK):
+        raise UserError(f"The output directory '{out}' is not writable. Choose another with --out.")
+    if path is not None:
+        Path(path).mkdir()
+        return Path(path)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    run_dir = out / f"{config.name}-{stamp}"
+    suffix = 1
+    while run_dir.exists():
+        suffix += 1
+        run_dir = out / f"{config.name}-{stamp}-{suffix}"
+    run_dir.mkdir()
+    return run_dir
+
+
+def write_status(run_dir: Path, status: str, **extra: Any) -> None:
+    tmp = run_dir / f".{STATUS_FILE}.tmp"
+    tmp.write_text(json.dumps({"status": status, **extra}, indent=2))
+    os.replace(tmp, run_dir / STATUS_FILE)
+
+
+def read_status(run_dir: Path) -> dict[str, Any]:
+    path = Path(run_dir) / STATUS_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def record_failure(run_dir: Path, step: int, exc: BaseException, created: bool) -> None:
+    """Mark the run failed; a run directory this call ``created`` is removed if it holds no checkpoint."""
+    checkpoints = run_dir / "checkpoints"
+    if created and not any(checkpoints.glob("*.ckpt")):
+        shutil.rmtree(run_dir, ignore_errors=True)
+        return
+    write_status(run_dir, "failed", step=step, error=str(exc) or type(exc).__name__)
+
+
+def is_launched_rank() -> bool:
+    """True in the processes Lightning's DDP launcher starts for ranks other than 0."""
+    return os.environ.get("LOCAL_RANK", "0") != "0" or os.environ.get("NODE_RANK", "0") != "0"
+
+
+EVERY_TOKEN = "every token of the split"
+
+
+def scored_tokens(config: Config) -> str:
+    """Which tokens the reported losses cover, so that numbers are compared on the same token sets."""
+    m = config.model
+    if m.backbone == "smlp" and m.smlp.routing == "partial_prediction" and m.smlp.n_sparse_blocks:
+        kept = 1 - m.smlp.prediction_fraction
+        return f"the last {kept:.0%} of each {config.data.seq_len}-token window only (partial prediction)"
+    return EVERY_TOKEN

@@ -1,0 +1,35 @@
+"""What several test modules share: the tiny training setting and running the ``sffn`` command in-process."""
+
+from __future__ import annotations
+
+import sys
+
+from sffn_lab.cli import main
+
+# A model and corpus small enough that a training step takes milliseconds; 3000 validation tokens.
+TINY = [
+    "model.d_model=32", "model.n_layers=1", "model.n_heads=2", "model.ffn.d_ff=64", "data.seq_len=32",
+    "data.batch_size=8", "data.eval_batch_size=64", "data.synthetic.train_tokens=40000",
+    "data.synthetic.valid_tokens=3000", "data.synthetic.test_tokens=2000", "train.val_every=10",
+    "train.log_every=5", "train.warmup_steps=5", "model.dropout=0.1",
+]
+
+
+def as_flags(overrides: list[str]) -> list[str]:
+    """Dotted overrides → ``--set`` flags of the command line."""
+    return [flag for o in overrides for flag in ("--set", o)]
+
+
+def run_cli(args: list, capsys) -> tuple[int, str, str]:
+    """Run ``sffn ARGS`` in this process → (exit code, stdout, stderr)."""
+    old_argv = sys.argv
+    sys.argv = ["sffn", *map(str, args)]
+    try:
+        main()
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    finally:
+        sys.argv = old_argv
+    out, err = capsys.readouterr()
+    return code, out, err
