@@ -1,6 +1,6 @@
 """Routers: which K of the N_E expert blocks each token uses, with which gate, at which auxiliary cost.
 
-Every router maps x [T, D] (plus token ids [T] and the expert bank, for routers that need them)
+Every router maps x [T, D] (plus token ids [B, S] or [T] and the expert bank, for routers that need them)
 to a ``Routing``. Batch statistics in auxiliary losses (σ-MoE's entropy, Switch's balance) are
 taken over the global batch: ``global_mean`` averages them across DDP ranks.
 """
