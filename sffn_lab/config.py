@@ -99,7 +99,7 @@ class FFNConfig:
     n_experts: int = 8  # N_E
     expert_size: int = 64  # G (cells per block)
     top_k: int = 2  # K (blocks per token; for kind=topk: cells per token)
-    dropout: float = 0.0  # dropout on the FFN output
+    dropout: float = 0.0  # dropout on the FFN's hidden units (dense, Top-K, experts) or PKM's read weights
     sigma_moe: SigmaMoEOptions = field(default_factory=SigmaMoEOptions)
     switch: SwitchOptions = field(default_factory=SwitchOptions)
     sbase: SBaseOptions = field(default_factory=SBaseOptions)
@@ -133,6 +133,7 @@ class ModelConfig:
     n_layers: int = 4  # Transformer blocks
     n_heads: int = 4  # attention heads (d_model must divide by it)
     positions: str = "rope"  # "rope" or "learned"
+    init: str = "default"  # "default" (each module's own) or "paper" (N(0, 2/(n_layers·fan_in)) on every linear)
     dropout: float = 0.0  # residual and attention dropout
     tie_embeddings: bool = True  # output projection shares the input embedding
     ffn: FFNConfig = field(default_factory=FFNConfig)
@@ -354,6 +355,7 @@ def validate(config: Config) -> None:
     m, d, t = config.model, config.data, config.train
     choice(m.backbone, BACKBONES, "model.backbone")
     choice(m.positions, POSITIONS, "model.positions")
+    choice(m.init, ("default", "paper"), "model.init")
     if m.d_model <= 0 or m.n_layers <= 0 or m.n_heads <= 0:
         raise UserError("model.d_model, model.n_layers and model.n_heads must be positive.")
     if m.backbone == "transformer" and m.d_model % m.n_heads:

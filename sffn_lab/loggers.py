@@ -2,8 +2,8 @@
 
 - ``csv`` (always): ``metrics.csv``. Lightning's CSV logger deletes an existing file; here a resumed
   run keeps the rows logged before its checkpoint's step, drops the rows of steps that will be
-  repeated, and appends. The rows are flushed to disk before every checkpoint, so a run killed after
-  a checkpoint has lost no row that the checkpoint covers.
+  repeated, and appends. The rows are flushed to disk at every checkpoint (see
+  ``FlushLogsBeforeCheckpoint`` for the one-row window Lightning's hook order leaves).
 - ``tensorboard``: events under ``tensorboard/``; a resumed writer purges the events from the
   checkpoint's step on (``purge_step``), so TensorBoard shows one history.
 - ``wandb`` / ``mlflow`` (optional extras): a resumed run continues the same W&B / MLflow run (its id
@@ -86,12 +86,32 @@ def keep_history_before(metrics_csv: Path, step: int) -> None:
 
 
 class FlushLogsBeforeCheckpoint(L.Callback):
-    """Write every logger's buffered metrics to disk before each checkpoint, so the checkpoint never covers
-    a step whose metrics exist only in memory."""
+    """Write every logger's buffered metrics to disk before each checkpoint, and again right after the step
+    a checkpoint ended: Lightning saves end-of-step checkpoints before it logs that step's row, so the row
+    reaches the disk at the next hook (validation start or the next step's start). A kill in between (a few
+    statements) would lose that one row; every earlier row is on disk before the checkpoint exists."""
 
-    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+    def __init__(self):
+        self._pending = False
+
+    def _flush(self, trainer) -> None:
         for logger in trainer.loggers:
             logger.save()
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        self._flush(trainer)
+        self._pending = trainer.training
+
+    def _flush_pending(self, trainer) -> None:
+        if self._pending:
+            self._flush(trainer)
+            self._pending = False
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        self._flush_pending(trainer)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._flush_pending(trainer)
 
 
 def build_loggers(names: list[str], run_dir: Path, run_name: str, resume_step: int | None,

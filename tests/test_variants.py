@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -322,3 +323,30 @@ def test_gradients_reach_the_router_through_the_gates():
     out = m(fresh(2, 5, D))
     out.y.sum().backward()
     assert m.router.selector.grad is not None and m.router.selector.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("kind", ["dense", "sigma_moe"])
+def test_paper_init_gives_every_linear_the_same_scaled_std(kind):
+    """model.init=paper at 12 layers: std·√fan_in of every linear map (attention, FFN, expert keys and values,
+    selector) within 2% of √(2/12), and the selector's rows of equal norm."""
+    cfg = load_config(None, [f"model.ffn.kind={kind}", "model.init=paper", "model.n_layers=12", "model.d_model=256",
+                             "model.n_heads=4", "model.ffn.d_ff=1024", "model.ffn.n_experts=8",
+                             "model.ffn.expert_size=128", "model.ffn.top_k=2"])
+    model = build_model(cfg.model, vocab_size=64, max_seq_len=16)
+    target = math.sqrt(2 / 12)
+    weights = {}
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and name != "head":
+            weights[name] = (module.weight, module.in_features)
+        elif isinstance(module, ExpertBank):
+            E, D, G = module.keys.shape
+            weights[f"{name}.keys"], weights[f"{name}.values"] = (module.keys, D), (module.values, E * G)
+        elif hasattr(module, "selector"):
+            weights[f"{name}.selector"] = (module.selector, module.selector.shape[1])
+            norms = module.selector.norm(dim=1)
+            assert torch.allclose(norms, norms[0].expand_as(norms), rtol=1e-5)
+    assert len(weights) >= 12 * (4 if kind == "dense" else 5)
+    for name, (weight, fan_in) in weights.items():
+        # 2%, or 4 standard errors of a sample std over n draws (≈ 1/√(2n)) for the small selector
+        tolerance = max(0.02, 4 / math.sqrt(2 * weight.numel()))
+        assert abs(float(weight.std()) * math.sqrt(fan_in) / target - 1) < tolerance, name

@@ -17,11 +17,13 @@ from sffn_lab.layers.dense import ACTIVATIONS
 
 
 class ExpertBank(nn.Module):
-    def __init__(self, d_model: int, n_experts: int, expert_size: int, activation: str = "relu"):
+    def __init__(self, d_model: int, n_experts: int, expert_size: int, activation: str = "relu",
+                 dropout: float = 0.0):
         super().__init__()
         self.keys = nn.Parameter(torch.empty(n_experts, d_model, expert_size))
         self.values = nn.Parameter(torch.empty(n_experts, expert_size, d_model))
         self.activation = ACTIVATIONS[activation]
+        self.dropout = nn.Dropout(dropout)  # on the hidden units of the selected experts, like the dense FFN's
         # Like the dense FFN's nn.Linear layers: uniform ±1/√fan_in, values seeing all N_E·G cells.
         nn.init.uniform_(self.keys, -(d_model**-0.5), d_model**-0.5)
         nn.init.uniform_(self.values, -((n_experts * expert_size) ** -0.5), (n_experts * expert_size) ** -0.5)
@@ -40,5 +42,5 @@ class ExpertBank(nn.Module):
 
     def forward(self, x: torch.Tensor, plan: RoutingPlan, gates: torch.Tensor | None) -> torch.Tensor:
         """x [T, D], the plan of indices [T, K], gates [T, K] or None → y [T, D]."""
-        hidden = self.activation(expert_up(x, self.keys, plan))
+        hidden = self.dropout(self.activation(expert_up(x, self.keys, plan)))
         return expert_down(hidden, self.values, plan, gates)

@@ -17,10 +17,9 @@ class MoEFFN(nn.Module):
 
     def __init__(self, cfg: FFNConfig, d_model: int, n_layers: int):
         super().__init__()
-        self.bank = ExpertBank(d_model, cfg.n_experts, cfg.expert_size, cfg.activation)
+        self.bank = ExpertBank(d_model, cfg.n_experts, cfg.expert_size, cfg.activation, cfg.dropout)
         self.router = build_router(cfg, d_model, n_layers)
         self.router.init_bank(self.bank)
-        self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, token_ids: torch.Tensor | None = None) -> FFNOutput:
         B, S, D = x.shape
@@ -30,4 +29,4 @@ class MoEFFN(nn.Module):
         y = self.bank(flat, plan, routing.gates)
         counts = plan.counts.float()
         gate_mean = routing.gates.detach().mean() if routing.gates is not None else None
-        return FFNOutput(self.dropout(y).view(B, S, D), routing.aux_loss, counts, gate_mean)
+        return FFNOutput(y.view(B, S, D), routing.aux_loss, counts, gate_mean)
