@@ -9,10 +9,12 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 
 from sffn_lab import training
 from sffn_lab.ablation import load_grid
 from sffn_lab.config import FFN_KINDS, Config, load_config, read_yaml, validate
+from sffn_lab.models import build_model
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 CPU_PRECISIONS = ("32-true", "bf16-mixed", "bf16-true")  # Lightning's 16-mixed needs CUDA
@@ -101,3 +103,21 @@ def test_every_shipped_experiment_and_grid_runs_a_step_of_each_run_at_its_precis
     for name, config in runs.items():
         summary = training.train(shrunk(config, tmp_path / name), progress=False)
         assert summary.step == 1 and math.isfinite(summary.val_loss), name
+
+
+@pytest.mark.parametrize("kind", [*FFN_KINDS, "smlp"])
+def test_under_bf16_autocast_fp32_parameters_get_fp32_gradients_and_routing_stays_fp32(kind):
+    backbone = ["model.backbone=smlp", "model.ffn.kind=base", "model.ffn.top_k=1"] if kind == "smlp" else []
+    config = load_config(None, [*TINY, f"model.ffn.kind={kind}", *backbone])
+    model = build_model(config.model, vocab_size=32, max_seq_len=32)
+    tokens = torch.randint(0, 32, (2, 32))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(tokens)
+    loss = torch.nn.functional.cross_entropy(out.logits.float().flatten(0, 1), tokens.flatten()) + out.aux_loss
+    loss.backward()
+    assert out.aux_loss.dtype == torch.float32
+    for layer in out.layer_outputs:
+        for stat in (layer.expert_counts, layer.gate_mean):
+            assert stat is None or stat.dtype == torch.float32
+    grads = {name: p.grad.dtype for name, p in model.named_parameters() if p.grad is not None}
+    assert grads and set(grads.values()) == {torch.float32}, grads

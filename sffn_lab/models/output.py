@@ -23,6 +23,7 @@ class LMOutput:
 
     @property
     def aux_loss(self) -> torch.Tensor:
-        """Sum of the layers' weighted auxiliary losses (0 when no layer has one)."""
-        losses = [o.aux_loss for o in self.layer_outputs if o.aux_loss is not None]
-        return torch.stack(losses).sum() if losses else self.logits.new_zeros(())
+        """Sum of the layers' weighted auxiliary losses in fp32 or wider (0 when no layer has one)."""
+        losses = [o.aux_loss.to(torch.promote_types(o.aux_loss.dtype, torch.float32))
+                  for o in self.layer_outputs if o.aux_loss is not None]
+        return torch.stack(losses).sum() if losses else self.logits.new_zeros((), dtype=torch.float32)
