@@ -315,7 +315,7 @@ def bench(
             table.add_row(r.case, r.variant, r.metric, value, f"{r.ratio:.3f}" if r.ratio is not None else "",
                           r.reference)
         console.print(table)
-    table = Table(title="Targets")
+    table = Table(title="Targets: the ratios the sparse path aims at")
     for column in ("item", "measured", "target", "met"):
         table.add_column(column)
     for c in check_targets(rows):

@@ -1,4 +1,4 @@
-"""Item 4: training tokens/s of a σ-MoE language model against its parameter-equal dense model.
+"""Bench section "lm": training tokens/s of a σ-MoE language model against its parameter-equal dense model.
 
 Both models are built from the same experiment config (``load_config`` + ``build_model``); the σ-MoE one
 replaces every dense FFN by ``param_equal(..., "sigma_moe")``. A round is a few full optimizer steps

@@ -1,4 +1,4 @@
-"""Item 2: forward+backward time of the expert bank as N_E, G and K grow, one at a time.
+"""Bench section "scaling": forward+backward time of the expert bank as N_E, G and K grow, one at a time.
 
 Routing is uniform at random (balanced in expectation), so the rows measure the sparse product alone;
 the router's own N_E·D product is not included. Ratios are relative to the bench's base sizes.

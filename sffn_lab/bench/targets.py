@@ -1,4 +1,5 @@
-"""The issue's targets, checked against a bench run's measurements."""
+"""The ratios the sparse path aims at (time and memory against dense, flat in N_E, ahead of other MoE
+implementations, LM throughput), checked against a bench run's measurements."""
 
 from __future__ import annotations
 
