@@ -158,6 +158,7 @@ def test_offline_error_names_url_and_place_to_put_the_file(tmp_path, monkeypatch
         raise OSError("network is unreachable")
 
     monkeypatch.setattr(corpora.urllib.request, "urlopen", offline)
+    monkeypatch.setattr(corpora, "RETRY_DELAYS_S", (0.0, 0.0))
     with pytest.raises(UserError) as info:
         load_corpus(DataConfig(corpus="tinyshakespeare", cache_dir=str(tmp_path)))
     message = str(info.value)
@@ -165,7 +166,8 @@ def test_offline_error_names_url_and_place_to_put_the_file(tmp_path, monkeypatch
     assert not any((tmp_path / "tinyshakespeare").iterdir())
 
 
-def test_a_truncated_download_is_refused(tmp_path):
+def test_a_truncated_download_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setattr(corpora, "RETRY_DELAYS_S", (0.0, 0.0))
     source = tmp_path / "remote.txt"
     data = write_text(source, 500, seed=3)
     spec = CorpusSpec("t", "byte", RemoteFile(source.as_uri(), "c.txt", size=len(data) + 1), {"*": "c.txt"})
@@ -200,3 +202,24 @@ def test_tinyshakespeare_from_the_shared_file(tmp_path):
     assert 4.0 < data.unigram_entropy_bits < 5.0
     # The file is the published one: the registry's checksum matches it.
     assert corpora.sha256_of(SHAKESPEARE) == corpora.REGISTRY["tinyshakespeare"].remote.sha256
+
+
+def test_download_retries_then_falls_back_to_a_mirror_with_a_user_agent(tmp_path, monkeypatch):
+    source = tmp_path / "remote.txt"
+    data = write_text(source, 800, seed=4)
+    calls = []
+    real_urlopen = corpora.urllib.request.urlopen
+
+    def flaky(request, timeout):
+        calls.append((request.full_url, request.get_header("User-agent")))
+        if "primary" in request.full_url:
+            raise OSError("connection reset")
+        return real_urlopen(request, timeout=timeout)
+
+    monkeypatch.setattr(corpora.urllib.request, "urlopen", flaky)
+    monkeypatch.setattr(corpora, "RETRY_DELAYS_S", (0.0, 0.0))
+    remote = RemoteFile("http://primary.invalid/c.txt", "c.txt", size=len(data), mirrors=(source.as_uri(),))
+    corpora.download(remote, tmp_path / "cache" / "c.txt")
+    assert (tmp_path / "cache" / "c.txt").read_bytes() == data
+    assert [url for url, _ in calls] == ["http://primary.invalid/c.txt"] * 3 + [source.as_uri()]  # 3 tries, then the mirror
+    assert all(agent == corpora.USER_AGENT for _, agent in calls)

@@ -16,6 +16,9 @@ import hashlib
 import io
 import json
 import os
+import sys
+import time
+import urllib.error
 import urllib.request
 import zipfile
 from collections.abc import Callable
@@ -23,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 
 from sffn_lab.config import DataConfig
 from sffn_lab.data import synthetic
@@ -58,6 +63,11 @@ class RemoteFile:
     filename: str
     size: int | None = None  # bytes of the downloaded file, when published
     sha256: str | None = None
+    mirrors: tuple[str, ...] = ()  # the same file elsewhere (same checksum), tried in order after ``url``
+
+    @property
+    def urls(self) -> tuple[str, ...]:
+        return (self.url, *self.mirrors)
 
 
 @dataclass(frozen=True)
@@ -100,14 +110,16 @@ REGISTRY: dict[str, CorpusSpec] = {
     "wikitext2": CorpusSpec(
         "wikitext2",
         "word",
-        RemoteFile("https://wikitext.smerity.com/wikitext-2-v1.zip", "wikitext-2-v1.zip"),
+        RemoteFile("https://wikitext.smerity.com/wikitext-2-v1.zip", "wikitext-2-v1.zip",
+                   mirrors=("https://s3.amazonaws.com/research.metamind.io/wikitext/wikitext-2-v1.zip",)),
         {s: f"wikitext-2/wiki.{s}.tokens" for s in SPLITS},
         expected_tokens={"train": 2_088_628, "valid": 217_646, "test": 245_569},
     ),
     "wikitext103": CorpusSpec(
         "wikitext103",
         "word",
-        RemoteFile("https://wikitext.smerity.com/wikitext-103-v1.zip", "wikitext-103-v1.zip"),
+        RemoteFile("https://wikitext.smerity.com/wikitext-103-v1.zip", "wikitext-103-v1.zip",
+                   mirrors=("https://s3.amazonaws.com/research.metamind.io/wikitext/wikitext-103-v1.zip",)),
         {s: f"wikitext-103/wiki.{s}.tokens" for s in SPLITS},
         expected_tokens={"train": 103_227_021, "valid": 217_646, "test": 245_569},
     ),
@@ -258,20 +270,57 @@ def fetch(remote: RemoteFile, folder: Path) -> Path:
     return path
 
 
+USER_AGENT = "sffn-lab/0.1 (research toolkit; python-urllib)"
+RETRY_DELAYS_S = (2.0, 8.0)  # waits before the 2nd and 3rd try of one address
+
+
 def download(remote: RemoteFile, path: Path, timeout: float = 30.0) -> None:
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with urllib.request.urlopen(remote.url, timeout=timeout) as response:
-            data = response.read()
-    except OSError as exc:
-        raise UserError(
-            f"Could not download {remote.url} ({exc}). Without network access, download the file elsewhere "
-            f"and place it at '{path}' (or set $SFFN_DATA / data.cache_dir to a folder holding "
-            f"'{path.parent.name}/{path.name}')."
-        ) from None
-    if remote.size is not None and len(data) != remote.size:
-        raise UserError(f"Download of {remote.url} is incomplete ({len(data):,} of {remote.size:,} bytes). Retry.")
-    write_atomically(path, data)
+    """Fetch ``remote`` into ``path`` (atomically): each address in turn, each tried up to 3 times with
+    backoff; a client error (HTTP 4xx) moves on to the next address at once."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    failures = []
+    for url in remote.urls:
+        for attempt, delay in enumerate((0.0, *RETRY_DELAYS_S)):
+            time.sleep(delay)
+            try:
+                data = _fetch_bytes(url, timeout)
+            except urllib.error.HTTPError as exc:
+                failures.append(f"{url}: HTTP {exc.code}")
+                if 400 <= exc.code < 500:
+                    break
+                continue
+            except OSError as exc:
+                failures.append(f"{url} (try {attempt + 1}): {getattr(exc, 'reason', exc)}")
+                continue
+            if remote.size is not None and len(data) != remote.size:
+                incomplete = f"{len(data):,} of {remote.size:,} bytes"
+                failures.append(f"{url}: incomplete ({incomplete})")
+                continue
+            write_atomically(path, data)
+            return
+    if all("incomplete" in f for f in failures):
+        raise UserError(f"Download of {remote.url} is incomplete ({incomplete}). Retry.")
+    raise UserError(
+        f"Could not download {remote.url} ({'; '.join(failures[-3:])}). Without network access, download the "
+        f"file elsewhere and place it at '{path}' (or set $SFFN_DATA / data.cache_dir to a folder holding "
+        f"'{path.parent.name}/{path.name}')."
+    )
+
+
+def _fetch_bytes(url: str, timeout: float) -> bytes:
+    """The body at ``url``, with a progress bar when standard error is a terminal."""
+    request = urllib.request.Request(url, headers={"User-Agent": USER_AGENT})
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        total = int(response.headers.get("Content-Length") or 0) or None
+        chunks = []
+        with Progress(TextColumn("downloading {task.description}"), BarColumn(), DownloadColumn(),
+                      TransferSpeedColumn(), transient=True, disable=not sys.stderr.isatty(),
+                      console=Console(stderr=True)) as progress:
+            task = progress.add_task(url.rsplit("/", 1)[-1], total=total)
+            while chunk := response.read(1 << 20):
+                chunks.append(chunk)
+                progress.advance(task, len(chunk))
+    return b"".join(chunks)
 
 
 def write_atomically(path: Path, data: bytes) -> None:
