@@ -169,6 +169,9 @@ def test_ddp_on_two_cpu_processes_matches_one_process(tmp_path):
 def test_auxiliary_losses_over_two_ranks_are_those_of_the_global_batch(tmp_path):
     """Each gloo rank sees half the tokens; its aux loss and the rank-mean gradient are the global batch's."""
     x = torch.randn(48, 16, dtype=torch.float64)
+    # the second rank's half is offset, so that half a batch's statistics clearly differ from the global
+    # batch's (over 1000 seeds the smallest relative difference of the half-batch aux loss was 6e-4)
+    x[24:] += 3 * torch.randn(16, dtype=torch.float64)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
