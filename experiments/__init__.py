@@ -19,5 +19,13 @@ def shipped(name: str | Path) -> Path | None:
     return path if path.is_file() and DIRECTORY in path.resolve().parents else None
 
 
+def resolve(path: Path) -> Path:
+    """``path`` itself when it is a file, else the shipped file of that name, else ``path`` unchanged (for
+    the caller's not-found error)."""
+    if path.is_file():
+        return path
+    return shipped(path) or path
+
+
 def shipped_names() -> list[str]:
     return sorted(str(p.relative_to(DIRECTORY).with_suffix("")) for p in DIRECTORY.rglob("*.yaml"))

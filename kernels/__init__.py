@@ -25,13 +25,12 @@ import os
 
 import torch
 
-from sffn_lab.kernels.precision import autocast_operands
+from sffn_lab.kernels.precision import KERNEL_DTYPES, autocast_operands
 from sffn_lab.kernels.reference import expert_down_reference, expert_up_reference
 from sffn_lab.kernels.routing_plan import RoutingPlan
 from sffn_lab.kernels.torch_grouped import expert_down_torch, expert_up_torch
 
 BACKENDS = ("auto", "triton", "torch", "reference")
-TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 log = logging.getLogger(__name__)
 
 
@@ -64,7 +63,7 @@ def pick_backend(x: torch.Tensor, backend: str | None) -> str:
         return backend
     if not x.is_cuda:
         return "torch"
-    if x.dtype not in TRITON_DTYPES:
+    if x.dtype not in KERNEL_DTYPES:
         return "torch"
     if not triton_available():
         _say_once(f"sffn-lab: the Triton expert kernels cannot be used ({triton_import_error()}); "

@@ -1,10 +1,15 @@
-"""How the expert products follow autocast: as a matmul does, whichever device runs them."""
+"""The expert products' precision policy: the dtypes the kernels take, autocast followed as a matmul
+follows it (whichever device runs them), and fp32 products as ``torch.set_float32_matmul_precision`` says."""
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
+
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what the Triton kernels compute in
 
 
 def autocast_operands(a: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -27,3 +32,14 @@ def autocast_off(backward):
             return backward(ctx, grad, *grads)
 
     return wrapped
+
+
+@contextmanager
+def fp32_matmul_precision(precision: str) -> Iterator[None]:
+    """``torch.set_float32_matmul_precision(precision)`` for the duration of a block ("highest": no TF32)."""
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)

@@ -1,8 +1,8 @@
 """One layer's routing sorted by expert: built once per layer, read by both expert products.
 
 Every tensor lives on the device of the routing indices, and building a plan never waits for the
-device: on CUDA the host learns the per-expert counts only where a path asks for them
-(``host_counts``, the split fallback of the PyTorch path).
+device: on CUDA the host learns the per-expert offsets only where a path asks for them
+(``host_offsets``: the PyTorch path's per-expert blocks and split fallback), once per plan.
 
 Shapes: T tokens, K experts per token, P = T·K (token, k) pairs, E experts.
 """
@@ -19,9 +19,9 @@ class Tiles:
     """Row tiles of at most ``block_m`` sorted pairs that never straddle two experts.
 
     ``expert``, ``start``, ``end`` [n]: tile i covers the sorted rows start[i] : min(start[i] + block_m,
-    end[i]) of expert[i]; end[i] is the end of that expert's rows (start < end only for real tiles). n = ⌈P / block_m⌉ + E is an upper bound fixed by the shapes
-    alone, so a kernel grid of n programs needs no host sync; programs past the last real tile
-    find start ≥ end and exit.
+    end[i]) of expert[i]; end[i] is the end of that expert's rows (start < end only for real tiles).
+    n = ⌈P / block_m⌉ + E is an upper bound fixed by the shapes alone, so a kernel grid of n programs
+    needs no host sync; programs past the last real tile find start ≥ end and exit.
     """
 
     expert: torch.Tensor
@@ -43,7 +43,7 @@ class RoutingPlan:
     tokens: torch.Tensor
     counts: torch.Tensor
     offsets: torch.Tensor
-    _host_counts: list[int] | None = field(default=None, repr=False)
+    _host_offsets: list[int] | None = field(default=None, repr=False)
     _tiles: dict[int, Tiles] = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -58,22 +58,19 @@ class RoutingPlan:
         return cls(indices, pairs, pairs // indices.shape[1], counts, offsets)
 
     @property
-    def n_tokens(self) -> int:
-        return self.indices.shape[0]
-
-    @property
-    def k(self) -> int:
-        return self.indices.shape[1]
-
-    @property
     def n_experts(self) -> int:
         return self.counts.shape[0]
 
+    def host_offsets(self) -> list[int]:
+        """``offsets`` as Python ints [E + 1] (one device sync on CUDA, made once per plan)."""
+        if self._host_offsets is None:
+            self._host_offsets = self.offsets.tolist()
+        return self._host_offsets
+
     def host_counts(self) -> list[int]:
-        """Pairs per expert as Python ints (one device sync on CUDA, made once per plan)."""
-        if self._host_counts is None:
-            self._host_counts = self.counts.tolist()
-        return self._host_counts
+        """Pairs per expert as Python ints [E] (from ``host_offsets``)."""
+        ends = self.host_offsets()
+        return [b - a for a, b in zip(ends[:-1], ends[1:], strict=True)]
 
     def group_ends(self) -> torch.Tensor:
         """offsets[1:] as int32 [E]: the ``offs`` of ``torch._grouped_mm``."""

@@ -45,7 +45,7 @@ def blocks(plan: RoutingPlan, strategy: str) -> list[Block]:
     """``per_expert``: one block per non-empty expert; ``grouped``: one block of all pairs."""
     if strategy == "grouped":
         return [Block(plan.pairs, plan.tokens, None)]
-    ends = plan.offsets.tolist()
+    ends = plan.host_offsets()
     return [
         Block(plan.pairs[start:end], plan.tokens[start:end], e)
         for e, (start, end) in enumerate(zip(ends[:-1], ends[1:], strict=True))

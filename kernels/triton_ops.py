@@ -18,19 +18,18 @@ from __future__ import annotations
 import torch
 import triton
 
-from sffn_lab.kernels.precision import autocast_off
+from sffn_lab.kernels.precision import KERNEL_DTYPES, autocast_off
 from sffn_lab.kernels.routing_plan import RoutingPlan
 from sffn_lab.kernels.triton_gather_matmul import INTERPRETED, gather_matmul_kernel
 from sffn_lab.kernels.triton_weight_grad import weight_grad_kernel
 
 BLOCK_M = 16 if INTERPRETED else 64  # rows per tile; tiles never straddle two experts
-FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _check(name: str, t: torch.Tensor, dims: int) -> None:
     if t.dim() != dims:
         raise ValueError(f"{name} must have {dims} dimensions, got shape {tuple(t.shape)}")
-    if t.dtype not in FLOATS:
+    if t.dtype not in KERNEL_DTYPES:
         raise TypeError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
 
 
@@ -43,11 +42,11 @@ def _product_flags(dtype: torch.dtype) -> dict[str, bool]:
     }
 
 
-def gather_matmul(a, weight, src, dst, plan: RoutingPlan, n_out_rows: int, transpose_w: bool = False, scale=None):
-    """out[dst[r]] = scale[r] · a[src[r]] @ W[e(r)] (W[e]ᵀ if transpose_w) over sorted rows r → [n_out_rows, N].
+def gather_matmul(a, weight, src, dst, plan: RoutingPlan, transpose_w: bool = False, scale=None):
+    """out[dst[r]] = scale[r] · a[src[r]] @ W[e(r)] (W[e]ᵀ if transpose_w) over the P sorted rows r → [P, N].
 
     ``scale`` (optional) is indexed by the sorted row r, like ``src`` and ``dst``; ``dst`` is a
-    permutation of the n_out_rows output rows.
+    permutation of the P output rows, so every one is written.
     """
     _check("a", a, 2)
     _check("weight", weight, 3)
@@ -57,7 +56,7 @@ def gather_matmul(a, weight, src, dst, plan: RoutingPlan, n_out_rows: int, trans
     if a.shape[1] != K_in:
         raise ValueError(f"a has {a.shape[1]} columns but the expert weights expect {K_in}")
     stride_wk, stride_wn = (weight.stride(2), weight.stride(1)) if transpose_w else (weight.stride(1), weight.stride(2))
-    out = a.new_empty(n_out_rows, N)  # dst is a permutation of the rows: the tiles write every one
+    out = a.new_empty(dst.shape[0], N)
     tiles = plan.tiles(BLOCK_M)
 
     def grid(meta):
@@ -103,7 +102,7 @@ class TritonExpertUp(torch.autograd.Function):
     def forward(ctx, x, weight, plan: RoutingPlan):
         T, K = plan.indices.shape
         x = x.contiguous()
-        h = gather_matmul(x, weight, plan.tokens, plan.pairs, plan, T * K)
+        h = gather_matmul(x, weight, plan.tokens, plan.pairs, plan)
         ctx.save_for_backward(x, weight)
         ctx.plan = plan
         return h.view(T, K, -1)
@@ -117,7 +116,7 @@ class TritonExpertUp(torch.autograd.Function):
         grad_h = grad_h.reshape(-1, grad_h.shape[-1]).contiguous()
         grad_x = grad_w = None
         if ctx.needs_input_grad[0]:
-            per_pair = gather_matmul(grad_h, weight, plan.pairs, plan.pairs, plan, grad_h.shape[0], transpose_w=True)
+            per_pair = gather_matmul(grad_h, weight, plan.pairs, plan.pairs, plan, transpose_w=True)
             grad_x = per_pair.view(T, -1, x.shape[1]).sum(1)  # pair p = t·K + k
         if ctx.needs_input_grad[1]:
             grad_w = weight_grad(x, grad_h, plan.tokens, plan.pairs, plan, weight.shape)
@@ -133,19 +132,19 @@ class TritonExpertDown(torch.autograd.Function):
         rows = h.reshape(T * K, G).contiguous()
         flat_gates = gates.reshape(-1).contiguous() if gates is not None else None
         sorted_gates = flat_gates[plan.pairs] if gates is not None else None  # the kernels read scale by sorted row
-        per_pair = gather_matmul(rows, weight, plan.pairs, plan.pairs, plan, T * K, scale=sorted_gates)
-        ctx.save_for_backward(rows, weight, flat_gates)
+        per_pair = gather_matmul(rows, weight, plan.pairs, plan.pairs, plan, scale=sorted_gates)
+        ctx.save_for_backward(rows, weight, flat_gates, sorted_gates)
         ctx.plan, ctx.shape = plan, (T, K, G)
         return per_pair.view(T, K, -1).sum(1)
 
     @staticmethod
     @autocast_off
     def backward(ctx, grad_y):
-        rows, weight, flat_gates = ctx.saved_tensors
+        rows, weight, flat_gates, sorted_gates = ctx.saved_tensors
         plan = ctx.plan
         T, K, G = ctx.shape
         grad_y = grad_y.contiguous()
-        ungated = gather_matmul(grad_y, weight, plan.tokens, plan.pairs, plan, T * K, transpose_w=True)
+        ungated = gather_matmul(grad_y, weight, plan.tokens, plan.pairs, plan, transpose_w=True)
         grad_h = grad_w = grad_gates = None
         if flat_gates is not None and ctx.needs_input_grad[3]:
             grad_gates = (ungated.float() * rows.float()).sum(1).to(flat_gates.dtype).view(T, K)
@@ -153,7 +152,6 @@ class TritonExpertDown(torch.autograd.Function):
             gated = ungated * flat_gates[:, None] if flat_gates is not None else ungated
             grad_h = gated.to(rows.dtype).view(T, K, G)
         if ctx.needs_input_grad[1]:
-            sorted_gates = flat_gates[plan.pairs] if flat_gates is not None else None
             grad_w = weight_grad(rows, grad_y, plan.pairs, plan.tokens, plan, weight.shape, scale=sorted_gates)
         return grad_h, grad_w, None, grad_gates
 

@@ -77,6 +77,11 @@ class Sweep:
     runs: list[PlannedRun] = field(default_factory=list)
 
 
+def is_grid(path: Path) -> bool:
+    """Whether a YAML file is a grid (it lists runs or a grid) rather than one experiment."""
+    return bool({"runs", "grid"} & set(read_yaml(path)))
+
+
 def load_grid(path: Path, extra_overrides: list[str] | None = None, seeds: list[int] | None = None) -> Sweep:
     """Read a grid file and plan its runs (sizes derived and checked under the matching rule)."""
     from sffn_lab.config import load_config
@@ -185,70 +190,73 @@ def check_matching(sweep: Sweep) -> None:
 
 
 ESTIMATE_METHOD = (
-    "measured here: 2 training steps (forward, backward, AdamW) at up to 4 windows of each distinct model "
-    "whose step costs under 5 GFLOP (else of the cheapest model, scaled by FLOPs per token), scaled to the "
-    "run's steps and batch; validation at 1/3 of a training token's time over the validation tokens of "
-    "every validation; 3 s of start-up per run; data loading not counted"
+    "measured here: the fastest of 3 training steps (forward, backward, AdamW) of each distinct model, on "
+    "up to 16 windows and at most 20 GFLOP a step (a model too large for that: the cheapest model's time scaled by FLOPs "
+    "per token), scaled to the run's steps and batch; validation at 1/3 of a training token's time over "
+    "the validation tokens of every validation; 3 s of start-up per run; data loading not counted"
 )
-CHEAP_STEP_FLOPS = 5e9  # a step this size takes well under a second on a laptop core: measure it directly
+CHEAP_STEP_FLOPS = 2e10  # a step of this size takes about a second on a laptop core
+MEASURED_WINDOWS = 16  # at most this many batch rows per measured step (small batches run below the real rate)
+
+
+def measured_windows(config: Config, flops_per_token: int) -> int:
+    """Batch rows of a measured step: the run's batch, capped by MEASURED_WINDOWS and CHEAP_STEP_FLOPS (≥ 1)."""
+    affordable = int(CHEAP_STEP_FLOPS // (3 * flops_per_token * config.data.seq_len))
+    return max(1, min(config.data.batch_size, MEASURED_WINDOWS, affordable))
 
 
 def estimate_seconds(sweep: Sweep) -> None:
     """Set each run's ``estimated_s`` from step times measured on this machine (see ESTIMATE_METHOD)."""
+
+    def model_key(run: PlannedRun) -> str:  # runs that differ only in seed or steps time alike
+        c = run.config
+        return repr((c.model, c.data.seq_len, c.data.batch_size, c.train.precision))
+
     models = {}
     for run in sweep.runs:
-        c = run.config
-        models.setdefault(repr((c.model, c.data.seq_len, c.data.batch_size, c.train.precision)), run)
+        models.setdefault(model_key(run), run)
 
-    def step_flops(run: PlannedRun) -> float:
-        return 3 * run.flops_per_token * min(run.config.data.batch_size, 4) * run.config.data.seq_len
+    def affordable(run: PlannedRun) -> bool:
+        return 3 * run.flops_per_token * run.config.data.seq_len <= CHEAP_STEP_FLOPS  # one window fits
 
-    cheapest = min(models.values(), key=step_flops)
-    cheapest_s = measured_seconds_per_token(cheapest.config)
+    cheapest = min(models.values(), key=lambda run: run.flops_per_token * run.config.data.seq_len)
+    cheapest_s = measured_seconds_per_token(cheapest.config, cheapest.flops_per_token)
     per_token = {}
     for key, run in models.items():
         if run is cheapest:
             per_token[key] = cheapest_s
-        elif step_flops(run) <= CHEAP_STEP_FLOPS:
-            per_token[key] = measured_seconds_per_token(run.config)
+        elif affordable(run):
+            per_token[key] = measured_seconds_per_token(run.config, run.flops_per_token)
         else:
             per_token[key] = cheapest_s * run.flops_per_token / cheapest.flops_per_token
     for run in sweep.runs:
         c = run.config
-        key = repr((c.model, c.data.seq_len, c.data.batch_size, c.train.precision))
         train_tokens = c.train.max_steps * c.data.batch_size * c.data.seq_len
         validations = c.train.max_steps // c.train.val_every + 1
-        run.estimated_s = per_token[key] * (train_tokens + validations * _validation_tokens(c) / 3) + 3.0
+        run.estimated_s = per_token[model_key(run)] * (train_tokens + validations * _validation_tokens(c) / 3) + 3.0
 
 
-def measured_seconds_per_token(config: Config, steps: int = 2) -> float:
+def measured_seconds_per_token(config: Config, flops_per_token: int, steps: int = 3) -> float:
     """Seconds per trained token of one optimizer step of ``config``'s model on random tokens (after a warm-up)."""
     from sffn_lab.models import build_model
+    from sffn_lab.models.plain_step import plain_training_step
 
     device = "cuda" if torch.cuda.is_available() and config.train.accelerator != "cpu" else "cpu"
     torch.manual_seed(0)
     vocab = _vocab_size(config)
     model = build_model(config.model, vocab, config.data.seq_len).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    batch = min(config.data.batch_size, 4)
-    tokens = torch.randint(0, vocab, (batch, config.data.seq_len), device=device)
-    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled="bf16" in config.train.precision)
+    windows = measured_windows(config, flops_per_token)
+    tokens = torch.randint(0, vocab, (windows, config.data.seq_len + 1), device=device)
+    dtype = torch.bfloat16 if "bf16" in config.train.precision else None
 
-    def step() -> None:
-        with autocast:
-            out = model(tokens)
-            loss = torch.nn.functional.cross_entropy(out.logits.float().flatten(0, 1), tokens.flatten())
-        (loss + out.aux_loss).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    step()
-    start = time.perf_counter()
+    plain_training_step(model, optimizer, tokens, dtype)  # warm-up
+    times = []
     for _ in range(steps):
-        step()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return (time.perf_counter() - start) / (steps * tokens.numel())
+        start = time.perf_counter()
+        plain_training_step(model, optimizer, tokens, dtype).item()  # .item() waits for the device
+        times.append(time.perf_counter() - start)
+    return min(times) / tokens[:, 1:].numel()  # the fastest step: the least disturbed by other work
 
 
 def _validation_tokens(config: Config) -> int:

@@ -15,8 +15,9 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from sffn_lab.config_help import complete_override
 from sffn_lab.errors import UserError
-from sffn_lab.experiments import DEFAULT_CONFIG, shipped, shipped_names
+from sffn_lab.experiments import DEFAULT_CONFIG, resolve, shipped_names
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -72,12 +73,6 @@ def _format_summary(summary) -> Table:
     return table
 
 
-def complete_override(incomplete: str) -> list[str]:
-    from sffn_lab.config_help import complete_override as keys
-
-    return keys(incomplete)
-
-
 def _complete_corpus(incomplete: str) -> list[str]:
     from sffn_lab.data.corpora import CORPUS_NAMES
 
@@ -92,12 +87,11 @@ def _experiment_file(config: Path | None) -> Path:
     """The experiment file ``sffn train -c`` names: a path, a shipped name, or the default; grids are refused."""
     if config is None:
         return DEFAULT_CONFIG
-    if not config.is_file() and shipped(config) is not None:
-        config = shipped(config)
+    config = resolve(config)
     if config.is_file():
-        from sffn_lab.config import read_yaml
+        from sffn_lab.ablation import is_grid
 
-        if {"runs", "grid"} & set(read_yaml(config)):
+        if is_grid(config):
             raise UserError(f"'{config}' is an ablation grid, not an experiment: run it with  sffn ablate {config}")
     return config
 
@@ -250,9 +244,8 @@ def ablate(
     from sffn_lab.ablation import ESTIMATE_METHOD, estimate_seconds, load_grid, run_state, run_sweep
 
     seed_list = [int(s) for s in seeds.split(",")] if seeds else None
-    if not grid.is_file() and shipped(grid) is not None:
-        grid = shipped(grid)
-    elif not grid.is_file():
+    grid = resolve(grid)
+    if not grid.is_file():
         raise UserError(f"Grid file '{grid}' does not exist, nor is it a shipped grid ({', '.join(shipped_names())}).")
     sweep = load_grid(grid, list(set_), seed_list)
     sweep_dir = out / sweep.name

@@ -37,7 +37,7 @@ def device() -> torch.device:
 @pytest.fixture
 def fp32_ieee():
     """fp32 products without TF32 for the duration of a test (the float64 comparisons' tolerances assume it)."""
-    before = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("highest")
-    yield
-    torch.set_float32_matmul_precision(before)
+    from sffn_lab.kernels.precision import fp32_matmul_precision
+
+    with fp32_matmul_precision("highest"):
+        yield

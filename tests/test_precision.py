@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from sffn_lab import training
-from sffn_lab.ablation import load_grid
-from sffn_lab.config import FFN_KINDS, Config, load_config, read_yaml, validate
+from sffn_lab.ablation import is_grid, load_grid
+from sffn_lab.config import FFN_KINDS, Config, load_config, validate
 from sffn_lab.models import build_model
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
@@ -77,10 +77,6 @@ def shrunk(config: Config, out: Path) -> Config:
     t.accelerator, t.devices, t.strategy, t.out_dir = "cpu", 1, "auto", str(out)
     validate(c)
     return c
-
-
-def is_grid(path: Path) -> bool:
-    return bool({"runs", "grid"} & set(read_yaml(path)))
 
 
 SHIPPED = sorted(EXPERIMENTS.rglob("*.yaml"))

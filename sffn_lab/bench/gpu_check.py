@@ -26,6 +26,7 @@ import torch
 
 from sffn_lab.bench.accuracy import TOLERANCE, compare_with_float64, relative_error
 from sffn_lab.kernels import RoutingPlan, expert_down, expert_up, triton_available
+from sffn_lab.kernels.precision import fp32_matmul_precision
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Training agreement: the first loss is the same model and batch through two kernels (bf16 rounding only);
@@ -118,16 +119,6 @@ def large_index_check(device, T: int = 2_200_000, D: int = 1024, K: int = 1, E: 
 
 
 @contextmanager
-def fp32_matmul_precision(precision: str) -> Iterator[None]:
-    before = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision(precision)
-    try:
-        yield
-    finally:
-        torch.set_float32_matmul_precision(before)
-
-
-@contextmanager
 def kernel_backend(backend: str) -> Iterator[None]:
     before = os.environ.get("SFFN_KERNEL")
     os.environ["SFFN_KERNEL"] = backend
@@ -171,6 +162,7 @@ def bf16_training_losses(model_config, device, steps: int, backend: str, seq_len
                          vocab: int = 256) -> list[float]:
     """The training losses of ``steps`` AdamW steps under bf16 autocast, same init and batches for any backend."""
     from sffn_lab.models import build_model
+    from sffn_lab.models.plain_step import plain_training_step
 
     torch.manual_seed(0)
     model = build_model(model_config, vocab, seq_len).to(device)
@@ -180,13 +172,7 @@ def bf16_training_losses(model_config, device, steps: int, backend: str, seq_len
     with kernel_backend(backend):
         for _ in range(steps):
             tokens = torch.randint(0, vocab, (batch, seq_len + 1), generator=generator).to(device)
-            with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
-                out = model(tokens[:, :-1])
-                loss = torch.nn.functional.cross_entropy(out.logits.float().flatten(0, 1), tokens[:, 1:].flatten())
-            (loss + out.aux_loss).backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            losses.append(float(loss.detach()))
+            losses.append(float(plain_training_step(model, optimizer, tokens, torch.bfloat16)))
     return losses
 
 

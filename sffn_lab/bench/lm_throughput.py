@@ -11,7 +11,6 @@ import dataclasses
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from sffn_lab.analysis.accounting import ffn_sizes, param_equal
 from sffn_lab.bench.records import Measurement, with_ratios
@@ -19,6 +18,7 @@ from sffn_lab.bench.sizes import BenchSizes, LMCase
 from sffn_lab.bench.timing import interleaved_medians
 from sffn_lab.config import Config, load_config
 from sffn_lab.models import build_model
+from sffn_lab.models.plain_step import plain_training_step
 
 
 def training_round(cfg: Config, vocab_size: int, steps: int):
@@ -28,17 +28,11 @@ def training_round(cfg: Config, vocab_size: int, steps: int):
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=t.lr, betas=(t.beta1, t.beta2), weight_decay=t.weight_decay
     )
-    batch = torch.randint(vocab_size, (cfg.data.batch_size, cfg.data.seq_len + 1))
-    inputs, targets = batch[:, :-1], batch[:, 1:]
+    tokens = torch.randint(vocab_size, (cfg.data.batch_size, cfg.data.seq_len + 1))
 
     def run() -> None:
         for _ in range(steps):
-            out = model(inputs)
-            loss = F.cross_entropy(out.logits.flatten(0, 1), targets.flatten()) + out.aux_loss
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
-            optimizer.step()
+            plain_training_step(model, optimizer, tokens, grad_clip=t.grad_clip)
 
     return run, sum(p.numel() for p in model.parameters())
 

@@ -9,6 +9,8 @@ with keys K [N_E, D, G] and values V [N_E, G, D]. The two gathered grouped matmu
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -32,9 +34,12 @@ class ExpertBank(nn.Module):
     def n_experts(self) -> int:
         return self.keys.shape[0]
 
-    def init_normal_(self, key_std: float, value_std: float) -> None:
-        nn.init.normal_(self.keys, std=key_std)
-        nn.init.normal_(self.values, std=value_std)
+    def init_scaled_(self, scale: float) -> None:
+        """The σ-MoE paper's init: N(0, scale² / fan_in) with fan-in D for the keys and N_E·G for the values
+        (the cells of the dense layer the bank approximates)."""
+        E, D, G = self.keys.shape
+        nn.init.normal_(self.keys, std=scale / math.sqrt(D))
+        nn.init.normal_(self.values, std=scale / math.sqrt(E * G))
 
     def block_means(self) -> torch.Tensor:
         """Mean key vector of each block [N_E, D] (Avg-K's block score)."""

@@ -69,11 +69,16 @@ def renorm_rows_keep_std(weight: torch.Tensor) -> None:
 
 
 class Router(nn.Module):
-    """Base of every router: ``forward(x [T, D], token_ids [T] | None, bank) -> Routing``, and the variant's
-    own initialisation of the expert bank it routes to (by default the bank's own)."""
+    """Base of every router: ``forward(x [T, D], token_ids [B, S] | None, bank) -> Routing``; the variant's
+    own initialisation of the expert bank it routes to (``init_bank``: by default the bank's own), and the
+    σ-MoE paper's scaled init of the router and its bank (``paper_init_``, which ``model.init=paper`` uses)."""
 
     def init_bank(self, bank: ExpertBank) -> None:
         """Initialise ``bank`` as this variant's method prescribes (nothing to change by default)."""
+
+    def paper_init_(self, bank: ExpertBank, scale: float) -> None:
+        """The paper's init with scale s = √(2 / n_layers) on every std (here: the bank)."""
+        bank.init_scaled_(scale)
 
 
 class LinearRouter(Router):
@@ -89,6 +94,13 @@ class LinearRouter(Router):
         """Routing logits [T, N_E] in fp32 (fp64 for fp64 inputs) whatever the model's precision."""
         return fp32_scores(x, self.selector)
 
+    @torch.no_grad()
+    def paper_init_(self, bank: ExpertBank, scale: float) -> None:
+        """The selector as N(0, scale² / D) with rows of equal norm (the σ-MoE selector init), then the bank."""
+        nn.init.normal_(self.selector, std=scale / math.sqrt(self.selector.shape[1]))
+        renorm_rows_keep_std(self.selector)
+        super().paper_init_(bank, scale)
+
 
 class SigmaMoERouter(LinearRouter):
     """σ-MoE: top-K of W_sel x, sigmoid gates (not renormalised), entropy regulariser, expert dropout."""
@@ -97,15 +109,14 @@ class SigmaMoERouter(LinearRouter):
         super().__init__(d_model, n_experts, k)
         self.opts = opts
         self.depth_scale = math.sqrt(2 / n_layers)  # the paper's √(2 / n_layers) on every init std
-        if opts.init == "paper":
-            nn.init.normal_(self.selector, std=d_model**-0.5 * self.depth_scale)
-            renorm_rows_keep_std(self.selector)
 
     def init_bank(self, bank: ExpertBank) -> None:
-        """The paper's init: keys std D^-½·s, values std (N_E·G)^-½·s, s = √(2 / n_layers)."""
+        self.paper_init_(bank, self.depth_scale)
+
+    def paper_init_(self, bank: ExpertBank, scale: float) -> None:
+        """σ-MoE keeps the init its ``init`` option chose: the paper's, or the standard one (the ablation)."""
         if self.opts.init == "paper":
-            E, D, G = bank.keys.shape
-            bank.init_normal_(D**-0.5 * self.depth_scale, (E * G) ** -0.5 * self.depth_scale)
+            super().paper_init_(bank, scale)
 
     def forward(self, x, token_ids=None, bank=None) -> Routing:
         logits = self.logits(x)

@@ -19,7 +19,6 @@ from torch import nn
 
 from sffn_lab.layers.moe import MoEFFN
 from sffn_lab.layers.pkm import ProductKeyMemory
-from sffn_lab.layers.routers import LinearRouter, SigmaMoERouter, renorm_rows_keep_std
 
 
 @torch.no_grad()
@@ -32,11 +31,7 @@ def apply_paper_init(model: nn.Module, n_layers: int) -> None:
             nn.init.normal_(module.weight, std=s / math.sqrt(module.in_features))
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
-        elif isinstance(module, MoEFFN) and not isinstance(module.router, SigmaMoERouter):
-            E, D, G = module.bank.keys.shape
-            module.bank.init_normal_(s / math.sqrt(D), s / math.sqrt(E * G))
-            if isinstance(module.router, LinearRouter):
-                nn.init.normal_(module.router.selector, std=s / math.sqrt(D))
-                renorm_rows_keep_std(module.router.selector)
+        elif isinstance(module, MoEFFN):
+            module.router.paper_init_(module.bank, s)
         elif isinstance(module, ProductKeyMemory):
             nn.init.normal_(module.values, std=s / math.sqrt(module.values.shape[1]))
