@@ -309,11 +309,11 @@ def bench(
                           r.reference)
         console.print(table)
     table = Table(title="Targets: the ratios the sparse path aims at")
-    for column in ("item", "measured", "target", "met"):
+    for column in ("ratio measured", "value", "target", "met"):
         table.add_column(column)
     for c in check_targets(rows):
         met = {True: "yes", False: "[red]no[/]", None: "not measured"}[c.met]
-        table.add_row(c.item, f"{c.measured:.3f}" if c.measured is not None else "", c.target, met)
+        table.add_row(c.what, f"{c.measured:.3f}" if c.measured is not None else "", c.target, met)
     console.print(table)
     console.print(f"memory: {METHOD}", soft_wrap=True)
     console.print(f"wrote {out / 'bench.csv'}, environment.json, scaling.png and ratios.png", soft_wrap=True)

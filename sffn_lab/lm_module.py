@@ -100,7 +100,7 @@ class LanguageModelModule(L.LightningModule):
         if not self._finite_on_every_rank(loss):
             return self._handle_nonfinite(loss)
         self.consecutive_skips = 0
-        self._accumulate_usage("train", out.layer_outputs)
+        self._accumulate_usage("train", out.layer_stats)
         self.tokens_seen += x.numel() * self.trainer.world_size  # every input token, scored or not
         now = time.perf_counter()
         if self._clock is not None:
@@ -164,7 +164,7 @@ class LanguageModelModule(L.LightningModule):
         losses, scored = token_losses(out.logits, y, out.loss_mask)
         self.val_nll.update(losses.sum().double())
         self.val_tokens.update(scored.sum().double())
-        self._accumulate_usage(stage, out.layer_outputs)
+        self._accumulate_usage(stage, out.layer_stats)
 
     def on_validation_epoch_end(self):
         self._log_eval("val")
@@ -195,10 +195,10 @@ class LanguageModelModule(L.LightningModule):
         return metrics
 
     # ------------------------------------------------------------------ expert usage
-    def _accumulate_usage(self, stage: str, layer_outputs) -> None:
+    def _accumulate_usage(self, stage: str, layer_stats) -> None:
         counts_of_stage = self.usage_counts.setdefault(stage, {})
         gates_of_stage = self.gate_sums.setdefault(stage, {})
-        for i, out in enumerate(layer_outputs):
+        for i, out in enumerate(layer_stats):
             if out.expert_counts is not None:
                 counts_of_stage[i] = counts_of_stage.get(i, 0) + out.expert_counts.detach().float()
             if out.gate_mean is not None:  # weighted by the batch's assignments, so that the mean is over gates

@@ -21,7 +21,7 @@ AUX_ROUTERS = {
 def router_aux_and_grad(kind: str, x: torch.Tensor) -> tuple[float, torch.Tensor]:
     """The router's auxiliary loss on x [T, D] and its gradient on the selector [N_E, D], in float64."""
     torch.manual_seed(0)
-    router = build_router(AUX_ROUTERS[kind], x.shape[1], n_layers=2).double().train()
+    router = build_router(AUX_ROUTERS[kind], x.shape[1], n_layers=2, vocab_size=64).double().train()
     routing = router(x)
     routing.aux_loss.backward()
     return routing.aux_loss.item(), router.selector.grad

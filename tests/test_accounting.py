@@ -24,7 +24,7 @@ def numel(module) -> int:
 @pytest.mark.parametrize("kind", FFN_KINDS)
 def test_total_params_equal_the_built_modules_numel(kind):
     cfg = dataclasses.replace(BASE, kind=kind)
-    assert count_ffn(cfg, D).total_params == numel(build_ffn(cfg, D, n_layers=2))
+    assert count_ffn(cfg, D).total_params == numel(build_ffn(cfg, D, n_layers=2, vocab_size=64))
 
 
 def test_active_params_by_hand():
@@ -45,7 +45,7 @@ def test_param_equal_matches_the_dense_total_within_one_percent(kind):
     cfg = param_equal(dense, kind, 256, **options)
     ratio = count_ffn(cfg, 256).total_params / count_ffn(dense, 256).total_params
     assert abs(ratio - 1) < 0.01, (kind, ratio)
-    assert count_ffn(cfg, 256).total_params == numel(build_ffn(cfg, 256, 2))
+    assert count_ffn(cfg, 256).total_params == numel(build_ffn(cfg, 256, 2, vocab_size=64))
 
 
 def test_param_equal_needs_g_to_divide_d_ff():

@@ -112,7 +112,7 @@ def test_under_bf16_autocast_fp32_parameters_get_fp32_gradients_and_routing_stay
     loss = torch.nn.functional.cross_entropy(out.logits.float().flatten(0, 1), tokens.flatten()) + out.aux_loss
     loss.backward()
     assert out.aux_loss.dtype == torch.float32
-    for layer in out.layer_outputs:
+    for layer in out.layer_stats:
         for stat in (layer.expert_counts, layer.gate_mean):
             assert stat is None or stat.dtype == torch.float32
     grads = {name: p.grad.dtype for name, p in model.named_parameters() if p.grad is not None}

@@ -92,7 +92,7 @@ def block_layers(draw) -> tuple[FFNConfig, int, int, int]:
 def test_every_block_layer_gives_finite_outputs_and_t_times_k_assignments(layer_and_shape, training, seed):
     cfg, B, S, D = layer_and_shape
     torch.manual_seed(seed)
-    layer = MoEFFN(cfg, D, n_layers=2).train(training)
+    layer = MoEFFN(cfg, D, n_layers=2, vocab_size=1000).train(training)
     x = torch.randn(B, S, D)
     token_ids = torch.randint(0, 1000, (B, S))
     T, K = B * S, cfg.top_k

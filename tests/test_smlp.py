@@ -40,14 +40,50 @@ def test_partial_prediction_scores_the_tail_and_routes_on_the_head():
     model = small_model("partial_prediction")
     out = model(torch.randint(0, 40, (2, 30)))
     assert out.loss_mask.tolist() == [False] * 6 + [True] * 24  # fraction 0.2 of 30
-    mixing = SparseTokenMixing(hidden=16, n_chunks=4, max_seq_len=30, routing="partial_prediction", fraction=0.3)
-    v = torch.randn(3, 20, 4, 4)
+    mixing = SparseTokenMixing(hidden=16, n_chunks=4, max_seq_len=20, routing="partial_prediction", fraction=0.3)
+    v = torch.randn(3, 20, 16)
     tail_changed = v.clone()
-    tail_changed[:, 6:] = torch.randn(3, 14, 4, 4)  # P = ⌊0.3 · 20⌋ = 6
-    assert all(torch.equal(a, b) for a, b in zip(mixing.route(v), mixing.route(tail_changed)))
+    tail_changed[:, 6:] = torch.randn(3, 14, 16)  # P = ⌊0.3 · 20⌋ = 6
+    assert all(torch.equal(a, b) for a, b in zip(mixing.route(v), mixing.route(tail_changed), strict=True))
     head_changed = v.clone()
-    head_changed[:, :6] = torch.randn(3, 6, 4, 4) * 5
+    head_changed[:, :6] = torch.randn(3, 6, 16) * 5
     assert not torch.equal(mixing.route(v)[1], mixing.route(head_changed)[1])
+
+
+@pytest.mark.parametrize("kind", ["toeplitz", "full"])
+def test_partial_prediction_routes_every_channel_by_its_first_p_values(kind):
+    """The paper's rule against a float64 loop: channel c of sequence b goes to e = argmax softmax(W_r v[b, :P, c])
+    and is mixed by expert e at positions ≥ P, scaled by that probability; gradients included."""
+    mixing = SparseTokenMixing(hidden=8, n_chunks=4, max_seq_len=10, routing="partial_prediction", fraction=0.3,
+                               mixing=kind).double()
+    torch.nn.init.normal_(mixing.weight)
+    torch.nn.init.normal_(mixing.bias)
+    v = torch.randn(2, 10, 8, dtype=torch.float64, requires_grad=True)
+    got, stats = mixing(v)
+    w = torch.randn_like(got)
+    (got * w).sum().backward()
+    grads = [v.grad.clone(), mixing.weight.grad.clone(), mixing.router.weight.grad.clone()]
+    for t in (v, mixing.weight, mixing.bias, mixing.router.weight):
+        t.grad = None
+
+    def weight(e, t, s):
+        return mixing.weight[e, t, s] if kind == "full" else mixing.weight[e, t - s]
+
+    ref, experts = torch.zeros_like(got), []
+    for b in range(2):
+        for c in range(8):
+            probs = torch.softmax(mixing.router.weight @ v[b, :3, c], 0)
+            e = int(probs.argmax())
+            experts.append(e)
+            for t in range(10):
+                expert, scale = (c // 2, 1.0) if t < 3 else (e, probs[e])
+                ref[b, t, c] = scale * (mixing.bias[expert, t] + sum(weight(expert, t, s) * v[b, s, c]
+                                                                     for s in range(t + 1)))
+    torch.testing.assert_close(got, ref, atol=1e-12, rtol=0)
+    (ref * w).sum().backward()
+    for g, want in zip(grads, [v.grad, mixing.weight.grad, mixing.router.weight.grad], strict=True):
+        torch.testing.assert_close(g, want, atol=1e-12, rtol=0)
+    assert stats.expert_counts.tolist() == torch.bincount(torch.tensor(experts), minlength=4).double().tolist()
 
 
 @pytest.mark.parametrize("kind", ["toeplitz", "full"])

@@ -18,6 +18,7 @@ from tests.causality import assert_causal
 
 D = 12
 ATOL = 1e-10  # float64 throughout: differences are rounding only
+VOCAB = 300_000  # more token ids than word-level WikiText-103 has types
 
 
 def fresh(*shape, dtype=torch.float64):
@@ -27,7 +28,7 @@ def fresh(*shape, dtype=torch.float64):
 def layer(kind: str, **options) -> torch.nn.Module:
     cfg = dataclasses.replace(FFNConfig(kind=kind, d_ff=24, n_experts=6, expert_size=4, top_k=2), **options)
     validate_ffn(cfg)
-    return build_ffn(cfg, D, n_layers=2).double()
+    return build_ffn(cfg, D, n_layers=2, vocab_size=VOCAB).double()
 
 
 def expert_output(bank: ExpertBank, x_t: torch.Tensor, e: int) -> torch.Tensor:
@@ -141,8 +142,8 @@ def test_avgk_scores_blocks_by_their_mean_key(gate):
 
 def test_hash_routing_is_a_fixed_function_of_the_token_id():
     m = layer("hash")
-    ids = torch.randint(0, 1000, (3, 7))
-    table = {int(t): m.router.table[int(t) % m.router.table.shape[0]].tolist() for t in ids.flatten()}
+    ids = torch.randint(0, VOCAB, (3, 7))
+    table = {int(t): m.router.table[int(t)].tolist() for t in ids.flatten()}
     assert all(len(set(v)) == 2 for v in table.values())  # K distinct experts
 
     def reference(x):
@@ -169,6 +170,21 @@ def test_topk_keeps_the_k_largest_activations():
         return torch.stack(out).view(x.shape)
 
     assert_same_outputs_and_grads(m, fresh(2, 4, D), None, reference)
+
+
+def test_topk_dropout_acts_before_the_k_cells_are_chosen():
+    m = layer("topk", top_k=5, dropout=0.5).train()
+    x = fresh(2, 4, D)
+    state = torch.get_rng_state()
+    y = m(x).y
+    torch.set_rng_state(state)  # the same dropout mask, drawn by the reference
+    h = torch.relu(x.reshape(-1, D) @ m.up.weight.t() + m.up.bias)
+    h = torch.nn.functional.dropout(h, 0.5, training=True)
+    out = []
+    for h_t in h:
+        kept = sorted(range(len(h_t)), key=lambda j: -float(h_t[j]))[:5]
+        out.append(sum(h_t[j] * m.down.weight[:, j] for j in kept) + m.down.bias)
+    torch.testing.assert_close(y, torch.stack(out).view(x.shape), atol=ATOL, rtol=0)
 
 
 @pytest.mark.parametrize("activation", ["softmax", "relu"])
@@ -268,7 +284,30 @@ def test_sigma_moe_entropy_regulariser_and_expert_dropout():
     chosen = m.router(x).indices
     enough_left = (~dropped).sum(1) >= 2
     assert enough_left.sum() > 10
-    assert not dropped.gather(1, chosen)[enough_left].any()  # a dropped expert is never selected
+    assert not dropped.gather(1, chosen)[enough_left].any()  # a dropped expert is selected only when it must
+
+
+@pytest.mark.parametrize("gate", ["sigmoid", "softmax", "none"])
+def test_sigma_moe_gives_a_dropped_but_selected_expert_gate_zero(gate):
+    """Per token: drop each expert with probability δ, take the top-K of the survivors, then the best of the
+    dropped ones when fewer than K survive; a dropped expert's gate is 0."""
+    from sffn_lab.config import SigmaMoEOptions
+
+    m = layer("sigma_moe", sigma_moe=SigmaMoEOptions(entropy_coef=0.0, expert_dropout=0.6, gate=gate)).train()
+    x = fresh(4, 20, D)
+    state = torch.get_rng_state()
+    y = m(x).y
+    torch.set_rng_state(state)
+    logits = x.reshape(-1, D) @ m.router.selector.t()
+    dropped = torch.rand(80, 6, dtype=torch.float64) < 0.6
+    assert (~dropped).sum(1).lt(2).sum() > 3  # tokens keeping fewer than K = 2 experts (p < 2e-6 to fail)
+    out = []
+    for t, x_t in enumerate(x.reshape(-1, D)):
+        order = sorted(range(6), key=lambda e: (bool(dropped[t, e]), -float(logits[t, e])))[:2]
+        gate_of = {"sigmoid": lambda e: torch.sigmoid(logits[t, e]),
+                   "softmax": lambda e: torch.softmax(logits[t], 0)[e], "none": lambda e: 1.0}[gate]
+        out.append(sum(expert_output(m.bank, x_t, e) * (0.0 if dropped[t, e] else gate_of(e)) for e in order))
+    torch.testing.assert_close(y, torch.stack(out).view(x.shape), atol=ATOL, rtol=0)
 
 
 def test_switch_balance_loss_and_capacity():

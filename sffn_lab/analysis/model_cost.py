@@ -42,7 +42,9 @@ def count_smlp(cfg: ModelConfig, vocab_size: int, seq_len: int) -> Cost:
     unit_flops = 2 * D * 2 * Fh + Fh * (L + 1) + 2 * Fh * D  # causal mixing: (L+1)/2 terms on average
     mixing = (L * L if s.mixing == "full" else L) + L  # one mixing matrix's weight and bias
     dense_block = unit + mixing
-    router = (Fh // s.n_chunks) * s.n_chunks if s.routing == "partial_prediction" else 0
+    prefix = int(s.prediction_fraction * L) if s.routing == "partial_prediction" else 0
+    router = prefix * s.n_chunks  # W_r [N, P], applied to each of the F channels once per sequence
+    router_flops = 2 * Fh * router / L  # per token
     ffn = count_ffn(cfg.ffn, D)
     sparse_block = unit + s.n_chunks * mixing + router + 2 * D + ffn.total_params
     sparse_active = unit + s.n_chunks * mixing + router + 2 * D + ffn.active_params
@@ -50,6 +52,6 @@ def count_smlp(cfg: ModelConfig, vocab_size: int, seq_len: int) -> Cost:
     total = head + 2 * D + s.n_dense_blocks * dense_block + s.n_sparse_blocks * sparse_block
     active = head + 2 * D + s.n_dense_blocks * dense_block + s.n_sparse_blocks * sparse_active
     flops = 2 * head + (s.n_dense_blocks + s.n_sparse_blocks) * unit_flops + s.n_sparse_blocks * (
-        ffn.flops_per_token + 2 * router
+        ffn.flops_per_token + router_flops
     )
     return Cost(int(total), int(active), int(flops))

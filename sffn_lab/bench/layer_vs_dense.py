@@ -17,7 +17,8 @@ def layer_vs_dense(sizes: BenchSizes) -> list[Measurement]:
     D = sizes.d_model
     dense_cfg = FFNConfig(kind="dense", d_ff=sizes.d_ff)
     moe_cfg = param_equal(dense_cfg, "sigma_moe", D, expert_size=sizes.expert_size, top_k=sizes.top_k)
-    layers = {"dense": build_ffn(dense_cfg, D, 1), "sigma_moe": build_ffn(moe_cfg, D, 1)}
+    layers = {"dense": build_ffn(dense_cfg, D, 1, vocab_size=1),  # no HashLayer here: no token ids
+              "sigma_moe": build_ffn(moe_cfg, D, 1, vocab_size=1)}
     x = torch.randn(1, sizes.tokens, D, requires_grad=True)
     grad_y = torch.randn_like(x)
 

@@ -10,7 +10,7 @@ from sffn_lab.bench.records import Measurement
 
 @dataclass
 class TargetCheck:
-    item: str
+    what: str  # the ratio measured
     measured: float | None  # the ratio the target is about (None: not measured)
     target: str
     met: bool | None
@@ -23,24 +23,24 @@ def _ratio(rows: list[Measurement], section: str, variant: str, metric: str = "t
 def check_targets(rows: list[Measurement]) -> list[TargetCheck]:
     checks = []
 
-    def at_most(item, value, limit):
-        checks.append(TargetCheck(item, value, f"≤ {limit}", value <= limit))
+    def at_most(what, value, limit):
+        checks.append(TargetCheck(what, value, f"≤ {limit}", value <= limit))
 
-    def at_least(item, value, limit):
-        checks.append(TargetCheck(item, value, f"≥ {limit}", value >= limit))
+    def at_least(what, value, limit):
+        checks.append(TargetCheck(what, value, f"≥ {limit}", value >= limit))
 
-    at_most("1. σ-MoE / dense fwd+bwd time", _ratio(rows, "layer", "sigma_moe"), 0.30)
-    at_most("1. σ-MoE / dense activation memory", _ratio(rows, "layer", "sigma_moe", "activation_MB"), 0.5)
+    at_most("σ-MoE / dense fwd+bwd time", _ratio(rows, "layer", "sigma_moe"), 0.30)
+    at_most("σ-MoE / dense activation memory", _ratio(rows, "layer", "sigma_moe", "activation_MB"), 0.5)
     largest = max((r for r in rows if r.section == "scaling_N_E"), key=lambda r: r.x)
-    at_most(f"2. time at {largest.case} / at {largest.reference}", largest.ratio, 1.3)
+    at_most(f"time at {largest.case} / at {largest.reference}", largest.ratio, 1.3)
     for r in rows:
         if r.section == "alternatives" and r.variant.startswith(("GShard", "all experts")):
-            at_least(f"3. {r.variant} time / ours", r.ratio, 3.0)
+            at_least(f"{r.variant} time / ours", r.ratio, 3.0)
     for r in rows:
         if r.section == "lm" and r.variant == "sigma_moe":
-            at_least(f"4. σ-MoE LM / dense LM train tokens/s, {r.case}", r.ratio, 1.5)
+            at_least(f"σ-MoE LM / dense LM train tokens/s, {r.case}", r.ratio, 1.5)
     gpu = [r for r in rows if r.section == "gpu"]
-    checks.append(TargetCheck("5. GPU mode", None, "measured when a GPU is present",
+    checks.append(TargetCheck("GPU mode", None, "measured when a GPU is present",
                               None if gpu[0].value is None else True))
     return checks
 

@@ -22,4 +22,4 @@ class DenseFFN(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor, token_ids: torch.Tensor | None = None) -> FFNOutput:
-        return FFNOutput(self.down(self.dropout(self.activation(self.up(x)))))
+        return FFNOutput(y=self.down(self.dropout(self.activation(self.up(x)))))

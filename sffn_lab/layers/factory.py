@@ -12,8 +12,9 @@ from sffn_lab.config import FFNConfig
 from sffn_lab.layers.dense import DenseFFN
 
 
-def build_ffn(cfg: FFNConfig, d_model: int, n_layers: int) -> nn.Module:
-    """One feed-forward layer for a model of width ``d_model`` and depth ``n_layers``."""
+def build_ffn(cfg: FFNConfig, d_model: int, n_layers: int, vocab_size: int) -> nn.Module:
+    """One feed-forward layer for a model of width ``d_model``, depth ``n_layers`` and ``vocab_size`` token ids
+    (HashLayer draws one expert list per id)."""
     if cfg.kind == "dense":
         return DenseFFN(d_model, cfg.d_ff, cfg.activation, cfg.dropout)
     if cfg.kind == "topk":
@@ -26,4 +27,4 @@ def build_ffn(cfg: FFNConfig, d_model: int, n_layers: int) -> nn.Module:
         return ProductKeyMemory(d_model, cfg.pkm, cfg.dropout)
     from sffn_lab.layers.moe import MoEFFN
 
-    return MoEFFN(cfg, d_model, n_layers)
+    return MoEFFN(cfg, d_model, n_layers, vocab_size)

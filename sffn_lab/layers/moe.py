@@ -15,10 +15,10 @@ from sffn_lab.layers.routers import build_router
 class MoEFFN(nn.Module):
     """x [B, S, D] (token ids [B, S]) → ``FFNOutput`` with y [B, S, D] and expert counts [N_E]."""
 
-    def __init__(self, cfg: FFNConfig, d_model: int, n_layers: int):
+    def __init__(self, cfg: FFNConfig, d_model: int, n_layers: int, vocab_size: int):
         super().__init__()
         self.bank = ExpertBank(d_model, cfg.n_experts, cfg.expert_size, cfg.activation, cfg.dropout)
-        self.router = build_router(cfg, d_model, n_layers)
+        self.router = build_router(cfg, d_model, n_layers, vocab_size)
         self.router.init_bank(self.bank)
 
     def forward(self, x: torch.Tensor, token_ids: torch.Tensor | None = None) -> FFNOutput:
@@ -29,4 +29,4 @@ class MoEFFN(nn.Module):
         y = self.bank(flat, plan, routing.gates)
         counts = plan.counts.float()
         gate_mean = routing.gates.detach().mean() if routing.gates is not None else None
-        return FFNOutput(y.view(B, S, D), routing.aux_loss, counts, gate_mean)
+        return FFNOutput(y=y.view(B, S, D), aux_loss=routing.aux_loss, expert_counts=counts, gate_mean=gate_mean)

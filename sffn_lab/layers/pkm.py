@@ -57,4 +57,4 @@ class ProductKeyMemory(nn.Module):
         read, table = autocast_operands(self.dropout(weights).flatten(1), self.values)
         y = F.embedding_bag(slots.flatten(1), table, per_sample_weights=read.to(table.dtype), mode="sum")
         counts = torch.bincount(slots.reshape(-1), minlength=self.values.shape[0]).float()
-        return FFNOutput(y.view(B, S, D), expert_counts=counts, gate_mean=weights.detach().mean())
+        return FFNOutput(y=y.view(B, S, D), expert_counts=counts, gate_mean=weights.detach().mean())

@@ -19,8 +19,6 @@ from sffn_lab.config import FFNConfig
 from sffn_lab.errors import UserError
 from sffn_lab.layers.expert_bank import ExpertBank
 
-HASH_BUCKETS = 1 << 16  # token ids are hashed into this many buckets, each with a fixed random expert list
-
 
 @dataclass
 class Routing:
@@ -103,7 +101,12 @@ class LinearRouter(Router):
 
 
 class SigmaMoERouter(LinearRouter):
-    """σ-MoE: top-K of W_sel x, sigmoid gates (not renormalised), entropy regulariser, expert dropout."""
+    """σ-MoE: top-K of W_sel x, sigmoid gates (not renormalised), entropy regulariser, expert dropout.
+
+    Expert dropout (δ, training only) removes each (token, expert) pair from the selection with probability
+    δ; when fewer than K experts of a token survive, the top-K still picks dropped ones, and those get a
+    gate of 0 (the paper's rule), so a dropped expert never contributes.
+    """
 
     def __init__(self, d_model: int, n_experts: int, k: int, opts, n_layers: int):
         super().__init__(d_model, n_experts, k)
@@ -120,12 +123,15 @@ class SigmaMoERouter(LinearRouter):
 
     def forward(self, x, token_ids=None, bank=None) -> Routing:
         logits = self.logits(x)
-        selection = logits
+        selection, dropped = logits, None
         if self.training and self.opts.expert_dropout > 0:
             dropped = torch.rand_like(logits) < self.opts.expert_dropout
             selection = logits.masked_fill(dropped, float("-inf"))
         indices = selection.topk(self.k, dim=-1, sorted=False).indices
         gates = gate_values(logits, indices, self.opts.gate)
+        if dropped is not None:
+            kept = ~dropped.gather(-1, indices)
+            gates = kept.to(logits.dtype) if gates is None else gates * kept
         if gates is not None and self.opts.renormalize:
             gates = gates / gates.sum(dim=-1, keepdim=True).clamp_min(1e-9)
         aux = self.opts.entropy_coef * neg_entropy_of_mean_softmax(logits) if self.training else None
@@ -273,18 +279,20 @@ def _swap_into_full_expert(token: int, assigned, remaining, taken) -> None:
 
 
 class HashRouter(Router):
-    """HashLayer: a fixed random list of K distinct experts per hashed token id; no gate, no loss."""
+    """HashLayer (Roller et al. 2021, random hash): a fixed random list of K distinct experts for every token
+    id of the vocabulary (a table [vocab_size, K], so no two ids share a list by construction); no gate,
+    no loss."""
 
-    def __init__(self, n_experts: int, k: int, seed: int):
+    def __init__(self, n_experts: int, k: int, seed: int, vocab_size: int):
         super().__init__()
         generator = torch.Generator().manual_seed(seed)
-        table = torch.rand(HASH_BUCKETS, n_experts, generator=generator).argsort(dim=1)[:, :k]
+        table = torch.rand(vocab_size, n_experts, generator=generator).argsort(dim=1)[:, :k]
         self.register_buffer("table", table)
 
     def forward(self, x, token_ids=None, bank=None) -> Routing:
         if token_ids is None:
             raise UserError("model.ffn.kind=hash routes by token id, but this layer received no token ids.")
-        return Routing(self.table[token_ids.reshape(-1) % HASH_BUCKETS])
+        return Routing(self.table[token_ids.reshape(-1)])
 
 
 class AvgKRouter(Router):
@@ -300,7 +308,7 @@ class AvgKRouter(Router):
         return Routing(indices, gate_values(scores, indices, self.opts.gate))
 
 
-def build_router(cfg: FFNConfig, d_model: int, n_layers: int) -> Router:
+def build_router(cfg: FFNConfig, d_model: int, n_layers: int, vocab_size: int) -> Router:
     E, K = cfg.n_experts, cfg.top_k
     if cfg.kind == "sigma_moe":
         return SigmaMoERouter(d_model, E, K, cfg.sigma_moe, n_layers)
@@ -311,7 +319,7 @@ def build_router(cfg: FFNConfig, d_model: int, n_layers: int) -> Router:
     if cfg.kind == "base":
         return BaseRouter(d_model, E, K)
     if cfg.kind == "hash":
-        return HashRouter(E, K, cfg.hash.seed)
+        return HashRouter(E, K, cfg.hash.seed, vocab_size)
     if cfg.kind == "avgk":
         return AvgKRouter(K, cfg.avgk)
     raise ValueError(f"no router for FFN kind {cfg.kind!r}")

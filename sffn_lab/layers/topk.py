@@ -10,7 +10,10 @@ from sffn_lab.layers.ffn_output import FFNOutput
 
 
 class TopKFFN(nn.Module):
-    """y = Σ_{j ∈ top-K of act(W1 x + b1)} act(·)_j · W2[:, j] + b2; x [B, S, D] → [B, S, D].
+    """y = Σ_{j ∈ top-K of h} h_j · W2[:, j] + b2 with h = dropout(act(W1 x + b1)); x [B, S, D] → [B, S, D].
+
+    Dropout (``model.ffn.dropout``) acts before the K cells are chosen, as in the σ-MoE paper's Top-K
+    baseline: a dropped cell is not kept, and the next largest takes its place.
 
     The same parameters as the dense FFN; with K = d_ff it equals the dense FFN. The K kept activations
     are scattered into a zero [T, d_ff] matrix that goes through the value matmul: on the CPU this one
@@ -29,8 +32,8 @@ class TopKFFN(nn.Module):
 
     def forward(self, x: torch.Tensor, token_ids: torch.Tensor | None = None) -> FFNOutput:
         B, S, D = x.shape
-        hidden = self.activation(self.up(x.reshape(B * S, D)))
+        hidden = self.dropout(self.activation(self.up(x.reshape(B * S, D))))
         values, cells = hidden.topk(self.k, dim=-1)
-        kept = torch.zeros_like(hidden).scatter_(-1, cells, self.dropout(values))  # [T, d_ff], K non-zeros a row
+        kept = torch.zeros_like(hidden).scatter_(-1, cells, values)  # [T, d_ff], K non-zeros a row
         counts = torch.bincount(cells.reshape(-1), minlength=hidden.shape[-1]).float()
-        return FFNOutput(self.down(kept).view(B, S, D), expert_counts=counts)
+        return FFNOutput(y=self.down(kept).view(B, S, D), expert_counts=counts)

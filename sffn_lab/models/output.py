@@ -6,24 +6,25 @@ from dataclasses import dataclass, field
 
 import torch
 
-from sffn_lab.layers.ffn_output import FFNOutput
+from sffn_lab.layers.ffn_output import RoutingStats
 
 
 @dataclass
 class LMOutput:
-    """logits [B, S, V]; layer_outputs: one ``FFNOutput`` per sparse/dense FFN layer, in depth order.
+    """logits [B, S, V]; layer_stats: the ``RoutingStats`` of every routed or FFN layer, in depth order
+    (for sMLP's sparse blocks: the FFN's, then the token-mixing sMoE's).
 
     ``loss_mask`` [S] (bool) marks positions whose prediction counts towards the loss, or None for all
     (sMLP partial prediction scores only the tail of each sequence).
     """
 
     logits: torch.Tensor
-    layer_outputs: list[FFNOutput] = field(default_factory=list)
+    layer_stats: list[RoutingStats] = field(default_factory=list)
     loss_mask: torch.Tensor | None = None
 
     @property
     def aux_loss(self) -> torch.Tensor:
         """Sum of the layers' weighted auxiliary losses in fp32 or wider (0 when no layer has one)."""
         losses = [o.aux_loss.to(torch.promote_types(o.aux_loss.dtype, torch.float32))
-                  for o in self.layer_outputs if o.aux_loss is not None]
+                  for o in self.layer_stats if o.aux_loss is not None]
         return torch.stack(losses).sum() if losses else self.logits.new_zeros((), dtype=torch.float32)

@@ -15,10 +15,11 @@ chunk is mixed along the token axis by one of N experts (each its own causal W_s
 
 sMoE routing:
 - ``deterministic``: chunk i → expert i, no gate.
-- ``partial_prediction``: a router W_r reads each chunk's mean over the first P = ⌊fraction·S⌋
-  positions and sends the chunk to its top-1 expert, output scaled by the softmax gate. Positions
-  before P keep the deterministic chunk i → expert i (their outputs never depend on later tokens),
-  and the LM loss is computed only on positions ≥ P (``LMOutput.loss_mask``).
+- ``partial_prediction`` (the paper's): a router W_r [N, P] reads each hidden channel's values at the
+  first P = ⌊fraction · max_seq_len⌋ positions (20% in the paper) and sends that channel to its top-1
+  expert, output scaled by the softmax gate. Positions before P keep the deterministic chunk i → expert i
+  (their outputs never depend on later tokens), and the LM loss is computed only on positions ≥ P
+  (``LMOutput.loss_mask``).
 """
 
 from __future__ import annotations
@@ -28,8 +29,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from sffn_lab.config import ModelConfig
+from sffn_lab.kernels import RoutingPlan, expert_up
 from sffn_lab.layers.factory import build_ffn
-from sffn_lab.layers.ffn_output import FFNOutput
+from sffn_lab.layers.ffn_output import RoutingStats
 from sffn_lab.models.output import LMOutput
 
 
@@ -56,57 +58,65 @@ def init_mixing(n: int, max_seq_len: int, mixing: str) -> tuple[nn.Parameter, nn
 
 
 class SparseTokenMixing(nn.Module):
-    """v [B, S, F] split into N chunks of F/N channels, each mixed causally by an expert → [B, S, F].
+    """v [B, S, F] → [B, S, F]: every hidden channel is mixed causally along the token axis by one of N experts.
 
-    With N = 1 (and deterministic routing) this is the gMLP's dense spatial gating unit; with N > 1 it
-    is the sMoE.
+    With N = 1 this is the gMLP's dense spatial gating unit; with N > 1 it is the sMoE. Deterministic
+    routing sends the contiguous chunk i of F/N channels to expert i. Partial prediction routes every
+    channel c of every sequence on its own: a router W_r [N, P] reads the channel's values at the first
+    P = ⌊fraction · max_seq_len⌋ positions, the channel goes to its top-1 expert, and the mixed channel is
+    scaled by that expert's softmax probability (so the router learns). Positions before P keep the
+    deterministic experts (they cannot depend on the routing, which reads them). The routed tail is one
+    grouped matmul over the B·F channel rows (``sffn_lab.kernels.expert_up``), so each channel is mixed
+    once, by its own expert.
     """
 
     def __init__(self, hidden: int, n_chunks: int, max_seq_len: int, routing: str, fraction: float,
                  mixing: str = "toeplitz"):
         super().__init__()
-        self.n_chunks, self.fraction, self.mixing = n_chunks, fraction, mixing
+        self.n_chunks, self.mixing = n_chunks, mixing
         self.weight, self.bias = init_mixing(n_chunks, max_seq_len, mixing)
-        chunk = hidden // n_chunks
-        self.router = nn.Linear(chunk, n_chunks, bias=False) if routing == "partial_prediction" else None
+        self.prefix = int(fraction * max_seq_len) if routing == "partial_prediction" else 0
+        self.router = nn.Linear(self.prefix, n_chunks, bias=False) if routing == "partial_prediction" else None
 
     def prefix_length(self, seq_len: int) -> int:
-        """P: the positions the router reads (and the loss skips) under partial prediction."""
-        return int(self.fraction * seq_len) if self.router is not None else 0
+        """P: the positions the router reads (and the loss skips) under partial prediction; 0 otherwise."""
+        return min(self.prefix, seq_len)
 
-    def route(self, chunks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """chunks [B, S, N, C] → (expert [B, N], gate [B, N]) from the first P positions only."""
-        P = max(1, self.prefix_length(chunks.shape[1]))
-        probs = torch.softmax(self.router(chunks[:, :P].mean(dim=1)), dim=-1)  # [B, N, N]
+    def route(self, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """v [B, S ≥ P, F] → (expert [B, F], gate [B, F]) of every channel, from its first P values only."""
+        probs = torch.softmax(self.router(v[:, : self.prefix].transpose(1, 2)), dim=-1)  # [B, F, N]
         gate, expert = probs.max(dim=-1)
         return expert, gate
 
-    def forward(self, v: torch.Tensor) -> tuple[torch.Tensor, FFNOutput | None]:
+    def forward(self, v: torch.Tensor) -> tuple[torch.Tensor, RoutingStats | None]:
         B, S, Fh = v.shape
-        chunks = v.view(B, S, self.n_chunks, Fh // self.n_chunks)
         w = mixing_matrices(self.weight, S, self.mixing)  # [N, S, S]
         bias = self.bias[:, :S]  # [N, S]
         P = self.prefix_length(S) if self.router is not None else S
+        chunks = v.view(B, S, self.n_chunks, Fh // self.n_chunks)
         # positions < P: chunk i → expert i (causal, so they read positions < P only)
         head = torch.einsum("nts,bsnc->btnc", w[:, :P, :P], chunks[:, :P]) + bias[:, :P].t()[None, :, :, None]
-        if self.router is None:
-            return head.reshape(B, S, Fh), None
-        expert, gate = self.route(chunks)
-        w_tail = w[:, P:][expert]  # [B, N, S - P, S]: each chunk's chosen expert, rows of positions ≥ P
-        tail = torch.einsum("bnts,bsnc->btnc", w_tail, chunks) + bias[:, P:][expert].transpose(1, 2)[..., None]
-        out = torch.cat([head, tail * gate[:, None, :, None]], dim=1)
+        head = head.reshape(B, P, Fh)
+        if P == S:
+            return head, None
+        expert, gate = self.route(v)
+        rows = v.transpose(1, 2).reshape(B * Fh, S)  # one row per (sequence, channel)
+        plan = RoutingPlan.of(expert.reshape(-1, 1), self.n_chunks)
+        tail = expert_up(rows, w[:, P:].transpose(1, 2), plan).view(B, Fh, S - P)  # Σ_s W_e[t, s] v[s, c]
+        tail = (tail + bias[:, P:][expert]) * gate[..., None]
+        out = torch.cat([head, tail.transpose(1, 2)], dim=1)
         counts = torch.bincount(expert.reshape(-1), minlength=self.n_chunks).float()
-        return out.reshape(B, S, Fh), FFNOutput(out, expert_counts=counts, gate_mean=gate.detach().mean())
+        return out, RoutingStats(expert_counts=counts, gate_mean=gate.detach().mean())
 
 
 class SMLPBlock(nn.Module):
-    """x [B, S, D] → (x [B, S, D], routing records): x + W_out(u ⊙ mix(LN(v))), [u, v] = GELU(W_in LN(x)).
+    """x [B, S, D] → (x [B, S, D], routing stats): x + W_out(u ⊙ mix(LN(v))), [u, v] = GELU(W_in LN(x)).
 
     A gMLP block mixes with one dense matrix; a sparse block mixes with the sMoE and then adds the tMoE,
     x + FFN(LN(x)).
     """
 
-    def __init__(self, cfg: ModelConfig, max_seq_len: int, n_layers: int, sparse: bool):
+    def __init__(self, cfg: ModelConfig, vocab_size: int, max_seq_len: int, n_layers: int, sparse: bool):
         super().__init__()
         s, D = cfg.smlp, cfg.d_model
         self.ln = nn.LayerNorm(D)
@@ -116,21 +126,21 @@ class SMLPBlock(nn.Module):
                                         s.routing if sparse else "deterministic", s.prediction_fraction, s.mixing)
         self.proj_out = nn.Linear(s.d_hidden, D)
         self.ln_ffn = nn.LayerNorm(D) if sparse else None
-        self.ffn = build_ffn(cfg.ffn, D, n_layers) if sparse else None
+        self.ffn = build_ffn(cfg.ffn, D, n_layers, vocab_size) if sparse else None
 
-    def forward(self, x: torch.Tensor, token_ids: torch.Tensor) -> tuple[torch.Tensor, list[FFNOutput]]:
+    def forward(self, x: torch.Tensor, token_ids: torch.Tensor) -> tuple[torch.Tensor, list[RoutingStats]]:
         u, v = F.gelu(self.proj_in(self.ln(x))).chunk(2, dim=-1)
         mixed, routing = self.mixing(self.ln_v(v))
         x = x + self.proj_out(u * mixed)
-        records = [routing] if routing is not None else []
+        stats = [routing] if routing is not None else []
         if self.ffn is None:
-            return x, records
+            return x, stats
         out = self.ffn(self.ln_ffn(x), token_ids)
-        return x + out.y, [out, *records]
+        return x + out.y, [out, *stats]
 
 
 class SparseAllMLP(nn.Module):
-    """tokens [B, S] (S ≤ max_seq_len) → ``LMOutput`` (logits [B, S, V], FFN records, loss mask)."""
+    """tokens [B, S] (S ≤ max_seq_len) → ``LMOutput`` (logits [B, S, V], routing stats, loss mask)."""
 
     def __init__(self, cfg: ModelConfig, vocab_size: int, max_seq_len: int):
         super().__init__()
@@ -140,7 +150,7 @@ class SparseAllMLP(nn.Module):
         nn.init.normal_(self.embed.weight, std=0.02)
         n_layers = s.n_dense_blocks + s.n_sparse_blocks
         self.blocks = nn.ModuleList(
-            SMLPBlock(cfg, max_seq_len, n_layers, sparse=i >= s.n_dense_blocks) for i in range(n_layers)
+            SMLPBlock(cfg, vocab_size, max_seq_len, n_layers, sparse=i >= s.n_dense_blocks) for i in range(n_layers)
         )
         self.ln_out = nn.LayerNorm(cfg.d_model)
         self.head = nn.Linear(cfg.d_model, vocab_size, bias=False)
@@ -151,10 +161,10 @@ class SparseAllMLP(nn.Module):
         if S > self.max_seq_len:
             raise ValueError(f"sequence length {S} exceeds the model's maximum {self.max_seq_len}")
         x = self.embed(tokens)
-        outputs: list[FFNOutput] = []
+        outputs: list[RoutingStats] = []
         for block in self.blocks:
-            x, records = block(x, tokens)
-            outputs += records
+            x, stats = block(x, tokens)
+            outputs += stats
         P = self.blocks[-1].mixing.prefix_length(S)  # the last block is sparse when any is
         mask = torch.arange(S, device=tokens.device) >= P if P else None
         return LMOutput(self.head(self.ln_out(x)), outputs, mask)

@@ -56,12 +56,12 @@ class CausalSelfAttention(nn.Module):
 class Block(nn.Module):
     """Pre-LN Transformer block; returns the new residual stream and the FFN's output record."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, vocab_size: int):
         super().__init__()
         self.ln_attn = nn.LayerNorm(cfg.d_model)
         self.attn = CausalSelfAttention(cfg.d_model, cfg.n_heads, cfg.dropout)
         self.ln_ffn = nn.LayerNorm(cfg.d_model)
-        self.ffn = build_ffn(cfg.ffn, cfg.d_model, cfg.n_layers)
+        self.ffn = build_ffn(cfg.ffn, cfg.d_model, cfg.n_layers, vocab_size)
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x, token_ids, rope) -> tuple[torch.Tensor, FFNOutput]:
@@ -78,7 +78,7 @@ class TransformerLM(nn.Module):
         self.max_seq_len = max_seq_len
         self.embed = nn.Embedding(vocab_size, cfg.d_model)
         self.pos_embed = nn.Embedding(max_seq_len, cfg.d_model) if cfg.positions == "learned" else None
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.blocks = nn.ModuleList(Block(cfg, vocab_size) for _ in range(cfg.n_layers))
         self.ln_out = nn.LayerNorm(cfg.d_model)
         self.head = nn.Linear(cfg.d_model, vocab_size, bias=False)
         if cfg.tie_embeddings:
@@ -99,7 +99,7 @@ class TransformerLM(nn.Module):
             nn.init.zeros_(block.attn.proj.bias)
 
     def forward(self, tokens: torch.Tensor) -> LMOutput:
-        B, S = tokens.shape
+        S = tokens.shape[1]
         if S > self.max_seq_len:
             raise ValueError(f"sequence length {S} exceeds the model's maximum {self.max_seq_len}")
         x = self.embed(tokens)
@@ -109,8 +109,8 @@ class TransformerLM(nn.Module):
         else:
             rope = rope_tables(S, self.head_dim, tokens.device)
         x = self.drop(x)
-        layer_outputs = []
+        layer_stats = []
         for block in self.blocks:
             x, out = block(x, tokens, rope)
-            layer_outputs.append(out)
-        return LMOutput(self.head(self.ln_out(x)), layer_outputs)
+            layer_stats.append(out)
+        return LMOutput(self.head(self.ln_out(x)), layer_stats)
