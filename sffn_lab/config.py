@@ -21,7 +21,7 @@ from sffn_lab.errors import UserError, did_you_mean
 
 BLOCK_KINDS = ("sigma_moe", "switch", "sbase", "base", "hash", "avgk")  # expert bank + router
 FFN_KINDS = ("dense", "topk", *BLOCK_KINDS, "pkm")
-GATES = {"sigma_moe": ("sigmoid", "softmax", "none"), "avgk": ("none", "softmax", "sigmoid")}
+GATES = {"sigma_moe": ("sigmoid", "softmax", "softmax_topk", "none"), "avgk": ("none", "softmax", "sigmoid")}
 ACTIVATION_NAMES = ("relu", "gelu")  # the keys of layers.dense.ACTIVATIONS
 BACKBONES = ("transformer", "smlp")
 POSITIONS = ("rope", "learned")
@@ -39,17 +39,19 @@ class SigmaMoEOptions:
 
     entropy_coef: float = 1e-3  # γ of the entropy regulariser on the batch-mean selection softmax
     expert_dropout: float = 0.0  # δ: probability of dropping a whole expert from selection (training)
-    gate: str = "sigmoid"  # "sigmoid" (paper), "softmax" or "none" (ablations)
+    gate: str = "sigmoid"  # "sigmoid" (paper); ablations: "softmax" (over all N_E, before top-K),
+    #                        "softmax_topk" (over the K selected logits, after top-K), "none"
     renormalize: bool = False  # renormalise the K selected gates to sum to 1 (ablation)
-    init: str = "paper"  # "paper" (the paper's scaled init) or "standard" (ablation)
+    init: str = "paper"  # value fan-in N_E·G ("paper") or G ("standard": each expert as its own small FFN)
 
 
 @dataclass
 class SwitchOptions:
     """Switch Transformer routing: softmax gate, top-1, load-balancing loss."""
 
-    balance_coef: float = 0.01  # α of α·N·Σ f_i P_i
+    balance_coef: float = 0.01  # α of α·N·Σ f_i P_i (the σ-MoE paper's Switch: 0.01 / N², see paper grids)
     capacity_factor: float = 0.0  # 0 = unlimited; otherwise tokens beyond capacity are dropped
+    init_scale: float = 0.1  # model.init=paper: every std times √init_scale (the σ-MoE paper's Switch: 0.1)
 
 
 @dataclass
@@ -57,7 +59,8 @@ class SBaseOptions:
     """S-BASE: Sinkhorn-balanced selection in training, top-K of the logits at eval."""
 
     sinkhorn_iters: int = 3  # Sinkhorn normalisation rounds per training batch
-    entropy_coef: float = 0.0  # optional γ entropy regulariser as in σ-MoE
+    entropy_coef: float = 0.0  # γ entropy regulariser as in σ-MoE (the σ-MoE paper's S-BASE: its γ)
+    expert_dropout: float = 0.0  # δ as in σ-MoE (the σ-MoE paper's S-BASE: its δ)
 
 
 @dataclass
@@ -400,8 +403,12 @@ def validate_ffn(cfg: FFNConfig) -> None:
             raise UserError("Expert dropout needs model.ffn.n_experts > model.ffn.top_k, or nothing is left to pick.")
     if cfg.kind == "switch" and cfg.switch.capacity_factor < 0:
         raise UserError("model.ffn.switch.capacity_factor must be ≥ 0 (0: no capacity limit).")
+    if cfg.kind == "switch" and cfg.switch.init_scale <= 0:
+        raise UserError("model.ffn.switch.init_scale must be > 0.")
     if cfg.kind == "sbase" and cfg.sbase.sinkhorn_iters < 1:
         raise UserError("model.ffn.sbase.sinkhorn_iters must be at least 1.")
+    if cfg.kind == "sbase" and not 0 <= cfg.sbase.expert_dropout < 1:
+        raise UserError("model.ffn.sbase.expert_dropout must be in [0, 1).")
     if cfg.kind == "pkm":
         p = cfg.pkm
         choice(p.activation, ("softmax", "relu"), "model.ffn.pkm.activation")

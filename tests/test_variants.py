@@ -91,7 +91,7 @@ def routed_reference(module, scores_of, gate_of, k):
     return reference
 
 
-@pytest.mark.parametrize("gate", ["sigmoid", "softmax", "none"])
+@pytest.mark.parametrize("gate", ["sigmoid", "softmax", "softmax_topk", "none"])
 @pytest.mark.parametrize("renormalize", [False, True])
 def test_sigma_moe(gate, renormalize):
     if gate == "none" and renormalize:
@@ -104,6 +104,7 @@ def test_sigma_moe(gate, renormalize):
     def gate_of(scores, e):
         top = sorted(range(len(scores)), key=lambda i: -float(scores[i]))[:2]
         raw = {"sigmoid": lambda i: torch.sigmoid(scores[i]), "softmax": lambda i: torch.softmax(scores, 0)[i],
+               "softmax_topk": lambda i: scores[i].exp() / sum(scores[j].exp() for j in top),
                "none": lambda i: torch.ones((), dtype=torch.float64)}[gate]
         return raw(e) / sum(raw(i) for i in top) if renormalize else raw(e)
 
@@ -389,3 +390,44 @@ def test_paper_init_gives_every_linear_the_same_scaled_std(kind):
         # 2%, or 4 standard errors of a sample std over n draws (≈ 1/√(2n)) for the small selector
         tolerance = max(0.02, 4 / math.sqrt(2 * weight.numel()))
         assert abs(float(weight.std()) * math.sqrt(fan_in) / target - 1) < tolerance, name
+
+
+@pytest.mark.parametrize("kind, options, scale, per_expert, equal_rows", [
+    ("sigma_moe", {}, 1.0, False, True),
+    ("sigma_moe", {"model.ffn.sigma_moe.init": "standard"}, 1.0, True, True),
+    ("switch", {}, 0.1, True, False),
+    ("sbase", {}, 1.0, False, True),
+])
+def test_each_router_initialises_its_bank_as_the_sigma_moe_paper_does(kind, options, scale, per_expert, equal_rows):
+    """Under model.init=paper at 12 layers, s = √(2/12)·√scale: keys and selector std·√D = s, values std·√fan_in = s
+    with fan-in G (per expert) or N_E·G; σ-MoE and S-BASE selectors have rows of equal norm, Switch's do not."""
+    cfg = load_config(None, [f"model.ffn.kind={kind}", "model.init=paper", "model.n_layers=12", "model.d_model=256",
+                             "model.n_heads=4", "model.ffn.n_experts=8", "model.ffn.expert_size=128",
+                             "model.ffn.top_k=2", *(f"{k}={v}" for k, v in options.items())])
+    model = build_model(cfg.model, vocab_size=64, max_seq_len=16)
+    target = math.sqrt(2 / 12 * scale)
+    for block in model.blocks:
+        bank, selector = block.ffn.bank, block.ffn.router.selector
+        E, Dm, G = bank.keys.shape
+        for weight, fan_in in ((bank.keys, Dm), (bank.values, G if per_expert else E * G), (selector, Dm)):
+            tolerance = max(0.02, 4 / math.sqrt(2 * weight.numel()))
+            assert abs(float(weight.std()) * math.sqrt(fan_in) / target - 1) < tolerance
+        norms = selector.norm(dim=1)
+        assert torch.allclose(norms, norms[0].expand_as(norms), rtol=1e-5) == equal_rows
+
+
+def test_sbase_expert_dropout_removes_dropped_experts_from_the_balanced_selection():
+    from sffn_lab.config import SBaseOptions
+    from sffn_lab.layers.routers import sinkhorn
+
+    m = layer("sbase", n_experts=6, top_k=2, sbase=SBaseOptions(expert_dropout=0.5)).train()
+    x = fresh(60, D)
+    state = torch.get_rng_state()
+    indices = m.router(x).indices
+    torch.set_rng_state(state)
+    dropped = torch.rand(60, 6, dtype=torch.float64) < 0.5
+    balanced = sinkhorn(x @ m.router.selector.t(), 3).masked_fill(dropped, float("-inf"))
+    want = balanced.topk(2, dim=-1).indices
+    assert torch.equal(indices.sort(dim=1).values, want.sort(dim=1).values)
+    enough_left = (~dropped).sum(1) >= 2
+    assert not dropped.gather(1, indices)[enough_left].any()

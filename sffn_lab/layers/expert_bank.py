@@ -34,12 +34,13 @@ class ExpertBank(nn.Module):
     def n_experts(self) -> int:
         return self.keys.shape[0]
 
-    def init_scaled_(self, scale: float) -> None:
-        """The σ-MoE paper's init: N(0, scale² / fan_in) with fan-in D for the keys and N_E·G for the values
-        (the cells of the dense layer the bank approximates)."""
+    def init_scaled_(self, scale: float, per_expert: bool = False) -> None:
+        """The σ-MoE paper's init: N(0, scale² / fan_in) with fan-in D for the keys and, for the values, N_E·G
+        (the cells of the dense layer the bank approximates) or, ``per_expert``, G (each expert as its own
+        small FFN: the paper's Switch and its "standard init" ablation)."""
         E, D, G = self.keys.shape
         nn.init.normal_(self.keys, std=scale / math.sqrt(D))
-        nn.init.normal_(self.values, std=scale / math.sqrt(E * G))
+        nn.init.normal_(self.values, std=scale / math.sqrt(G if per_expert else E * G))
 
     def block_means(self) -> torch.Tensor:
         """Mean key vector of each block [N_E, D] (Avg-K's block score)."""

@@ -95,9 +95,26 @@ class LinearRouter(Router):
     @torch.no_grad()
     def paper_init_(self, bank: ExpertBank, scale: float) -> None:
         """The selector as N(0, scale² / D) with rows of equal norm (the σ-MoE selector init), then the bank."""
-        nn.init.normal_(self.selector, std=scale / math.sqrt(self.selector.shape[1]))
-        renorm_rows_keep_std(self.selector)
+        self.init_selector_(scale, equal_norms=True)
         super().paper_init_(bank, scale)
+
+    @torch.no_grad()
+    def init_selector_(self, scale: float, equal_norms: bool) -> None:
+        """W_sel ~ N(0, scale² / D), its rows then given equal norms (keeping the std) when ``equal_norms``."""
+        nn.init.normal_(self.selector, std=scale / math.sqrt(self.selector.shape[1]))
+        if equal_norms:
+            renorm_rows_keep_std(self.selector)
+
+
+def select_dropping_experts(scores: torch.Tensor, k: int, p: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Top-``k`` of scores [T, E] after dropping each (token, expert) pair with probability ``p`` (training):
+    indices [T, k], and which of them were dropped [T, k] (bool; picked only when fewer than k survive),
+    or None when nothing is dropped."""
+    if p == 0:
+        return scores.topk(k, dim=-1, sorted=False).indices, None
+    dropped = torch.rand_like(scores) < p
+    indices = scores.masked_fill(dropped, float("-inf")).topk(k, dim=-1, sorted=False).indices
+    return indices, dropped.gather(-1, indices)
 
 
 class SigmaMoERouter(LinearRouter):
@@ -106,6 +123,10 @@ class SigmaMoERouter(LinearRouter):
     Expert dropout (δ, training only) removes each (token, expert) pair from the selection with probability
     δ; when fewer than K experts of a token survive, the top-K still picks dropped ones, and those get a
     gate of 0 (the paper's rule), so a dropped expert never contributes.
+
+    Init (always the paper's scaled rule, s = √(2 / n_layers)): keys N(0, s²/D), selector N(0, s²/D) with
+    rows of equal norm, values N(0, s²/(N_E·G)); ``init=standard`` (the paper's "standard init" ablation)
+    gives the values fan-in G instead, each expert initialised as its own small FFN.
     """
 
     def __init__(self, d_model: int, n_experts: int, k: int, opts, n_layers: int):
@@ -116,22 +137,17 @@ class SigmaMoERouter(LinearRouter):
     def init_bank(self, bank: ExpertBank) -> None:
         self.paper_init_(bank, self.depth_scale)
 
+    @torch.no_grad()
     def paper_init_(self, bank: ExpertBank, scale: float) -> None:
-        """σ-MoE keeps the init its ``init`` option chose: the paper's, or the standard one (the ablation)."""
-        if self.opts.init == "paper":
-            super().paper_init_(bank, scale)
+        self.init_selector_(scale, equal_norms=True)
+        bank.init_scaled_(scale, per_expert=self.opts.init == "standard")
 
     def forward(self, x, token_ids=None, bank=None) -> Routing:
         logits = self.logits(x)
-        selection, dropped = logits, None
-        if self.training and self.opts.expert_dropout > 0:
-            dropped = torch.rand_like(logits) < self.opts.expert_dropout
-            selection = logits.masked_fill(dropped, float("-inf"))
-        indices = selection.topk(self.k, dim=-1, sorted=False).indices
+        indices, dropped = select_dropping_experts(logits, self.k, self.opts.expert_dropout if self.training else 0)
         gates = gate_values(logits, indices, self.opts.gate)
         if dropped is not None:
-            kept = ~dropped.gather(-1, indices)
-            gates = kept.to(logits.dtype) if gates is None else gates * kept
+            gates = (~dropped).to(logits.dtype) if gates is None else gates * ~dropped
         if gates is not None and self.opts.renormalize:
             gates = gates / gates.sum(dim=-1, keepdim=True).clamp_min(1e-9)
         aux = self.opts.entropy_coef * neg_entropy_of_mean_softmax(logits) if self.training else None
@@ -139,20 +155,33 @@ class SigmaMoERouter(LinearRouter):
 
 
 def gate_values(logits: torch.Tensor, indices: torch.Tensor, kind: str) -> torch.Tensor | None:
-    """Gates [T, K] of the selected experts: sigmoid of their logits, their softmax probability, or none."""
+    """Gates [T, K] of the selected experts: sigmoid of their logits, their softmax probability over all
+    experts (``softmax``) or over the K selected logits (``softmax_topk``), or none."""
     if kind == "sigmoid":
         return torch.sigmoid(logits.gather(-1, indices))
     if kind == "softmax":
         return torch.softmax(logits, dim=-1).gather(-1, indices)
+    if kind == "softmax_topk":
+        return torch.softmax(logits.gather(-1, indices), dim=-1)
     return None
 
 
 class SwitchRouter(LinearRouter):
-    """Switch: softmax gate, top-K (1 in the paper), balance loss α·N·Σ f_i P_i, optional capacity."""
+    """Switch: softmax gate, top-K (1 in the paper), balance loss α·N·Σ f_i P_i, optional capacity.
+
+    ``model.init=paper`` gives it the σ-MoE paper's Switch baseline init: every std of the scaled rule times
+    √init_scale (0.1 there), values with per-expert fan-in G, and a selector without row renormalisation.
+    """
 
     def __init__(self, d_model: int, n_experts: int, k: int, opts):
         super().__init__(d_model, n_experts, k)
         self.opts = opts
+
+    @torch.no_grad()
+    def paper_init_(self, bank: ExpertBank, scale: float) -> None:
+        scale = scale * math.sqrt(self.opts.init_scale)
+        self.init_selector_(scale, equal_norms=False)
+        bank.init_scaled_(scale, per_expert=True)
 
     def forward(self, x, token_ids=None, bank=None) -> Routing:
         logits = self.logits(x)
@@ -178,7 +207,10 @@ def within_capacity(indices: torch.Tensor, n_experts: int, capacity_factor: floa
 
 
 class SBaseRouter(LinearRouter):
-    """S-BASE: Sinkhorn-balanced top-K in training, top-K of the logits at eval, sigmoid gates."""
+    """S-BASE: Sinkhorn-balanced top-K in training, top-K of the logits at eval, sigmoid gates of the logits;
+    optionally σ-MoE's entropy regulariser and expert dropout (the σ-MoE paper's S-BASE uses both). A
+    dropped expert leaves the balanced selection; as in the paper's code it keeps its gate when it must
+    still be picked (fewer than K left)."""
 
     def __init__(self, d_model: int, n_experts: int, k: int, opts):
         super().__init__(d_model, n_experts, k)
@@ -189,7 +221,7 @@ class SBaseRouter(LinearRouter):
         if self.training:
             with torch.no_grad():
                 balanced = sinkhorn(at_least_fp32(logits), self.opts.sinkhorn_iters)
-            indices = balanced.topk(self.k, dim=-1).indices
+            indices, _ = select_dropping_experts(balanced, self.k, self.opts.expert_dropout)
         else:
             indices = logits.topk(self.k, dim=-1).indices
         aux = None
