@@ -84,8 +84,14 @@ class PKMOptions:
     heads: int = 4  # query heads, each selecting knn slots
     n_keys: int = 32  # sub-keys per half: the memory has n_keys² value slots
     knn: int = 32  # slots selected per head
-    key_dim: int = 64  # query size per head (two halves of key_dim / 2)
+    key_dim: int = 64  # query size per head (two halves of key_dim / 2); query=input: d_model
     activation: str = "softmax"  # "softmax" (original PKM) or "relu" (improved PKM)
+    query: str = "projection"  # "projection": a learned query per head (Lample et al.); "input": every head
+    #                            queries with the layer's (normalised) input, as the σ-MoE paper's PKM
+    normalize: str = "head"  # softmax over each head's knn slots ("head") or over all heads' slots ("joint",
+    #                          the σ-MoE paper's)
+    value_fan_in: str = "d_model"  # model.init=paper: value std s/√D ("d_model", the paper's PKM) or
+    #                                s/√(n_keys²) ("slots", its "init" variant)
 
 
 @dataclass
@@ -412,6 +418,9 @@ def validate_ffn(cfg: FFNConfig) -> None:
     if cfg.kind == "pkm":
         p = cfg.pkm
         choice(p.activation, ("softmax", "relu"), "model.ffn.pkm.activation")
+        choice(p.query, ("projection", "input"), "model.ffn.pkm.query")
+        choice(p.normalize, ("head", "joint"), "model.ffn.pkm.normalize")
+        choice(p.value_fan_in, ("d_model", "slots"), "model.ffn.pkm.value_fan_in")
         if p.heads < 1 or p.key_dim < 2 or p.key_dim % 2:
             raise UserError("model.ffn.pkm needs heads ≥ 1 and an even key_dim ≥ 2.")
         if not 1 <= p.knn <= p.n_keys:
@@ -419,6 +428,11 @@ def validate_ffn(cfg: FFNConfig) -> None:
                 f"model.ffn.pkm.knn ({p.knn}) must be between 1 and model.ffn.pkm.n_keys ({p.n_keys}): each half "
                 "selects knn of its n_keys sub-keys."
             )
+
+
+def pkm_query_size(p: PKMOptions, d_model: int) -> int:
+    """The size of each PKM head's query: key_dim, or d_model when the heads query with the input itself."""
+    return d_model if p.query == "input" else p.key_dim
 
 
 def validate_smlp(s: SMLPConfig) -> None:

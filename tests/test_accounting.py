@@ -100,3 +100,13 @@ def test_backbones_table_matches_the_dense_transformer_and_picks_the_closest_hid
 
     step = cfg.smlp.n_chunks
     assert best % step == 0 and miss(best) <= min(miss(best - step), miss(best + step))
+
+
+def test_pkm_querying_with_the_input_has_no_query_projection():
+    cfg = dataclasses.replace(BASE, kind="pkm", pkm=dataclasses.replace(BASE.pkm, query="input"))
+    cost = count_ffn(cfg, D)
+    assert cost.total_params == numel(build_ffn(cfg, D, n_layers=2, vocab_size=64)) == 2 * 10 * D + 10**2 * D
+    assert cost.active_params == 2 * 10 * D + 2 * 4 * D  # sub-keys of size D, read values
+    sized = param_equal(FFNConfig(kind="dense", d_ff=1024), "pkm", 256, pkm=PKMOptions(heads=4, query="input"))
+    ratio = count_ffn(sized, 256).total_params / count_ffn(FFNConfig(kind="dense", d_ff=1024), 256).total_params
+    assert 0.95 < ratio <= 1  # the largest memory that fits: n_keys steps are ~2/n_keys apart

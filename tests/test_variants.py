@@ -188,27 +188,37 @@ def test_topk_dropout_acts_before_the_k_cells_are_chosen():
     torch.testing.assert_close(y, torch.stack(out).view(x.shape), atol=ATOL, rtol=0)
 
 
-@pytest.mark.parametrize("activation", ["softmax", "relu"])
-def test_pkm_against_exhaustive_product_keys(activation):
+@pytest.mark.parametrize("activation, query, normalize", [
+    ("softmax", "projection", "head"), ("relu", "projection", "head"),
+    ("softmax", "input", "joint"), ("relu", "input", "head"),  # the σ-MoE paper's PKM and its ReLU variant
+])
+def test_pkm_against_exhaustive_product_keys(activation, query, normalize):
     from sffn_lab.config import PKMOptions
 
-    opts = PKMOptions(heads=2, n_keys=5, knn=3, key_dim=6, activation=activation)
+    opts = PKMOptions(heads=2, n_keys=5, knn=3, key_dim=6, activation=activation, query=query, normalize=normalize)
     m = layer("pkm", pkm=opts)
+    dk = 6 if query == "projection" else D
 
     def reference(x):
         out = []
         for x_t in x.reshape(-1, D):
-            q = (m.query.weight @ x_t).view(2, 2, 3)
-            y = torch.zeros(D, dtype=torch.float64)
+            q = (m.query.weight @ x_t).view(2, 2, dk // 2) if query == "projection" else x_t.view(1, 2, dk // 2)
+            heads = []
             for h in range(2):
-                half = [m.sub_keys[h, c] @ q[h, c] for c in range(2)]
+                q_h = q[h] if query == "projection" else q[0]
+                half = [m.sub_keys[h, c] @ q_h[c] for c in range(2)]
                 best = [sorted(range(5), key=lambda i: -float(half[c][i]))[:3] for c in range(2)]
                 pairs = sorted(((half[0][i] + half[1][j], i * 5 + j) for i in best[0] for j in best[1]),
                                key=lambda p: -float(p[0]))[:3]
-                scores = torch.stack([p[0] for p in pairs])
-                w = torch.softmax(scores, 0) if activation == "softmax" else torch.relu(scores)
-                y = y + sum(w[i] * m.values[slot] for i, (_, slot) in enumerate(pairs))
-            out.append(y)
+                heads.append(pairs)
+            scores = torch.stack([torch.stack([p[0] for p in pairs]) for pairs in heads])  # [H, knn]
+            if activation == "relu":
+                w = torch.relu(scores)
+            elif normalize == "joint":
+                w = torch.softmax(scores.flatten(), 0).view(2, 3)
+            else:
+                w = torch.softmax(scores, 1)
+            out.append(sum(w[h, i] * m.values[slot] for h in range(2) for i, (_, slot) in enumerate(heads[h])))
         return torch.stack(out).view(x.shape)
 
     assert_same_outputs_and_grads(m, fresh(2, 3, D), None, reference)

@@ -11,7 +11,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-from sffn_lab.config import BLOCK_KINDS, FFN_KINDS, FFNConfig
+from sffn_lab.config import BLOCK_KINDS, FFN_KINDS, FFNConfig, pkm_query_size
 from sffn_lab.errors import UserError
 
 LEARNED_ROUTERS = ("sigma_moe", "switch", "sbase", "base")
@@ -45,8 +45,9 @@ def count_ffn(cfg: FFNConfig, d_model: int) -> Cost:
         return Cost(2 * E * G * D + router, 2 * K * G * D + router, 4 * K * G * D + router_flops)
     if cfg.kind == "pkm":
         p = cfg.pkm
-        query = D * p.heads * p.key_dim
-        sub_keys = p.heads * p.n_keys * p.key_dim
+        key_dim = pkm_query_size(p, D)
+        query = D * p.heads * key_dim if p.query == "projection" else 0
+        sub_keys = p.heads * p.n_keys * key_dim
         values = p.n_keys**2 * D
         active = query + sub_keys + p.heads * p.knn * D
         flops = 2 * query + 2 * sub_keys + p.heads * p.knn**2 + 2 * p.heads * p.knn * D
@@ -111,6 +112,11 @@ def _pkm_sizes(cfg: FFNConfig, budget: int, d_model: int):
     knn is lowered to n_keys when the memory is too small for it. Total = n_keys²·D (values) + H·key_dim·(D + n_keys) (queries and sub-keys).
     """
     p, D = cfg.pkm, d_model
+    if p.query == "input":  # no query projection, sub-keys of size D: n_keys²·D + H·n_keys·D = budget
+        n_keys = int((-p.heads + math.sqrt(p.heads**2 + 4 * budget / D)) / 2)
+        if n_keys < 1:
+            raise UserError(f"No product-key memory fits the dense FFN's {budget:,} parameters.")
+        return dataclasses.replace(p, n_keys=n_keys, knn=min(p.knn, n_keys))
     a, b, c = D, p.heads * p.key_dim, p.heads * p.key_dim * D - budget  # a·n² + b·n + c = 0
     n_keys = int((-b + math.sqrt(b * b - 4 * a * c)) / (2 * a)) if b * b - 4 * a * c >= 0 else 0
     if n_keys < 1:

@@ -5,15 +5,22 @@ the top-knn of each half combine into knn² candidate slots (score = sum of the 
 of which the top-knn are read from a value table of n_keys² rows shared by the heads:
 
     y = Σ_heads Σ_{slot ∈ top-knn} w(score_slot) · value[slot],   w = softmax (original) or ReLU.
+
+``query=projection`` learns one query per head (W_q x); ``query=input`` queries every head with the
+layer's input x itself (dk = D), as the σ-MoE paper's PKM. The softmax normalises over each head's knn
+slots (``normalize=head``) or over all H·knn slots read (``joint``, the σ-MoE paper's).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sffn_lab.config import PKMOptions
+from sffn_lab.config import PKMOptions, pkm_query_size
+from sffn_lab.errors import UserError
 from sffn_lab.kernels.precision import autocast_operands
 from sffn_lab.layers.ffn_output import FFNOutput
 from sffn_lab.layers.routers import at_least_fp32
@@ -25,8 +32,10 @@ class ProductKeyMemory(nn.Module):
     def __init__(self, d_model: int, opts: PKMOptions, dropout: float = 0.0):
         super().__init__()
         self.opts = opts
-        H, n, dk = opts.heads, opts.n_keys, opts.key_dim
-        self.query = nn.Linear(d_model, H * dk, bias=False)
+        H, n, dk = opts.heads, opts.n_keys, pkm_query_size(opts, d_model)
+        if dk % 2:
+            raise UserError(f"model.ffn.pkm.query=input splits d_model ({d_model}) in halves: it must be even.")
+        self.query = nn.Linear(d_model, H * dk, bias=False) if opts.query == "projection" else None
         self.sub_keys = nn.Parameter(torch.randn(H, 2, n, dk // 2) * (dk // 2) ** -0.5)
         self.values = nn.Parameter(torch.empty(n * n, d_model))
         # Softmax weights sum to 1 per head; ReLU weights do not, so their values start smaller
@@ -35,11 +44,20 @@ class ProductKeyMemory(nn.Module):
         nn.init.normal_(self.values, std=value_std)
         self.dropout = nn.Dropout(dropout)
 
+    @torch.no_grad()
+    def paper_init_(self, scale: float) -> None:
+        """The σ-MoE paper's PKM init with s = ``scale``: sub-keys N(0, s²/dk), values N(0, s²/D) (or
+        N(0, s²/n_keys²) for ``value_fan_in=slots``, its "init" variant)."""
+        nn.init.normal_(self.sub_keys, std=scale / math.sqrt(2 * self.sub_keys.shape[-1]))
+        fan_in = self.values.shape[1] if self.opts.value_fan_in == "d_model" else self.values.shape[0]
+        nn.init.normal_(self.values, std=scale / math.sqrt(fan_in))
+
     def select(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, D] → (scores [T, H, knn] in fp32 or wider, slots [T, H, knn]) of the best cartesian products
         per head."""
-        H, n, dk, knn = self.opts.heads, self.opts.n_keys, self.opts.key_dim, self.opts.knn
-        q = self.query(x).view(-1, H, 2, dk // 2)
+        H, n, knn = self.opts.heads, self.opts.n_keys, self.opts.knn
+        dk = 2 * self.sub_keys.shape[-1]
+        q = (self.query(x) if self.query is not None else x[:, None, :].expand(-1, H, -1)).reshape(-1, H, 2, dk // 2)
         with torch.autocast(x.device.type, enabled=False):  # scores and weights in fp32, like routing logits
             half_scores = torch.einsum("thcd,hcnd->thcn", at_least_fp32(q), at_least_fp32(self.sub_keys))
         top_scores, top_keys = half_scores.topk(knn, dim=-1)  # [T, H, 2, knn]
@@ -49,10 +67,18 @@ class ProductKeyMemory(nn.Module):
         second = top_keys[:, :, 1].gather(-1, flat % knn)
         return scores, first * n + second
 
+    def weights(self, scores: torch.Tensor) -> torch.Tensor:
+        """Read weights [T, H, knn] of the selected slots' scores."""
+        if self.opts.activation == "relu":
+            return F.relu(scores)
+        if self.opts.normalize == "joint":
+            return torch.softmax(scores.flatten(1), dim=-1).view_as(scores)
+        return torch.softmax(scores, dim=-1)
+
     def forward(self, x: torch.Tensor, token_ids: torch.Tensor | None = None) -> FFNOutput:
         B, S, D = x.shape
         scores, slots = self.select(x.reshape(B * S, D))
-        weights = torch.softmax(scores, dim=-1) if self.opts.activation == "softmax" else F.relu(scores)
+        weights = self.weights(scores)
         # the value lookup is a sparse matmul: under autocast it runs in the autocast dtype, as one would
         read, table = autocast_operands(self.dropout(weights).flatten(1), self.values)
         y = F.embedding_bag(slots.flatten(1), table, per_sample_weights=read.to(table.dtype), mode="sum")

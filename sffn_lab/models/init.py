@@ -2,12 +2,12 @@
 
 Csordás et al. (2023) initialise the dense and the MoE models alike, so that σ-MoE starts exactly like its
 dense baseline: every weight W [out, fan_in] ~ N(0, (s / √fan_in)²) with s = √(2 / n_layers), biases 0.
-Here that covers attention, the dense and Top-K FFNs, the sMLP's projections, the expert banks (keys:
-fan-in D; values: fan-in N_E·G, the cells of the dense layer they approximate), the routers' selection
-matrices (rows then given equal norms, as the paper's selector init) and PKM's value table (fan-in D, as
-the paper's PKM). σ-MoE layers keep the init their ``model.ffn.sigma_moe.init`` chose (the paper's, or the
-"standard init" ablation). Embeddings (and a tied output layer) keep the backbone's own init.
-``model.init=default`` keeps every module's own init.
+Here that covers attention, the dense and Top-K FFNs and the sMLP's projections (as ``nn.Linear``), every
+router with its expert bank (``Router.paper_init_``: keys fan-in D; values fan-in N_E·G, the cells of the
+dense layer they approximate; selectors with rows of equal norm; the paper's Switch baseline and σ-MoE's
+"standard init" ablation differ as their routers say) and PKM's sub-keys and value table
+(``ProductKeyMemory.paper_init_``). Embeddings (and a tied output layer) keep the backbone's own init.
+``model.init=default`` keeps every module's own init (σ-MoE always initialises itself by the paper's rule).
 """
 
 from __future__ import annotations
@@ -34,4 +34,4 @@ def apply_paper_init(model: nn.Module, n_layers: int) -> None:
         elif isinstance(module, MoEFFN):
             module.router.paper_init_(module.bank, s)
         elif isinstance(module, ProductKeyMemory):
-            nn.init.normal_(module.values, std=s / math.sqrt(module.values.shape[1]))
+            module.paper_init_(s)
