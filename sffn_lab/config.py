@@ -140,10 +140,12 @@ class ModelConfig:
     backbone: str = "transformer"  # "transformer" or "smlp"
     d_model: int = 128  # residual stream width D
     n_layers: int = 4  # Transformer blocks
-    n_heads: int = 4  # attention heads (d_model must divide by it)
+    n_heads: int = 4  # attention heads
+    head_dim: int = 0  # size of each head's query/key/value; 0: d_model / n_heads (then d_model must divide)
     positions: str = "rope"  # "rope" or "learned"
     init: str = "default"  # "default" (each module's own) or "paper" (N(0, 2/(n_layers·fan_in)) on every linear)
-    dropout: float = 0.0  # residual and attention dropout
+    dropout: float = 0.0  # dropout on the embeddings and on every residual branch (attention, FFN)
+    attention_dropout: float = 0.0  # dropout on the attention probabilities (the σ-MoE paper: 0)
     tie_embeddings: bool = True  # output projection shares the input embedding
     ffn: FFNConfig = field(default_factory=FFNConfig)
     smlp: SMLPConfig = field(default_factory=SMLPConfig)
@@ -367,10 +369,14 @@ def validate(config: Config) -> None:
     choice(m.init, ("default", "paper"), "model.init")
     if m.d_model <= 0 or m.n_layers <= 0 or m.n_heads <= 0:
         raise UserError("model.d_model, model.n_layers and model.n_heads must be positive.")
-    if m.backbone == "transformer" and m.d_model % m.n_heads:
-        raise UserError(f"model.d_model ({m.d_model}) must be divisible by model.n_heads ({m.n_heads}).")
-    if m.backbone == "transformer" and m.positions == "rope" and (m.d_model // m.n_heads) % 2:
-        raise UserError("RoPE needs an even head dimension (model.d_model / model.n_heads).")
+    if m.backbone == "transformer" and not m.head_dim and m.d_model % m.n_heads:
+        raise UserError(f"model.d_model ({m.d_model}) must be divisible by model.n_heads ({m.n_heads}), "
+                        "or set model.head_dim.")
+    if m.head_dim < 0:
+        raise UserError("model.head_dim must be ≥ 0 (0: d_model / n_heads).")
+    if m.backbone == "transformer" and m.positions == "rope" and attention_head_dim(m) % 2:
+        raise UserError(f"RoPE needs an even head dimension, got {attention_head_dim(m)} (model.head_dim, or "
+                        "model.d_model / model.n_heads).")
     if d.seq_len < 2 or d.batch_size < 1 or d.eval_batch_size < 1:
         raise UserError("data.seq_len must be at least 2 and the batch sizes at least 1.")
     if t.max_steps < 1 or t.lr <= 0 or t.warmup_steps < 0 or t.val_every < 1:
@@ -428,6 +434,11 @@ def validate_ffn(cfg: FFNConfig) -> None:
                 f"model.ffn.pkm.knn ({p.knn}) must be between 1 and model.ffn.pkm.n_keys ({p.n_keys}): each half "
                 "selects knn of its n_keys sub-keys."
             )
+
+
+def attention_head_dim(m: ModelConfig) -> int:
+    """Each attention head's size: model.head_dim, or d_model / n_heads when it is 0."""
+    return m.head_dim or m.d_model // m.n_heads
 
 
 def pkm_query_size(p: PKMOptions, d_model: int) -> int:

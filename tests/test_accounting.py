@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+import torch
 
 from sffn_lab.analysis.accounting import compute_equal, count_ffn, param_equal, variants_table
 from sffn_lab.analysis.model_cost import count_model
@@ -72,6 +73,11 @@ def test_model_cost_counts_every_parameter():
                                  "model.ffn.pkm.knn=4", "model.ffn.pkm.key_dim=8", "model.positions=learned"])
         model = build_model(cfg.model, vocab_size=50, max_seq_len=20)
         assert count_model(cfg.model, 50, 20).total_params == numel(model)
+    # heads whose total size differs from d_model (the σ-MoE paper's WikiText-103 small: 10 heads of 41 at 412)
+    cfg = load_config(None, ["model.d_model=30", "model.n_heads=4", "model.head_dim=6", "model.ffn.d_ff=64"])
+    model = build_model(cfg.model, vocab_size=50, max_seq_len=20)
+    assert count_model(cfg.model, 50, 20).total_params == numel(model)
+    assert model(torch.randint(0, 50, (2, 20))).logits.shape == (2, 20, 50)
 
 
 def test_variants_table_lists_every_variant_at_equal_parameters():

@@ -9,7 +9,7 @@ token on average (S + 1) / 2 scores at context length S.
 from __future__ import annotations
 
 from sffn_lab.analysis.accounting import Cost, count_ffn
-from sffn_lab.config import ModelConfig
+from sffn_lab.config import ModelConfig, attention_head_dim
 
 
 def count_model(cfg: ModelConfig, vocab_size: int, seq_len: int) -> Cost:
@@ -18,7 +18,8 @@ def count_model(cfg: ModelConfig, vocab_size: int, seq_len: int) -> Cost:
         return count_smlp(cfg, vocab_size, seq_len)
     d, n = cfg.d_model, cfg.n_layers
     ffn = count_ffn(cfg.ffn, d)
-    attention = 4 * d * d + 4 * d  # qkv and output projections with biases
+    inner = cfg.n_heads * attention_head_dim(cfg)  # H·Dh
+    attention = 4 * d * inner + 3 * inner + d  # qkv and output projections with biases
     norms = 2 * 2 * d
     embed = vocab_size * d
     positions = seq_len * d if cfg.positions == "learned" else 0
@@ -29,8 +30,8 @@ def count_model(cfg: ModelConfig, vocab_size: int, seq_len: int) -> Cost:
     active = input_row + (d if positions else 0) + vocab_size * d + final_norm + n * (
         attention + norms + ffn.active_params
     )
-    score_flops = 2 * 2 * d * (seq_len + 1) / 2  # q·k and p·v over the causal prefix
-    flops = 2 * vocab_size * d + n * (2 * 4 * d * d + score_flops + ffn.flops_per_token)
+    score_flops = 2 * 2 * inner * (seq_len + 1) / 2  # q·k and p·v over the causal prefix
+    flops = 2 * vocab_size * d + n * (2 * 4 * d * inner + score_flops + ffn.flops_per_token)
     return Cost(int(total), int(active), int(flops))
 
 

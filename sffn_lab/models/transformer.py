@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sffn_lab.config import ModelConfig
+from sffn_lab.config import ModelConfig, attention_head_dim
 from sffn_lab.layers.factory import build_ffn
 from sffn_lab.layers.ffn_output import FFNOutput
 from sffn_lab.models.output import LMOutput
@@ -34,23 +34,24 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class CausalSelfAttention(nn.Module):
-    """Multi-head causal self-attention: x [B, S, D] → [B, S, D]."""
+    """Multi-head causal self-attention: x [B, S, D] → [B, S, D] through H heads of size Dh (H·Dh may differ
+    from D, as the σ-MoE paper's Transformer-XL projection size)."""
 
-    def __init__(self, d_model: int, n_heads: int, dropout: float):
+    def __init__(self, d_model: int, n_heads: int, head_dim: int, dropout: float):
         super().__init__()
-        self.n_heads = n_heads
-        self.qkv = nn.Linear(d_model, 3 * d_model)
-        self.proj = nn.Linear(d_model, d_model)
+        self.n_heads, self.head_dim = n_heads, head_dim
+        self.qkv = nn.Linear(d_model, 3 * n_heads * head_dim)
+        self.proj = nn.Linear(n_heads * head_dim, d_model)
         self.dropout = dropout
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
         B, S, D = x.shape
-        q, k, v = self.qkv(x).view(B, S, 3, self.n_heads, D // self.n_heads).permute(2, 0, 3, 1, 4)
+        q, k, v = self.qkv(x).view(B, S, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         p = self.dropout if self.training else 0.0
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p)
-        return self.proj(y.transpose(1, 2).reshape(B, S, D))
+        return self.proj(y.transpose(1, 2).reshape(B, S, self.n_heads * self.head_dim))
 
 
 class Block(nn.Module):
@@ -59,7 +60,7 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, vocab_size: int):
         super().__init__()
         self.ln_attn = nn.LayerNorm(cfg.d_model)
-        self.attn = CausalSelfAttention(cfg.d_model, cfg.n_heads, cfg.dropout)
+        self.attn = CausalSelfAttention(cfg.d_model, cfg.n_heads, attention_head_dim(cfg), cfg.attention_dropout)
         self.ln_ffn = nn.LayerNorm(cfg.d_model)
         self.ffn = build_ffn(cfg.ffn, cfg.d_model, cfg.n_layers, vocab_size)
         self.dropout = nn.Dropout(cfg.dropout)
@@ -83,7 +84,7 @@ class TransformerLM(nn.Module):
         self.head = nn.Linear(cfg.d_model, vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.head.weight = self.embed.weight
-        self.head_dim = cfg.d_model // cfg.n_heads
+        self.head_dim = attention_head_dim(cfg)
         self.drop = nn.Dropout(cfg.dropout)
         self._init_weights(cfg.n_layers)
 
