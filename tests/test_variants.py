@@ -55,6 +55,18 @@ def assert_same_outputs_and_grads(module, x, ids, reference):
             torch.testing.assert_close(got[name], p.grad, atol=ATOL, rtol=0, msg=name)
 
 
+class ReplayRNG(torch.nn.Module):
+    """Runs ``inner`` from a fixed CPU RNG state, so that a reference can draw the same dropout masks."""
+
+    def __init__(self, inner: torch.nn.Module, state: torch.Tensor):
+        super().__init__()
+        self.inner, self.state = inner, state
+
+    def forward(self, x, token_ids=None):
+        torch.set_rng_state(self.state)
+        return self.inner(x, token_ids)
+
+
 def test_expert_bank_with_uneven_and_empty_loads():
     bank = ExpertBank(D, n_experts=5, expert_size=3).double()
     T = 9
@@ -175,17 +187,18 @@ def test_topk_keeps_the_k_largest_activations():
 
 def test_topk_dropout_acts_before_the_k_cells_are_chosen():
     m = layer("topk", top_k=5, dropout=0.5).train()
-    x = fresh(2, 4, D)
     state = torch.get_rng_state()
-    y = m(x).y
-    torch.set_rng_state(state)  # the same dropout mask, drawn by the reference
-    h = torch.relu(x.reshape(-1, D) @ m.up.weight.t() + m.up.bias)
-    h = torch.nn.functional.dropout(h, 0.5, training=True)
-    out = []
-    for h_t in h:
-        kept = sorted(range(len(h_t)), key=lambda j: -float(h_t[j]))[:5]
-        out.append(sum(h_t[j] * m.down.weight[:, j] for j in kept) + m.down.bias)
-    torch.testing.assert_close(y, torch.stack(out).view(x.shape), atol=ATOL, rtol=0)
+
+    def reference(x):
+        torch.set_rng_state(state)  # the layer's dropout mask, drawn again
+        h = torch.nn.functional.dropout(torch.relu(x.reshape(-1, D) @ m.up.weight.t() + m.up.bias), 0.5)
+        out = []
+        for h_t in h:
+            kept = sorted(range(len(h_t)), key=lambda j: -float(h_t[j]))[:5]
+            out.append(sum(h_t[j] * m.down.weight[:, j] for j in kept) + m.down.bias)
+        return torch.stack(out).view(x.shape)
+
+    assert_same_outputs_and_grads(ReplayRNG(m, state), fresh(2, 4, D), None, reference)
 
 
 @pytest.mark.parametrize("activation, query, normalize", [
@@ -298,7 +311,7 @@ def test_sigma_moe_entropy_regulariser_and_expert_dropout():
     assert not dropped.gather(1, chosen)[enough_left].any()  # a dropped expert is selected only when it must
 
 
-@pytest.mark.parametrize("gate", ["sigmoid", "softmax", "none"])
+@pytest.mark.parametrize("gate", ["sigmoid", "softmax", "softmax_topk", "none"])
 def test_sigma_moe_gives_a_dropped_but_selected_expert_gate_zero(gate):
     """Per token: drop each expert with probability δ, take the top-K of the survivors, then the best of the
     dropped ones when fewer than K survive; a dropped expert's gate is 0."""
@@ -307,18 +320,22 @@ def test_sigma_moe_gives_a_dropped_but_selected_expert_gate_zero(gate):
     m = layer("sigma_moe", sigma_moe=SigmaMoEOptions(entropy_coef=0.0, expert_dropout=0.6, gate=gate)).train()
     x = fresh(4, 20, D)
     state = torch.get_rng_state()
-    y = m(x).y
-    torch.set_rng_state(state)
-    logits = x.reshape(-1, D) @ m.router.selector.t()
     dropped = torch.rand(80, 6, dtype=torch.float64) < 0.6
     assert (~dropped).sum(1).lt(2).sum() > 3  # tokens keeping fewer than K = 2 experts (p < 2e-6 to fail)
-    out = []
-    for t, x_t in enumerate(x.reshape(-1, D)):
-        order = sorted(range(6), key=lambda e: (bool(dropped[t, e]), -float(logits[t, e])))[:2]
-        gate_of = {"sigmoid": lambda e: torch.sigmoid(logits[t, e]),
-                   "softmax": lambda e: torch.softmax(logits[t], 0)[e], "none": lambda e: 1.0}[gate]
-        out.append(sum(expert_output(m.bank, x_t, e) * (0.0 if dropped[t, e] else gate_of(e)) for e in order))
-    torch.testing.assert_close(y, torch.stack(out).view(x.shape), atol=ATOL, rtol=0)
+
+    def reference(x):
+        logits = x.reshape(-1, D) @ m.router.selector.t()
+        out = []
+        for t, x_t in enumerate(x.reshape(-1, D)):
+            order = sorted(range(6), key=lambda e: (bool(dropped[t, e]), -float(logits[t, e])))[:2]
+            gate_of = {"sigmoid": lambda e: torch.sigmoid(logits[t, e]),
+                       "softmax": lambda e: torch.softmax(logits[t], 0)[e],
+                       "softmax_topk": lambda e: torch.softmax(logits[t, order], 0)[order.index(e)],
+                       "none": lambda e: 1.0}[gate]
+            out.append(sum(expert_output(m.bank, x_t, e) * (0.0 if dropped[t, e] else gate_of(e)) for e in order))
+        return torch.stack(out).view(x.shape)
+
+    assert_same_outputs_and_grads(ReplayRNG(m, state), x, None, reference)
 
 
 def test_switch_balance_loss_and_capacity():
@@ -436,8 +453,9 @@ def test_sbase_expert_dropout_removes_dropped_experts_from_the_balanced_selectio
     indices = m.router(x).indices
     torch.set_rng_state(state)
     dropped = torch.rand(60, 6, dtype=torch.float64) < 0.5
-    balanced = sinkhorn(x @ m.router.selector.t(), 3).masked_fill(dropped, float("-inf"))
-    want = balanced.topk(2, dim=-1).indices
-    assert torch.equal(indices.sort(dim=1).values, want.sort(dim=1).values)
+    balanced = sinkhorn(x @ m.router.selector.t(), 3)
+    want = [sorted(sorted(range(6), key=lambda e: (bool(dropped[t, e]), -float(balanced[t, e])))[:2])
+            for t in range(60)]
+    assert indices.sort(dim=1).values.tolist() == want  # survivors first, then the best dropped ones
     enough_left = (~dropped).sum(1) >= 2
     assert not dropped.gather(1, indices)[enough_left].any()

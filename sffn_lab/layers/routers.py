@@ -108,12 +108,14 @@ class LinearRouter(Router):
 
 def select_dropping_experts(scores: torch.Tensor, k: int, p: float) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Top-``k`` of scores [T, E] after dropping each (token, expert) pair with probability ``p`` (training):
-    indices [T, k], and which of them were dropped [T, k] (bool; picked only when fewer than k survive),
-    or None when nothing is dropped."""
+    indices [T, k], and which of them were dropped [T, k] (bool), or None when nothing is dropped. A token
+    with fewer than k survivors gets them all, then its best-scoring dropped experts."""
     if p == 0:
         return scores.topk(k, dim=-1, sorted=False).indices, None
     dropped = torch.rand_like(scores) < p
-    indices = scores.masked_fill(dropped, float("-inf")).topk(k, dim=-1, sorted=False).indices
+    with torch.no_grad():  # dropped scores sink below every survivor, keeping their order among themselves
+        below = scores - dropped * (scores.max() - scores.min() + 1)
+    indices = below.topk(k, dim=-1, sorted=False).indices
     return indices, dropped.gather(-1, indices)
 
 
