@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 import os
 import shutil
 import time
@@ -37,6 +38,7 @@ import torch
 
 from sffn_lab.analysis.accounting import compute_equal, param_equal
 from sffn_lab.analysis.model_cost import count_model
+from sffn_lab.analysis.report import SWEEP_FILE
 from sffn_lab.config import Config, read_yaml
 from sffn_lab.errors import UserError
 
@@ -312,6 +314,8 @@ def claim_gpu(gpu_ids) -> None:
 def run_sweep(sweep: Sweep, sweep_dir: Path, jobs: int = 1, on_done=None) -> dict[str, str]:
     """Execute every run of the sweep (``jobs`` at a time); returns run dir name → what was done."""
     sweep_dir.mkdir(parents=True, exist_ok=True)
+    spec = {"name": sweep.name, "baseline": sweep.baseline, "match": sweep.match}
+    (sweep_dir / SWEEP_FILE).write_text(json.dumps(spec, indent=1) + "\n")
     outcome = {}
     if jobs <= 1:
         for run in sweep.runs:

@@ -268,9 +268,14 @@ def ablate(
 
 
 @app.command()
-def report(sweep_dir: Path = typer.Argument(..., help="A sweep directory written by sffn ablate.")) -> None:
-    """Mean ± std over seeds of a sweep's runs: a table, results.md, results.csv and curves.png."""
-    _print_report(sweep_dir)
+def report(
+    sweep_dirs: list[Path] = typer.Argument(..., help="Sweep directories written by sffn ablate (several: merged)."),
+    out: Path | None = typer.Option(None, help="Directory for the merged report (default: the one sweep directory)."),
+    baseline: str | None = typer.Option(None, help="Run the others are compared with (default: the grid's)."),
+) -> None:
+    """Mean ± std over seeds of a sweep's runs, each against the baseline with a 95% interval and a verdict:
+    a table, results.md, results.csv and curves.png."""
+    _print_report(*sweep_dirs, out=out, baseline=baseline)
 
 
 @app.command()
@@ -319,17 +324,18 @@ def bench(
     console.print(f"wrote {out / 'bench.csv'}, environment.json, scaling.png and ratios.png", soft_wrap=True)
 
 
-def _print_report(sweep_dir: Path) -> None:
+def _print_report(*sweep_dirs: Path, out: Path | None = None, baseline: str | None = None) -> None:
     from sffn_lab.analysis.report import COLUMNS, row_cells, write_report
 
-    rows = write_report(sweep_dir)
-    table = Table(title=f"Results: {sweep_dir}")
+    rows = write_report(*sweep_dirs, out=out, baseline=baseline)
+    out = out or sweep_dirs[0]
+    table = Table(title=f"Results: {', '.join(map(str, sweep_dirs))}")
     for column in COLUMNS:
         table.add_column(column, justify="left" if column == "run" else "right")
     for row in rows:
         table.add_row(*row_cells(row), style="bold" if row.best else None)
     console.print(table)
-    console.print(f"wrote {sweep_dir / 'results.md'}, results.csv and curves.png", soft_wrap=True)
+    console.print(f"wrote {out / 'results.md'}, results.csv and curves.png", soft_wrap=True)
 
 
 config_app = typer.Typer(no_args_is_help=True, help="Show the resolved configuration, or every key.")

@@ -1,7 +1,10 @@
-"""Sweep reports: mean ± std over seeds per run name, as a table, results.md / results.csv and a PNG.
+"""Sweep reports: mean ± std over seeds per run name, the difference to the baseline with a 95% confidence
+interval and a verdict, as a table, results.md / results.csv and a PNG.
 
-A sweep directory holds one run directory per (run name, seed), named ``<name>-s<seed>``. Only
-finished runs (with a summary.json) enter the report.
+A sweep directory holds one run directory per (run name, seed), named ``<name>-s<seed>``, and the grid's
+``sweep.json`` (its name and baseline). Only finished runs (with a summary.json) enter the report.
+Several sweep directories merge into one table; a run name two of them share is prefixed with its
+sweep's directory name.
 """
 
 from __future__ import annotations
@@ -13,11 +16,13 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
+from sffn_lab.analysis.compare import Difference, difference
 from sffn_lab.analysis.curves import line_styles, read_metrics, validation_curve
 from sffn_lab.errors import UserError
 from sffn_lab.run_dir import EVERY_TOKEN
 
 RUN_DIR = re.compile(r"^(?P<name>.+)-s(?P<seed>\d+)$")
+SWEEP_FILE = "sweep.json"  # {"name": ..., "baseline": ..., "match": ...}, written by sffn ablate
 
 
 @dataclass
@@ -35,6 +40,15 @@ class Row:
     dead_fraction: float | None
     scored: str = EVERY_TOKEN  # which tokens the metric covers (partial prediction: a subset)
     best: bool = False
+    values: dict[int, float] | None = None  # final metric per seed
+    is_baseline: bool = False
+    vs_baseline: Difference | None = None  # None for the baseline, or with fewer than 2 seeds a side
+
+    @property
+    def verdict(self) -> str:
+        if self.is_baseline:
+            return "baseline"
+        return self.vs_baseline.verdict if self.vs_baseline else "n < 2: no interval"
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -50,9 +64,7 @@ def _last_usage(run_dir: Path, stat: str) -> float | None:
     return statistics.fmean(last)
 
 
-def collect(sweep_dir: Path) -> dict[str, list[Path]]:
-    """Finished run directories grouped by run name."""
-    sweep_dir = Path(sweep_dir)
+def _finished_runs(sweep_dir: Path) -> dict[str, list[Path]]:
     if not sweep_dir.is_dir():
         raise UserError(f"Sweep directory '{sweep_dir}' does not exist.")
     groups: dict[str, list[Path]] = {}
@@ -60,14 +72,36 @@ def collect(sweep_dir: Path) -> dict[str, list[Path]]:
         match = RUN_DIR.match(run_dir.name)
         if match and (run_dir / "summary.json").is_file():
             groups.setdefault(match["name"], []).append(run_dir)
-    if not groups:
-        raise UserError(f"'{sweep_dir}' holds no finished runs yet.")
     return groups
 
 
-def summarize_sweep(sweep_dir: Path) -> list[Row]:
+def collect(*sweep_dirs: Path) -> dict[str, list[Path]]:
+    """Finished run directories grouped by run name, over one or several sweeps."""
+    per_sweep = {Path(d): _finished_runs(Path(d)) for d in sweep_dirs}
+    names = [name for groups in per_sweep.values() for name in groups]
+    groups = {}
+    for sweep_dir, runs in per_sweep.items():
+        for name, run_dirs in runs.items():
+            groups[f"{sweep_dir.name}/{name}" if names.count(name) > 1 else name] = run_dirs
+    if not groups:
+        raise UserError(f"{', '.join(map(str, sweep_dirs))}: no finished runs yet.")
+    return groups
+
+
+def sweep_baseline(*sweep_dirs: Path) -> str | None:
+    """The baseline run name the first sweep with a sweep.json names, or None."""
+    for sweep_dir in sweep_dirs:
+        spec = Path(sweep_dir) / SWEEP_FILE
+        if spec.is_file():
+            return json.loads(spec.read_text()).get("baseline")
+    return None
+
+
+def summarize_sweep(*sweep_dirs: Path, baseline: str | None = None) -> list[Row]:
+    """One row per run name, baseline first, then the runs better than it, the undecided, the worse."""
     rows = []
-    for name, run_dirs in collect(sweep_dir).items():
+    groups = collect(*sweep_dirs)
+    for name, run_dirs in groups.items():
         summaries = [json.loads((d / "summary.json").read_text()) for d in run_dirs]
         metric = "val/ppl" if summaries[0]["unit"] == "word" else "val/bits"
         values = [s["val_ppl"] if metric == "val/ppl" else s["val_bits"] for s in summaries]
@@ -87,15 +121,34 @@ def summarize_sweep(sweep_dir: Path) -> list[Row]:
             usage_entropy=statistics.fmean(entropies) if entropies else None,
             dead_fraction=statistics.fmean(dead) if dead else None,
             scored=summaries[0].get("scored", EVERY_TOKEN),
+            values={int(RUN_DIR.match(d.name)["seed"]): v for d, v in zip(run_dirs, values, strict=True)},
         ))
     # the best run among those scored on every token: a subset of tokens is not comparable with them
     comparable = [r for r in rows if r.scored == EVERY_TOKEN] or rows
     min(comparable, key=lambda r: r.mean).best = True
-    return rows
+    baseline = baseline or sweep_baseline(*sweep_dirs) or ("dense" if "dense" in groups else None)
+    if baseline is None:
+        return rows
+    if baseline not in groups:
+        raise UserError(f"Baseline run '{baseline}' is not among the finished runs: {sorted(groups)}.")
+    base = next(r for r in rows if r.name == baseline)
+    base.is_baseline = True
+    for r in rows:
+        if not r.is_baseline and r.scored == base.scored:  # other tokens: no comparison
+            r.vs_baseline = difference(r.values, base.values)
+    rank = {"baseline": 0, "better": 1, "worse": 3}
+    return sorted(rows, key=lambda r: (rank.get(r.verdict, 2), r.mean))
 
 
-COLUMNS = ("run", "seeds", "metric", "mean ± std", "total params", "active params", "FLOPs/token", "tokens/s",
-           "usage entropy", "dead experts")
+COLUMNS = ("run", "seeds", "metric", "mean ± std", "Δ vs baseline [95% CI]", "verdict", "total params",
+           "active params", "FLOPs/token", "tokens/s", "usage entropy", "dead experts")
+
+
+def _difference_cell(row: Row) -> str:
+    d = row.vs_baseline
+    if d is None:
+        return "—"
+    return f"{d.delta:+.4f} [{d.low:+.4f}, {d.high:+.4f}]" + (" paired" if d.paired else " Welch")
 
 
 def row_cells(row: Row) -> list[str]:
@@ -105,6 +158,8 @@ def row_cells(row: Row) -> list[str]:
         str(len(row.seeds)),
         label,
         f"{row.mean:.4f} ± {row.std:.4f}",
+        _difference_cell(row),
+        row.verdict,
         f"{row.total_params:,}",
         f"{row.active_params:,}",
         f"{row.flops_per_token:,}",
@@ -114,29 +169,38 @@ def row_cells(row: Row) -> list[str]:
     ]
 
 
-def write_report(sweep_dir: Path) -> list[Row]:
-    """results.md, results.csv and curves.png in the sweep directory; returns the rows."""
-    sweep_dir = Path(sweep_dir)
-    rows = summarize_sweep(sweep_dir)
+def write_report(*sweep_dirs: Path, out: Path | None = None, baseline: str | None = None) -> list[Row]:
+    """results.md, results.csv and curves.png in ``out`` (default: the one sweep directory); returns the rows."""
+    if out is None and len(sweep_dirs) > 1:
+        raise UserError("Merging several sweeps needs --out, the directory for the merged report.")
+    out = Path(out or sweep_dirs[0])
+    out.mkdir(parents=True, exist_ok=True)
+    rows = summarize_sweep(*sweep_dirs, baseline=baseline)
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(row_cells(r)) + " |" for r in rows]
-    notes = ["★ best mean validation metric among the runs scored on every token."]
+    notes = ["★ best mean validation metric among the runs scored on every token.",
+             "Δ: run − baseline, lower is better; 95% interval paired by seed when both ran the same seeds "
+             "(t on the per-seed differences), Welch's otherwise; the verdict is 'better' or 'worse' only "
+             "when the interval excludes 0."]
     notes += [f"† {r.name}: scored on {r.scored}, not comparable digit by digit." for r in rows
               if r.scored != EVERY_TOKEN]
-    (sweep_dir / "results.md").write_text("\n".join(lines) + "\n\n" + "\n".join(notes) + "\n")
-    with (sweep_dir / "results.csv").open("w", newline="") as f:
+    (out / "results.md").write_text("\n".join(lines) + "\n\n" + "\n".join(notes) + "\n")
+    with (out / "results.csv").open("w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["run", "seeds", "metric", "mean", "std", "total_params", "active_params",
-                         "flops_per_token", "tokens_per_s", "usage_entropy", "dead_fraction", "scored", "best"])
+        writer.writerow(["run", "seeds", "metric", "mean", "std", "delta", "ci_low", "ci_high", "paired", "verdict",
+                         "total_params", "active_params", "flops_per_token", "tokens_per_s", "usage_entropy",
+                         "dead_fraction", "scored", "best"])
         for r in rows:
-            writer.writerow([r.name, " ".join(map(str, r.seeds)), r.metric, r.mean, r.std, r.total_params,
-                             r.active_params, r.flops_per_token, r.tokens_per_s, r.usage_entropy, r.dead_fraction,
-                             r.scored, r.best])
-    plot_sweep(sweep_dir, sweep_dir / "curves.png")
+            d = r.vs_baseline
+            writer.writerow([r.name, " ".join(map(str, r.seeds)), r.metric, r.mean, r.std,
+                             *((d.delta, d.low, d.high, d.paired) if d else ("", "", "", "")), r.verdict,
+                             r.total_params, r.active_params, r.flops_per_token, r.tokens_per_s, r.usage_entropy,
+                             r.dead_fraction, r.scored, r.best])
+    plot_sweep(sweep_dirs, out / "curves.png")
     return rows
 
 
-def plot_sweep(sweep_dir: Path, output: Path) -> None:
+def plot_sweep(sweep_dirs: tuple[Path, ...], output: Path) -> None:
     """Validation curves, one line per run name: mean over seeds with a min–max band."""
     from sffn_lab.analysis.plotting import pyplot
 
@@ -145,7 +209,7 @@ def plot_sweep(sweep_dir: Path, output: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
     metric = "val/bits"
-    runs = collect(sweep_dir)
+    runs = collect(*sweep_dirs)
     for (name, run_dirs), style in zip(runs.items(), line_styles(len(runs)), strict=True):
         curves = [validation_curve(d) for d in run_dirs]
         metric = curves[0].metric

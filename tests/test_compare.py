@@ -1,0 +1,68 @@
+"""The difference to the baseline with its 95% interval: a worked example by hand, scipy's own tests, and
+the report that orders runs by verdict and merges sweeps."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from scipy import stats
+
+from sffn_lab.analysis.compare import difference
+
+
+def test_paired_interval_worked_by_hand():
+    # per-seed differences −0.10, −0.05, −0.10: mean −0.08333, sd 0.028868, se 0.016667, t(0.975, 2) = 4.302653
+    d = difference({0: 1.90, 1: 2.05, 2: 2.10}, {0: 2.00, 1: 2.10, 2: 2.20})
+    assert d.paired and d.n == 3
+    assert d.delta == pytest.approx(-0.0833333, abs=1e-6)
+    assert (d.low, d.high) == pytest.approx((-0.0833333 - 0.0717109, -0.0833333 + 0.0717109), abs=1e-6)
+    assert d.verdict == "better"
+
+
+def test_paired_and_welch_agree_with_scipy():
+    run, base = {0: 2.31, 1: 2.27, 2: 2.35, 3: 2.30}, {0: 2.29, 1: 2.30, 2: 2.33, 3: 2.27}
+    d = difference(run, base)
+    want = stats.ttest_rel(list(run.values()), list(base.values())).confidence_interval(0.95)
+    assert (d.low, d.high) == pytest.approx((want.low, want.high), rel=1e-9)
+    assert d.verdict == "no difference at n = 4"
+    unpaired = difference({0: 2.31, 1: 2.27, 2: 2.35}, {5: 2.50, 6: 2.46, 7: 2.52, 8: 2.49})
+    want = stats.ttest_ind([2.31, 2.27, 2.35], [2.50, 2.46, 2.52, 2.49], equal_var=False).confidence_interval(0.95)
+    assert not unpaired.paired and (unpaired.low, unpaired.high) == pytest.approx((want.low, want.high), rel=1e-9)
+    assert unpaired.verdict == "better"
+    assert difference({0: 2.5, 1: 2.6}, {0: 2.0, 1: 2.1}).verdict == "worse"
+    assert difference({0: 2.5}, {0: 2.0, 1: 2.1}) is None  # one seed: no spread, no interval
+
+
+def write_runs(sweep, name, values, baseline=None):
+    sweep.mkdir(exist_ok=True)
+    if baseline:
+        (sweep / "sweep.json").write_text(json.dumps({"name": sweep.name, "baseline": baseline}))
+    for seed, bits in values.items():
+        run = sweep / f"{name}-s{seed}"
+        run.mkdir()
+        (run / "metrics.csv").write_text(f"step,val/bits\n10,{bits + 1}\n20,{bits}\n")
+        (run / "summary.json").write_text(json.dumps({
+            "unit": "byte", "val_bits": bits, "total_params": 10, "active_params": 5, "flops_per_token": 20,
+            "tokens_seen": 100, "wall_time_s": 1.0}))
+
+
+def test_report_orders_by_verdict_and_merges_sweeps(tmp_path):
+    from sffn_lab.analysis.report import summarize_sweep, write_report
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    write_runs(a, "ref", {0: 2.00, 1: 2.10, 2: 2.20}, baseline="ref")
+    write_runs(a, "worse", {0: 2.30, 1: 2.41, 2: 2.50})
+    write_runs(a, "same", {0: 1.95, 1: 2.20, 2: 2.15})
+    write_runs(b, "better", {0: 1.90, 1: 2.05, 2: 2.10})
+    write_runs(b, "same", {0: 2.02, 1: 2.05, 2: 2.20})
+    rows = summarize_sweep(a, b)
+    assert [(r.name, r.verdict) for r in rows] == [
+        ("ref", "baseline"), ("better", "better"), ("b/same", "no difference at n = 3"),
+        ("a/same", "no difference at n = 3"), ("worse", "worse")]
+    with pytest.raises(Exception, match="--out"):
+        write_report(a, b)
+    write_report(a, b, out=tmp_path / "merged")
+    csv_text = (tmp_path / "merged" / "results.csv").read_text()
+    assert "verdict" in csv_text.splitlines()[0] and ",better," in csv_text
+    assert summarize_sweep(a, baseline="worse")[0].name == "worse"
