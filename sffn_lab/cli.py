@@ -182,6 +182,15 @@ class XAxis(str, Enum):
     steps = "steps"
     tokens = "tokens"
     time = "time"
+    flops = "flops"
+
+
+class Budget(str, Enum):
+    final = "final"
+    steps = "steps"
+    tokens = "tokens"
+    time = "time"
+    flops = "flops"
 
 
 @app.command()
@@ -272,10 +281,12 @@ def report(
     sweep_dirs: list[Path] = typer.Argument(..., help="Sweep directories written by sffn ablate (several: merged)."),
     out: Path | None = typer.Option(None, help="Directory for the merged report (default: the one sweep directory)."),
     baseline: str | None = typer.Option(None, help="Run the others are compared with (default: the grid's)."),
+    budget: Budget = typer.Option(Budget.final, help="Compare final values, or values at the largest equal number "
+                                  "of steps, tokens, seconds or training FLOPs every run reached."),
 ) -> None:
     """Mean ± std over seeds of a sweep's runs, each against the baseline with a 95% interval and a verdict:
-    a table, results.md, results.csv and curves.png."""
-    _print_report(*sweep_dirs, out=out, baseline=baseline)
+    a table, results.md, results.csv and curves.png (results_<budget>.* for an equal-budget view)."""
+    _print_report(*sweep_dirs, out=out, baseline=baseline, budget=budget.value)
 
 
 @app.command()
@@ -324,10 +335,11 @@ def bench(
     console.print(f"wrote {out / 'bench.csv'}, environment.json, scaling.png and ratios.png", soft_wrap=True)
 
 
-def _print_report(*sweep_dirs: Path, out: Path | None = None, baseline: str | None = None) -> None:
+def _print_report(*sweep_dirs: Path, out: Path | None = None, baseline: str | None = None,
+                  budget: str = "final") -> None:
     from sffn_lab.analysis.report import COLUMNS, row_cells, write_report
 
-    rows = write_report(*sweep_dirs, out=out, baseline=baseline)
+    rows = write_report(*sweep_dirs, out=out, baseline=baseline, budget=budget)
     out = out or sweep_dirs[0]
     table = Table(title=f"Results: {', '.join(map(str, sweep_dirs))}")
     for column in COLUMNS:
@@ -335,7 +347,8 @@ def _print_report(*sweep_dirs: Path, out: Path | None = None, baseline: str | No
     for row in rows:
         table.add_row(*row_cells(row), style="bold" if row.best else None)
     console.print(table)
-    console.print(f"wrote {out / 'results.md'}, results.csv and curves.png", soft_wrap=True)
+    suffix = "" if budget == "final" else f"_{budget}"
+    console.print(f"wrote {out}/results{suffix}.md, results{suffix}.csv and curves{suffix}.png", soft_wrap=True)
 
 
 config_app = typer.Typer(no_args_is_help=True, help="Show the resolved configuration, or every key.")

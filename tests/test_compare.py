@@ -66,3 +66,32 @@ def test_report_orders_by_verdict_and_merges_sweeps(tmp_path):
     csv_text = (tmp_path / "merged" / "results.csv").read_text()
     assert "verdict" in csv_text.splitlines()[0] and ",better," in csv_text
     assert summarize_sweep(a, baseline="worse")[0].name == "worse"
+
+
+def test_equal_budget_values_are_interpolated_at_what_every_run_reached(tmp_path):
+    """Run a: validations every 1000 tokens at 10 FLOPs/token; run b: every 500 tokens at 40 FLOPs/token.
+    Equal steps (20): a 2.0, b 2.5; equal tokens (1500): a 2.5, b 2.0; equal training FLOPs (a's most:
+    3·10·2000 = 60,000, b's first validation, at 500 tokens): a 2.0, b 3.0."""
+    from sffn_lab.analysis.report import summarize_sweep, write_report
+
+    for name, rows, fpt in [("a", [(10, 1000, 3.0), (20, 2000, 2.0)], 10),
+                            ("b", [(10, 500, 3.0), (20, 1000, 2.5), (30, 1500, 2.0)], 40)]:
+        run = tmp_path / f"{name}-s0"
+        run.mkdir()
+        lines = ["step,tokens_seen,elapsed_s,val/bits"] + [f"{s},{t},{s / 10},{b}" for s, t, b in rows]
+        (run / "metrics.csv").write_text("\n".join(lines) + "\n")
+        (run / "summary.json").write_text(json.dumps({
+            "unit": "byte", "val_bits": rows[-1][2], "total_params": 10, "active_params": 5, "flops_per_token": fpt,
+            "tokens_seen": rows[-1][1], "wall_time_s": 1.0}))
+
+    def at(budget):
+        return {r.name: r.mean for r in summarize_sweep(tmp_path, baseline="a", budget=budget)}
+
+    assert at("final") == {"a": 2.0, "b": 2.0}
+    assert at("steps") == {"a": 2.0, "b": 2.5}
+    assert at("tokens") == {"a": pytest.approx(2.5), "b": 2.0}
+    assert at("time") == {"a": 2.0, "b": 2.5}
+    assert at("flops") == {"a": 2.0, "b": 3.0}
+    write_report(tmp_path, baseline="a", budget="tokens")
+    assert "equal tokens: 1500" in (tmp_path / "results_tokens.md").read_text()
+    assert (tmp_path / "curves_tokens.png").stat().st_size > 0

@@ -9,7 +9,9 @@ from pathlib import Path
 
 from sffn_lab.errors import UserError
 
-X_COLUMNS = {"steps": ("step", "step"), "tokens": ("tokens_seen", "tokens seen"), "time": ("elapsed_s", "seconds")}
+X_COLUMNS = {"steps": ("step", "step"), "tokens": ("tokens_seen", "tokens seen"), "time": ("elapsed_s", "seconds"),
+             "flops": ("tokens_seen", "training FLOPs (3 × forward per token seen)")}
+TRAIN_FLOPS_PER_FORWARD = 3  # forward + backward ≈ 3 forward passes
 
 
 @dataclass
@@ -40,17 +42,33 @@ def curve_metric(run_dir: Path) -> str:
 
 
 def validation_curve(run_dir: Path, x_axis: str = "steps", metric: str | None = None) -> Curve:
-    """The validation curve of one run: one point per validation, de-duplicated by step."""
+    """The validation curve of one run: one point per validation, de-duplicated by step. ``x_axis`` is
+    steps, tokens seen, training wall time or training FLOPs (tokens seen × 3 × forward FLOPs per token)."""
     metric = metric or curve_metric(run_dir)
     x_key = X_COLUMNS[x_axis][0]
+    scale = 1.0
+    if x_axis == "flops":
+        summary = Path(run_dir) / "summary.json"
+        if not summary.is_file():
+            raise UserError(f"'{run_dir}' has no summary.json, so its FLOPs per token are unknown.")
+        scale = TRAIN_FLOPS_PER_FORWARD * json.loads(summary.read_text())["flops_per_token"]
     by_step: dict[float, tuple[float, float]] = {}
     for row in read_metrics(run_dir):
         if metric in row and x_key in row:
-            by_step[row["step"]] = (row[x_key], row[metric])
+            by_step[row["step"]] = (row[x_key] * scale, row[metric])
     if not by_step:
         raise UserError(f"'{run_dir}' has no '{metric}' values against '{x_axis}' yet.")
     points = [by_step[s] for s in sorted(by_step)]
     return Curve(Path(run_dir).name, metric, [p[0] for p in points], [p[1] for p in points])
+
+
+def value_at(curve: Curve, x: float) -> float:
+    """The curve's metric at budget ``x``, linear between the validations around it (x within the curve)."""
+    import numpy as np
+
+    if not curve.x[0] <= x <= curve.x[-1]:
+        raise UserError(f"{curve.label}: budget {x:.4g} lies outside its curve [{curve.x[0]:.4g}, {curve.x[-1]:.4g}].")
+    return float(np.interp(x, curve.x, curve.y))
 
 
 def line_styles(n: int) -> list[dict]:

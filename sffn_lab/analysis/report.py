@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sffn_lab.analysis.compare import Difference, difference
-from sffn_lab.analysis.curves import line_styles, read_metrics, validation_curve
+from sffn_lab.analysis.curves import X_COLUMNS, line_styles, read_metrics, validation_curve, value_at
 from sffn_lab.errors import UserError
 from sffn_lab.run_dir import EVERY_TOKEN
 
@@ -97,14 +97,28 @@ def sweep_baseline(*sweep_dirs: Path) -> str | None:
     return None
 
 
-def summarize_sweep(*sweep_dirs: Path, baseline: str | None = None) -> list[Row]:
-    """One row per run name, baseline first, then the runs better than it, the undecided, the worse."""
+def common_budget(groups: dict[str, list[Path]], budget: str) -> float:
+    """The largest budget (steps, tokens, seconds or FLOPs) every run of every group has reached."""
+    curves = [validation_curve(d, budget) for run_dirs in groups.values() for d in run_dirs]
+    return min(c.x[-1] for c in curves)
+
+
+def summarize_sweep(*sweep_dirs: Path, baseline: str | None = None, budget: str = "final") -> list[Row]:
+    """One row per run name, baseline first, then the runs better than it, the undecided, the worse.
+
+    ``budget``: each run's final validation metric ("final"), or its metric interpolated at the largest
+    number of steps, tokens, seconds of training or training FLOPs that every run reached (equal budget).
+    """
     rows = []
     groups = collect(*sweep_dirs)
+    at = common_budget(groups, budget) if budget != "final" else None
     for name, run_dirs in groups.items():
         summaries = [json.loads((d / "summary.json").read_text()) for d in run_dirs]
         metric = "val/ppl" if summaries[0]["unit"] == "word" else "val/bits"
-        values = [s["val_ppl"] if metric == "val/ppl" else s["val_bits"] for s in summaries]
+        if at is None:
+            values = [s["val_ppl"] if metric == "val/ppl" else s["val_bits"] for s in summaries]
+        else:
+            values = [value_at(validation_curve(d, budget, metric), at) for d in run_dirs]
         mean, std = _mean_std(values)
         entropies = [u for d in run_dirs if (u := _last_usage(d, "entropy")) is not None]
         dead = [u for d in run_dirs if (u := _last_usage(d, "dead_fraction")) is not None]
@@ -169,23 +183,30 @@ def row_cells(row: Row) -> list[str]:
     ]
 
 
-def write_report(*sweep_dirs: Path, out: Path | None = None, baseline: str | None = None) -> list[Row]:
-    """results.md, results.csv and curves.png in ``out`` (default: the one sweep directory); returns the rows."""
+def write_report(*sweep_dirs: Path, out: Path | None = None, baseline: str | None = None,
+                 budget: str = "final") -> list[Row]:
+    """results.md, results.csv and curves.png in ``out`` (default: the one sweep directory); returns the rows.
+    An equal-budget report (``budget`` other than "final") writes results_<budget>.md / .csv."""
     if out is None and len(sweep_dirs) > 1:
         raise UserError("Merging several sweeps needs --out, the directory for the merged report.")
     out = Path(out or sweep_dirs[0])
     out.mkdir(parents=True, exist_ok=True)
-    rows = summarize_sweep(*sweep_dirs, baseline=baseline)
+    rows = summarize_sweep(*sweep_dirs, baseline=baseline, budget=budget)
+    stem = "results" if budget == "final" else f"results_{budget}"
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(row_cells(r)) + " |" for r in rows]
     notes = ["★ best mean validation metric among the runs scored on every token.",
              "Δ: run − baseline, lower is better; 95% interval paired by seed when both ran the same seeds "
              "(t on the per-seed differences), Welch's otherwise; the verdict is 'better' or 'worse' only "
              "when the interval excludes 0."]
+    if budget != "final":
+        at = common_budget(collect(*sweep_dirs), budget)
+        notes.append(f"Every value at equal {budget}: {at:.4g} {X_COLUMNS[budget][1]} (the most every run reached), "
+                     "interpolated linearly between validations.")
     notes += [f"† {r.name}: scored on {r.scored}, not comparable digit by digit." for r in rows
               if r.scored != EVERY_TOKEN]
-    (out / "results.md").write_text("\n".join(lines) + "\n\n" + "\n".join(notes) + "\n")
-    with (out / "results.csv").open("w", newline="") as f:
+    (out / f"{stem}.md").write_text("\n".join(lines) + "\n\n" + "\n".join(notes) + "\n")
+    with (out / f"{stem}.csv").open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["run", "seeds", "metric", "mean", "std", "delta", "ci_low", "ci_high", "paired", "verdict",
                          "total_params", "active_params", "flops_per_token", "tokens_per_s", "usage_entropy",
@@ -196,11 +217,12 @@ def write_report(*sweep_dirs: Path, out: Path | None = None, baseline: str | Non
                              *((d.delta, d.low, d.high, d.paired) if d else ("", "", "", "")), r.verdict,
                              r.total_params, r.active_params, r.flops_per_token, r.tokens_per_s, r.usage_entropy,
                              r.dead_fraction, r.scored, r.best])
-    plot_sweep(sweep_dirs, out / "curves.png")
+    plot_sweep(sweep_dirs, out / ("curves.png" if budget == "final" else f"curves_{budget}.png"),
+               "steps" if budget == "final" else budget)
     return rows
 
 
-def plot_sweep(sweep_dirs: tuple[Path, ...], output: Path) -> None:
+def plot_sweep(sweep_dirs: tuple[Path, ...], output: Path, x_axis: str = "steps") -> None:
     """Validation curves, one line per run name: mean over seeds with a min–max band."""
     from sffn_lab.analysis.plotting import pyplot
 
@@ -212,13 +234,15 @@ def plot_sweep(sweep_dirs: tuple[Path, ...], output: Path) -> None:
     runs = collect(*sweep_dirs)
     for (name, run_dirs), style in zip(runs.items(), line_styles(len(runs)), strict=True):
         curves = [validation_curve(d) for d in run_dirs]
+        along = [validation_curve(d, x_axis) for d in run_dirs]  # the same validations, against x_axis
         metric = curves[0].metric
         steps = sorted(set.intersection(*(set(c.x) for c in curves)))
-        ys = np.array([[dict(zip(c.x, c.y))[s] for s in steps] for c in curves])
-        ax.plot(steps, ys.mean(0), marker="o", markersize=3, label=f"{name} (n={len(curves)})", **style)
+        ys = np.array([[dict(zip(c.x, c.y, strict=True))[s] for s in steps] for c in curves])
+        xs = np.array([[dict(zip(c.x, a.x, strict=True))[s] for s in steps] for c, a in zip(curves, along, strict=True)])
+        ax.plot(xs.mean(0), ys.mean(0), marker="o", markersize=3, label=f"{name} (n={len(curves)})", **style)
         if len(curves) > 1:
-            ax.fill_between(steps, ys.min(0), ys.max(0), color=style["color"], alpha=0.15)
-    ax.set_xlabel("step")
+            ax.fill_between(xs.mean(0), ys.min(0), ys.max(0), color=style["color"], alpha=0.15)
+    ax.set_xlabel(X_COLUMNS[x_axis][1])
     ax.set_ylabel("validation perplexity" if metric == "val/ppl" else "validation bits per token")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
