@@ -283,10 +283,22 @@ def report(
     baseline: str | None = typer.Option(None, help="Run the others are compared with (default: the grid's)."),
     budget: Budget = typer.Option(Budget.final, help="Compare final values, or values at the largest equal number "
                                   "of steps, tokens, seconds or training FLOPs every run reached."),
+    scaling: bool = typer.Option(False, "--scaling", help="Also fit final loss against active parameters and "
+                                 "training FLOPs per variant (a sweep over model sizes): scaling.md, scaling.png."),
 ) -> None:
     """Mean ± std over seeds of a sweep's runs, each against the baseline with a 95% interval and a verdict:
     a table, results.md, results.csv and curves.png (results_<budget>.* for an equal-budget view)."""
     _print_report(*sweep_dirs, out=out, baseline=baseline, budget=budget.value)
+    if scaling:
+        from sffn_lab.analysis.scaling import AXES, write_scaling_report
+
+        out = out or sweep_dirs[0]
+        fits = write_scaling_report(*sweep_dirs, out=out)
+        for axis, by_variant in fits.items():
+            for variant, law in by_variant.items():
+                console.print(f"{variant} against {AXES[axis]}: L = {law.c:.4f} + {law.a:.4g}·x^(−{law.b:.3f} ± "
+                              f"{law.b_err:.3f})", soft_wrap=True)
+        console.print(f"wrote {out}/scaling.md and scaling.png", soft_wrap=True)
 
 
 @app.command()

@@ -32,7 +32,8 @@ SWEEPS = {
     "enwik8/enwik8_baseline.yaml": {**ENWIK8, "transformer.variant": "preln_relative",
                                     "transformer.ff_multiplier": 4.01},
     "enwik8/enwik8_baseline_topk_nocomp.yaml": {**ENWIK8, "transformer.variant": "preln_topk",
-                                                "transformer.ff_multiplier": 4.01, "transformer.topk_value": [128, 256, 512]},
+                                                "transformer.ff_multiplier": 4.01,
+                                                "transformer.topk_value": [128, 256, 512]},
     f"enwik8/{PREFIX}lowreg_exp_drop.yaml": ENWIK8_MOE,
     f"enwik8/{PREFIX}lowreg_dropout.yaml": {**ENWIK8_MOE, "moe.drop_expert": 0.0, "kvmem.dropout": "score"},
     f"enwik8/{PREFIX}lowreg_exp_drop_softmax.yaml": {**ENWIK8_MOE, "moe.selection_mode": "gate",
@@ -148,7 +149,8 @@ def translate(sweep: dict) -> dict:
         out["model.head_dim"] = HEAD_DIM_FOR_ROPE.get(size, size)
     variant = sweep["transformer.variant"]
     if variant == "preln_relative":
-        out |= {"model.ffn.kind": "dense", "model.ffn.dropout": sweep["dropout"]}  # their dense layer drops hidden units
+        # their dense layer drops its hidden units at the model's dropout
+        out |= {"model.ffn.kind": "dense", "model.ffn.dropout": sweep["dropout"]}
     elif variant == "preln_topk":
         out |= {"model.ffn.kind": "topk", "model.ffn.top_k": sweep["transformer.topk_value"],
                 "model.ffn.dropout": sweep["dropout"]}

@@ -109,7 +109,8 @@ def _exact_div(d_ff: int, size: int, name: str) -> int:
 def _pkm_sizes(cfg: FFNConfig, budget: int, d_model: int):
     """Largest n_keys that fits with the configured key_dim, then the even key_dim that fills the budget.
 
-    knn is lowered to n_keys when the memory is too small for it. Total = n_keys²·D (values) + H·key_dim·(D + n_keys) (queries and sub-keys).
+    knn is lowered to n_keys when the memory is too small for it. Total = n_keys²·D (values)
+    + H·key_dim·(D + n_keys) (queries and sub-keys); with query=input: n_keys²·D + H·n_keys·D.
     """
     p, D = cfg.pkm, d_model
     if p.query == "input":  # no query projection, sub-keys of size D: n_keys²·D + H·n_keys·D = budget

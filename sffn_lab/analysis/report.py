@@ -238,7 +238,8 @@ def plot_sweep(sweep_dirs: tuple[Path, ...], output: Path, x_axis: str = "steps"
         metric = curves[0].metric
         steps = sorted(set.intersection(*(set(c.x) for c in curves)))
         ys = np.array([[dict(zip(c.x, c.y, strict=True))[s] for s in steps] for c in curves])
-        xs = np.array([[dict(zip(c.x, a.x, strict=True))[s] for s in steps] for c, a in zip(curves, along, strict=True)])
+        xs = np.array([[dict(zip(c.x, a.x, strict=True))[s] for s in steps]
+                       for c, a in zip(curves, along, strict=True)])
         ax.plot(xs.mean(0), ys.mean(0), marker="o", markersize=3, label=f"{name} (n={len(curves)})", **style)
         if len(curves) > 1:
             ax.fill_between(xs.mean(0), ys.min(0), ys.max(0), color=style["color"], alpha=0.15)
