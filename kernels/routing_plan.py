@@ -10,6 +10,7 @@ Shapes: T tokens, K experts per token, P = T·K (token, k) pairs, E experts.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from itertools import pairwise
 
 import torch
 
@@ -70,7 +71,7 @@ class RoutingPlan:
     def host_counts(self) -> list[int]:
         """Pairs per expert as Python ints [E] (from ``host_offsets``)."""
         ends = self.host_offsets()
-        return [b - a for a, b in zip(ends[:-1], ends[1:], strict=True)]
+        return [b - a for a, b in pairwise(ends)]
 
     def group_ends(self) -> torch.Tensor:
         """offsets[1:] as int32 [E]: the ``offs`` of ``torch._grouped_mm``."""

@@ -22,6 +22,7 @@ Shapes: T tokens, K experts per token, P = T·K pairs, E experts, D model width,
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import pairwise
 
 import torch
 
@@ -48,7 +49,7 @@ def blocks(plan: RoutingPlan, strategy: str) -> list[Block]:
     ends = plan.host_offsets()
     return [
         Block(plan.pairs[start:end], plan.tokens[start:end], e)
-        for e, (start, end) in enumerate(zip(ends[:-1], ends[1:], strict=True))
+        for e, (start, end) in enumerate(pairwise(ends))
         if end > start
     ]
 

@@ -2,8 +2,8 @@
 
     out[dst[r]] = scale[r] · (a[src[r]] @ W[e])        (or W[e]ᵀ with TRANSPOSE_W)
 
-over rows r sorted by expert. The routing plan (on the device) splits every expert's rows into tiles of BLOCK_M rows that
-never straddle two experts (``tile_expert``, ``tile_start``, ``tile_end``); each program computes
+over rows r sorted by expert. The routing plan (on the device) splits every expert's rows into tiles of BLOCK_M rows
+that never straddle two experts (``tile_expert``, ``tile_start``, ``tile_end``); each program computes
 one BLOCK_M × BLOCK_N tile of one expert, loading the gathered rows of ``a`` block by block; the
 grid has a fixed upper bound of tiles and programs of empty tiles (start ≥ end) exit at once.
 Accumulation is fp32 whatever the input dtype; IEEE selects IEEE fp32 products for fp32 inputs

@@ -77,16 +77,16 @@ def gather_matmul(a, weight, src, dst, plan: RoutingPlan, transpose_w: bool = Fa
 
 def weight_grad(a, b, src_a, src_b, plan: RoutingPlan, shape, scale=None) -> torch.Tensor:
     """dW[e] = Σ_{r of e} a[src_a[r]]ᵀ (scale[r] · b[src_b[r]]) → [E, I, J] (fp32 sums, a's dtype)."""
-    E, I, J = shape
+    E, d_in, J = shape
     out = torch.empty(shape, dtype=a.dtype, device=a.device)  # the kernel writes every tile, empty experts 0
 
     def grid(meta):
-        return (E, triton.cdiv(I, meta["BLOCK_I"]), triton.cdiv(J, meta["BLOCK_J"]))
+        return (E, triton.cdiv(d_in, meta["BLOCK_I"]), triton.cdiv(J, meta["BLOCK_J"]))
 
     with torch.cuda.device_of(a):
         weight_grad_kernel[grid](
             a, b, out, src_a, src_b, scale if scale is not None else out, plan.offsets,
-            I, J,
+            d_in, J,
             a.stride(0), a.stride(1),
             b.stride(0), b.stride(1),
             out.stride(0), out.stride(1), out.stride(2),

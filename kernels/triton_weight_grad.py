@@ -24,11 +24,11 @@ def configs() -> list[triton.Config]:
     ]
 
 
-@triton.autotune(configs=configs(), key=["I", "J"])
+@triton.autotune(configs=configs(), key=["d_in", "J"])
 @triton.jit
 def weight_grad_kernel(
     a_ptr, b_ptr, out_ptr, src_a_ptr, src_b_ptr, scale_ptr, offsets_ptr,
-    I, J,
+    d_in, J,
     stride_am, stride_ai,
     stride_bm, stride_bj,
     stride_oe, stride_oi, stride_oj,
@@ -42,7 +42,7 @@ def weight_grad_kernel(
     end = tl.load(offsets_ptr + expert + 1)
     i = pid_i * BLOCK_I + tl.arange(0, BLOCK_I)
     j = pid_j * BLOCK_J + tl.arange(0, BLOCK_J)
-    i_ok = i < I
+    i_ok = i < d_in
     j_ok = j < J
 
     acc = tl.zeros((BLOCK_I, BLOCK_J), dtype=tl.float32)

@@ -110,7 +110,7 @@ def load_grid(path: Path, extra_overrides: list[str] | None = None, seeds: list[
         raise UserError(f"Grid baseline '{baseline}' is not one of the runs: {[n for n, _ in variants]}.")
     configs = {name: load_config(base_path, common + overrides) for name, overrides in variants}
     configs = {name: _derive_sizes(cfg, configs[baseline], match, overrides)
-               for (name, overrides), cfg in zip(variants, configs.values())}
+               for (name, overrides), cfg in zip(variants, configs.values(), strict=True)}
     sweep = Sweep(spec.get("name", path.stem), match, baseline)
     seed_list = seeds or spec.get("seeds", [0])
     for name, cfg in configs.items():
@@ -193,8 +193,8 @@ def check_matching(sweep: Sweep) -> None:
 
 ESTIMATE_METHOD = (
     "measured here: the fastest of 3 training steps (forward, backward, AdamW) of each distinct model, on "
-    "up to 16 windows and at most 20 GFLOP a step (a model too large for that: the cheapest model's time scaled by FLOPs "
-    "per token), scaled to the run's steps and batch; validation at 1/3 of a training token's time over "
+    "up to 16 windows and at most 20 GFLOP a step (a model too large for that: the cheapest model's time scaled by "
+    "FLOPs per token), scaled to the run's steps and batch; validation at 1/3 of a training token's time over "
     "the validation tokens of every validation; 3 s of start-up per run; data loading not counted"
 )
 CHEAP_STEP_FLOPS = 2e10  # a step of this size takes about a second on a laptop core

@@ -167,4 +167,6 @@ def log_histogram(loggers: list[Logger], key: str, values, step: int) -> None:
         elif isinstance(logger, WandbLogger):
             import wandb
 
-            logger.experiment.log({key: wandb.Histogram(values.detach().float().cpu().numpy()), "trainer/global_step": step})
+            logger.experiment.log(
+                {key: wandb.Histogram(values.detach().float().cpu().numpy()), "trainer/global_step": step}
+            )

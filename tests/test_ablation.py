@@ -57,7 +57,7 @@ def test_grid_runs_skips_finished_resumes_interrupted_and_reports(tmp_path, caps
 
 def test_a_grid_that_breaks_the_matching_rule_is_refused(tmp_path, capsys):
     runs = [*RUNS, {"name": "big", "set": ["model.ffn.kind=dense", "model.ffn.d_ff=128"]}]
-    code, out, err = run_cli(["ablate", write_grid(tmp_path, runs), "--out", tmp_path / "sweeps"], capsys)
+    code, _, err = run_cli(["ablate", write_grid(tmp_path, runs), "--out", tmp_path / "sweeps"], capsys)
     assert code == 2 and "breaks its matching rule" in err and "big" in err
     assert not (tmp_path / "sweeps").exists()
     runs = [*RUNS, {"name": "moe_nodiv", "set": ["model.ffn.kind=sigma_moe", "model.ffn.expert_size=24"]}]

@@ -20,7 +20,7 @@ TINY = as_flags(TINY_OVERRIDES)
 
 
 def train_tiny(tmp_path, capsys, *extra) -> Path:
-    code, out, err = run_cli(["train", *TINY, "--out", tmp_path / "runs", "--no-progress", *extra], capsys)
+    code, _, err = run_cli(["train", *TINY, "--out", tmp_path / "runs", "--no-progress", *extra], capsys)
     assert code == 0, err
     return Path(json.loads(next((tmp_path / "runs").glob("*/summary.json")).read_text())["run_dir"])
 
@@ -87,13 +87,13 @@ def test_ctrl_c_saves_and_resume_equals_uninterrupted(tmp_path, capsys, monkeypa
         return trainer
 
     monkeypatch.setattr(training, "build_trainer", with_interrupt)
-    code, out, err = run_cli(["train", *TINY, "--max-steps", "25", "--out", tmp_path / "part", "--no-progress"], capsys)
+    code, _, err = run_cli(["train", *TINY, "--max-steps", "25", "--out", tmp_path / "part", "--no-progress"], capsys)
     assert code == 130 and "Interrupted at step 14" in err
     part = next((tmp_path / "part").iterdir())
     assert json.loads((part / "status.json").read_text())["status"] == "interrupted"
     monkeypatch.setattr(training, "build_trainer", build)
 
-    code, out, err = run_cli(["train", "--resume", part, "--no-progress"], capsys)
+    code, _, err = run_cli(["train", "--resume", part, "--no-progress"], capsys)
     assert code == 0, err
     a, b = (json.loads((d / "summary.json").read_text()) for d in (full, part))
     assert a["val_loss"] == b["val_loss"]  # bitwise: same data, same dropout masks, same optimizer state
@@ -104,7 +104,7 @@ def test_ctrl_c_saves_and_resume_equals_uninterrupted(tmp_path, capsys, monkeypa
 
 def test_resume_with_a_changed_config_is_refused(tmp_path, capsys):
     run_dir = train_tiny(tmp_path, capsys, "--max-steps", "5")
-    code, out, err = run_cli(["train", "--resume", run_dir, "--set", "model.d_model=64"], capsys)
+    code, _, err = run_cli(["train", "--resume", run_dir, "--set", "model.d_model=64"], capsys)
     assert code == 2 and "different config" in err and "model.d_model" in err
 
 
@@ -116,7 +116,7 @@ def test_eval_of_a_checkpoint_on_a_mismatched_model_is_refused(tmp_path, capsys)
     state = torch.load(ckpt, weights_only=False)
     state["hyper_parameters"]["config"]["model"]["d_model"] = 64
     torch.save(state, tmp_path / "other.ckpt")
-    code, out, err = run_cli(["eval", tmp_path / "other.ckpt"], capsys)
+    code, _, err = run_cli(["eval", tmp_path / "other.ckpt"], capsys)
     assert code == 2 and "does not match" in err and "Traceback" not in err
 
 
@@ -140,14 +140,14 @@ def test_bad_input_gives_a_short_error_and_exit_2(tmp_path, capsys, args, messag
     garbage = tmp_path / "garbage.ckpt"
     garbage.write_bytes(os.urandom(100))
     args = [a.format(bad_yaml=bad_yaml, garbage_ckpt=garbage) for a in args]
-    code, out, err = run_cli([*args, "--out", tmp_path / "runs"] if args[0] == "train" else args, capsys)
+    code, _, err = run_cli([*args, "--out", tmp_path / "runs"] if args[0] == "train" else args, capsys)
     assert code == 2
     assert message in err and "Traceback" not in err
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
 
 
 def test_nan_loss_stops_with_the_step_and_last_checkpoint(tmp_path, capsys):
-    code, out, err = run_cli(
+    code, _, err = run_cli(
         ["train", *TINY, "--max-steps", "30", "--set", "train.lr=1e30", "--set", "train.warmup_steps=0",
          "--set", "train.checkpoint_every=1", "--out", tmp_path / "runs", "--no-progress"],
         capsys,

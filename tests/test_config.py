@@ -26,7 +26,11 @@ def test_round_trip_through_yaml(tmp_path):
 
 @pytest.mark.parametrize(
     "override, suggestion",
-    [("model.d_modle=3", "model.d_model"), ("train.max_step=3", "train.max_steps"), ("modle.d_model=3", "model.d_model")],
+    [
+        ("model.d_modle=3", "model.d_model"),
+        ("train.max_step=3", "train.max_steps"),
+        ("modle.d_model=3", "model.d_model"),
+    ],
 )
 def test_unknown_override_key_suggests_closest(override, suggestion):
     with pytest.raises(UserError, match=f"Did you mean '{suggestion}'"):
@@ -36,11 +40,13 @@ def test_unknown_override_key_suggests_closest(override, suggestion):
 def test_unknown_yaml_key_suggests_closest(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("train:\n  warmup_step: 3\n")
-    with pytest.raises(UserError, match="'train.warmup_step'.*Did you mean 'warmup_steps'"):
+    with pytest.raises(UserError, match=r"'train\.warmup_step'.*Did you mean 'warmup_steps'"):
         load_config(path)
 
 
-@pytest.mark.parametrize("override", ["model.d_model=abc", "train.lr=[1]", "model.tie_embeddings=3", "train.max_steps=1.5"])
+@pytest.mark.parametrize(
+    "override", ["model.d_model=abc", "train.lr=[1]", "model.tie_embeddings=3", "train.max_steps=1.5"]
+)
 def test_wrong_type_is_rejected(override):
     with pytest.raises(UserError, match="expects a"):
         load_config(None, [override])

@@ -149,7 +149,7 @@ def test_a_cached_file_corrupted_later_is_detected(tmp_path):
     named_corpus(spec, tmp_path / "cache")  # first use records the checksum
     cached = tmp_path / "cache" / "tiny" / "corpus.txt"
     cached.write_bytes(cached.read_bytes()[:-10] + b"XXXXXXXXXX")
-    with pytest.raises(UserError, match="Checksum mismatch.*corpus.txt"):
+    with pytest.raises(UserError, match=r"Checksum mismatch.*corpus\.txt"):
         named_corpus(spec, tmp_path / "cache")
 
 
@@ -221,5 +221,6 @@ def test_download_retries_then_falls_back_to_a_mirror_with_a_user_agent(tmp_path
     remote = RemoteFile("http://primary.invalid/c.txt", "c.txt", size=len(data), mirrors=(source.as_uri(),))
     corpora.download(remote, tmp_path / "cache" / "c.txt")
     assert (tmp_path / "cache" / "c.txt").read_bytes() == data
-    assert [url for url, _ in calls] == ["http://primary.invalid/c.txt"] * 3 + [source.as_uri()]  # 3 tries, then the mirror
+    # 3 tries, then the mirror
+    assert [url for url, _ in calls] == ["http://primary.invalid/c.txt"] * 3 + [source.as_uri()]
     assert all(agent == corpora.USER_AGENT for _, agent in calls)

@@ -37,8 +37,8 @@ def test_a_wheel_install_trains_and_plans_a_shipped_grid_from_another_directory(
                             "print(sffn_lab.__file__); print(e.DEFAULT_CONFIG)"],
                            cwd=elsewhere, env=env, capture_output=True, text=True)
     assert where.stdout.count(str(site)) == 2, where.stdout + where.stderr
-    trained = sffn("train", "--max-steps", "2", "--set", "train.val_every=2", "--set", "data.synthetic.train_tokens=20000",
-                   "--no-progress")
+    trained = sffn("train", "--max-steps", "2", "--set", "train.val_every=2",
+                   "--set", "data.synthetic.train_tokens=20000", "--no-progress")
     assert trained.returncode == 0, trained.stderr[-2000:]
     assert (elsewhere / "runs").is_dir()
     planned = sffn("ablate", "cpu_sigma_moe_ablations", "--dry-run")

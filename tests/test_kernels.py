@@ -30,7 +30,9 @@ def run(backend, dtype, device, T, K, E, D, G, gated=True, empty=(1,), strategy=
     for name, value in result.outputs.items():
         expected_dtype = torch.float32 if name == "dgates" else dtype
         assert value.dtype == expected_dtype and value.device.type == device.type, f"{name}: {value.dtype}"
-    assert result.worst() < TOLERANCE[dtype], f"{backend} {dtype}: errors relative to max(|float64|, 1): {result.errors}"
+    assert result.worst() < TOLERANCE[dtype], (
+        f"{backend} {dtype}: errors relative to max(|float64|, 1): {result.errors}"
+    )
     return result.outputs
 
 

@@ -88,7 +88,7 @@ def test_sigkill_then_resume_ends_with_the_same_metrics(tmp_path):
 
     resumed = sffn(["train", "--resume", run_dir, "--no-progress"],
                    stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    out, err = resumed.communicate(timeout=300)
+    _, err = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, err.decode()[-2000:]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["step"] == 60
@@ -115,7 +115,7 @@ def test_disk_full_while_saving_stops_and_keeps_the_previous_checkpoint(tmp_path
     monkeypatch.setattr(torch, "save", save_until_the_disk_is_full)
     args = ["train", *as_flags([*TINY, "train.checkpoint_every=3", "train.val_every=100"]),
             "--max-steps", "9", "--out", tmp_path / "runs", "--no-progress"]
-    code, out, err = run_cli(args, capsys)
+    code, _, err = run_cli(args, capsys)
     assert code == 2 and "No space left on device" in err and "earlier checkpoints are intact" in err
     assert "stopped at step 6" in err and "Traceback" not in err
     run_dir = next((tmp_path / "runs").iterdir())
@@ -125,7 +125,7 @@ def test_disk_full_while_saving_stops_and_keeps_the_previous_checkpoint(tmp_path
     assert json.loads((run_dir / "status.json").read_text())["status"] == "failed"
 
     monkeypatch.setattr(torch, "save", real_save)  # space freed: the run continues from step 3
-    code, out, err = run_cli(["train", "--resume", run_dir, "--no-progress"], capsys)
+    code, _, err = run_cli(["train", "--resume", run_dir, "--no-progress"], capsys)
     assert code == 0, err
     assert json.loads((run_dir / "summary.json").read_text())["step"] == 9
 
@@ -143,7 +143,7 @@ def test_ddp_on_two_cpu_processes_matches_one_process(tmp_path):
 
     proc = sffn(["train", *as_flags(base), "--devices", "2", "--strategy", "ddp",
                  "--out", tmp_path / "two", "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    out, err = proc.communicate(timeout=600)
+    _, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err.decode()[-3000:]
     run_dirs = list((tmp_path / "two").iterdir())
     assert len(run_dirs) == 1, "both ranks must write into one run directory"
@@ -248,7 +248,7 @@ def test_bad_input_gives_exit_2_and_leaves_earlier_runs_intact(tmp_path, capsys,
         args = [*args, *as_flags(TINY), *([] if "--out" in args else ["--out", earlier_run.parent])]
     before = {run: snapshot(run) for run in [earlier_run.parent, *runs.values()]}
 
-    code, out, err = run_cli(args, capsys)
+    code, _, err = run_cli(args, capsys)
     assert code == 2, err
     assert message in err and "Traceback" not in err and len(err) < 800
     assert {run: snapshot(run) for run in before} == before  # nothing written, nothing removed
@@ -267,14 +267,16 @@ def test_a_corrupt_token_cache_gives_exit_2_and_is_rebuilt_on_the_next_run(tmp_p
     for damage in (b"", cached.read_bytes()[:200]):  # empty, and cut short
         cached.write_bytes(damage)
         args = ["train", *data, *as_flags(TINY), "--out", tmp_path / "runs"]
-        code, out, err = run_cli(args, capsys)
+        code, _, err = run_cli(args, capsys)
         assert code == 2 and "were corrupt" in err and "Traceback" not in err
         assert not cached.exists() and not (tmp_path / "runs").exists()
     corpus = corpora.load_corpus(data_config)
     assert bytes(corpus.splits["train"][:100]) == source.read_bytes()[:100]
 
 
-@pytest.mark.parametrize("loadavg, expected_others", [("0.5 0.4 0.3 3/210 999\n", 2), ("2.0 2.0 2.0 1/210 999\n", None)])
+@pytest.mark.parametrize(
+    "loadavg, expected_others", [("0.5 0.4 0.3 3/210 999\n", 2), ("2.0 2.0 2.0 1/210 999\n", None)]
+)
 def test_training_on_busy_cores_warns_and_still_trains(tmp_path, capsys, monkeypatch, loadavg, expected_others):
     """/proc/loadavg's runnable count includes the reader: 3 → two other processes; 1 → none, whatever
     the lagging load averages say."""

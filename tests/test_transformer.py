@@ -12,7 +12,9 @@ from tests.causality import assert_causal
 
 
 def small_model(*overrides):
-    cfg = load_config(None, ["model.d_model=32", "model.n_layers=2", "model.n_heads=4", "model.ffn.d_ff=64", *overrides])
+    cfg = load_config(
+        None, ["model.d_model=32", "model.n_layers=2", "model.n_heads=4", "model.ffn.d_ff=64", *overrides]
+    )
     return build_model(cfg.model, vocab_size=50, max_seq_len=24).eval()
 
 

@@ -84,7 +84,7 @@ def test_expert_bank_with_uneven_and_empty_loads():
     bank.zero_grad()
     gates.grad = None
     (reference(x) * w).sum().backward()
-    for got, want in zip(grads, [bank.keys.grad, bank.values.grad, gates.grad]):
+    for got, want in zip(grads, [bank.keys.grad, bank.values.grad, gates.grad], strict=True):
         torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
     assert bank.keys.grad[3:].abs().sum() == 0  # empty experts get no gradient
 
@@ -327,12 +327,12 @@ def test_sigma_moe_gives_a_dropped_but_selected_expert_gate_zero(gate):
         logits = x.reshape(-1, D) @ m.router.selector.t()
         out = []
         for t, x_t in enumerate(x.reshape(-1, D)):
-            order = sorted(range(6), key=lambda e: (bool(dropped[t, e]), -float(logits[t, e])))[:2]
-            gate_of = {"sigmoid": lambda e: torch.sigmoid(logits[t, e]),
-                       "softmax": lambda e: torch.softmax(logits[t], 0)[e],
-                       "softmax_topk": lambda e: torch.softmax(logits[t, order], 0)[order.index(e)],
-                       "none": lambda e: 1.0}[gate]
-            out.append(sum(expert_output(m.bank, x_t, e) * (0.0 if dropped[t, e] else gate_of(e)) for e in order))
+            row, lost = logits[t], dropped[t]
+            order = sorted(range(6), key=lambda e: (bool(lost[e]), -float(row[e])))[:2]
+            gates = {"sigmoid": torch.sigmoid(row[order]), "softmax": torch.softmax(row, 0)[order],
+                     "softmax_topk": torch.softmax(row[order], 0), "none": torch.ones(2, dtype=row.dtype)}[gate]
+            out.append(sum(expert_output(m.bank, x_t, e) * (0.0 if lost[e] else g)
+                           for e, g in zip(order, gates, strict=True)))
         return torch.stack(out).view(x.shape)
 
     assert_same_outputs_and_grads(ReplayRNG(m, state), x, None, reference)

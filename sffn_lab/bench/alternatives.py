@@ -1,4 +1,5 @@
-"""Bench section "alternatives": the sparse kernel against common MoE implementations, on the same inputs (forward+backward).
+"""Bench section "alternatives": the sparse kernel against common MoE implementations, on the same inputs
+(forward+backward).
 
 Also times the torch path's two strategies (``per_expert``, the CPU default, and ``grouped``: one gather
 of all pairs and one ``torch._grouped_mm``), the measurement behind the CPU default.

@@ -1,4 +1,5 @@
-"""Bench section "gpu": the same expert-bank product on a GPU: Triton kernels vs the dense FFN (cuBLAS) vs the torch path.
+"""Bench section "gpu": the same expert-bank product on a GPU: Triton kernels vs the dense FFN (cuBLAS) vs the
+torch path.
 
 Runs only when CUDA is available; otherwise its rows say "not measured (no GPU)".
 """

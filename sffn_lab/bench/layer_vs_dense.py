@@ -1,4 +1,6 @@
-"""Bench section "layer": the σ-MoE layer against its parameter-equal dense FFN: forward+backward time, activation memory."""
+"""Bench section "layer": the σ-MoE layer against its parameter-equal dense FFN: forward+backward time, activation
+memory.
+"""
 
 from __future__ import annotations
 
