@@ -38,7 +38,7 @@ import torch
 
 from sffn_lab.analysis.accounting import compute_equal, param_equal
 from sffn_lab.analysis.model_cost import count_model
-from sffn_lab.analysis.report import SWEEP_FILE
+from sffn_lab.analysis.report import LR_MARK, SWEEP_FILE, TEST_FILE
 from sffn_lab.config import Config, read_yaml
 from sffn_lab.errors import UserError
 
@@ -57,6 +57,7 @@ class PlannedRun:
     active_params: int
     flops_per_token: int
     estimated_s: float = 0.0
+    evaluate_test: bool = False  # learning-rate search: also score the best checkpoint on the test split
 
     @property
     def dir_name(self) -> str:
@@ -90,7 +91,7 @@ def load_grid(path: Path, extra_overrides: list[str] | None = None, seeds: list[
 
     path = Path(path)
     spec = read_yaml(path)
-    allowed = {"name", "config", "set", "match", "baseline", "seeds", "runs", "grid"}
+    allowed = {"name", "config", "set", "match", "baseline", "seeds", "runs", "grid", "lrs"}
     unknown = set(spec) - allowed
     if unknown:
         raise UserError(f"Grid file '{path}' has unknown keys {sorted(unknown)}; allowed: {sorted(allowed)}.")
@@ -108,6 +109,10 @@ def load_grid(path: Path, extra_overrides: list[str] | None = None, seeds: list[
     baseline = spec.get("baseline", variants[0][0])
     if baseline not in dict(variants):
         raise UserError(f"Grid baseline '{baseline}' is not one of the runs: {[n for n, _ in variants]}.")
+    lrs = [float(lr) for lr in spec.get("lrs", []) or []]
+    if lrs:  # every run at every learning rate; the report compares each variant at its best
+        variants = [(with_lr(name, lr), [*overrides, f"train.lr={lr}"]) for name, overrides in variants for lr in lrs]
+        baseline = with_lr(baseline, lrs[0])
     configs = {name: load_config(base_path, common + overrides) for name, overrides in variants}
     configs = {name: _derive_sizes(cfg, configs[baseline], match, overrides)
                for (name, overrides), cfg in zip(variants, configs.values(), strict=True)}
@@ -118,9 +123,14 @@ def load_grid(path: Path, extra_overrides: list[str] | None = None, seeds: list[
             config = dataclasses.replace(cfg, name=name, train=dataclasses.replace(cfg.train, seed=int(seed)))
             cost = count_model(config.model, _vocab_size(config), config.data.seq_len)
             sweep.runs.append(PlannedRun(name, int(seed), config, cost.total_params, cost.active_params,
-                                         cost.flops_per_token))
+                                         cost.flops_per_token, evaluate_test=bool(lrs)))
     check_matching(sweep)
     return sweep
+
+
+def with_lr(name: str, lr: float) -> str:
+    """The run name of ``name`` trained at learning rate ``lr`` (see ``analysis.report.LR_MARK``)."""
+    return f"{name}{LR_MARK}{lr:g}"
 
 
 def _variants(spec: dict[str, Any]) -> list[tuple[str, list[str]]]:
@@ -296,14 +306,20 @@ def execute(run: PlannedRun, sweep_dir: Path, threads: int | None = None) -> str
     run_dir = sweep_dir / run.dir_name
     state = run_state(run_dir)
     if state == "finished":
-        return "skipped"
-    if state == "resumable":
+        what = "skipped"
+    elif state == "resumable":
         training.train(run.config, progress=False, resume_dir=run_dir)
-        return "resumed"
-    if run_dir.exists():
-        shutil.rmtree(run_dir)  # started but never checkpointed: nothing worth keeping
-    training.train(run.config, progress=False, run_dir=run_dir)
-    return "trained"
+        what = "resumed"
+    else:
+        if run_dir.exists():
+            shutil.rmtree(run_dir)  # started but never checkpointed: nothing worth keeping
+        training.train(run.config, progress=False, run_dir=run_dir)
+        what = "trained"
+    if run.evaluate_test and not (run_dir / TEST_FILE).is_file():
+        best = json.loads((run_dir / "summary.json").read_text())["best_checkpoint"]
+        (run_dir / TEST_FILE).write_text(json.dumps(training.evaluate(Path(best), "test"), indent=1) + "\n")
+        what += ", scored on test"
+    return what
 
 
 def claim_gpu(gpu_ids) -> None:

@@ -132,3 +132,16 @@ def test_each_parallel_job_claims_its_own_gpu(monkeypatch):
         claim_gpu(ids)
         seen.append(os.environ["CUDA_VISIBLE_DEVICES"])
     assert seen == ["0", "1"]
+
+
+def test_a_learning_rate_search_scores_every_run_on_test_and_reports_the_best(tmp_path, capsys):
+    grid = write_grid(tmp_path, RUNS, lrs=[1e-3, 3e-3], seeds=[0])
+    code, _, err = run_cli(["ablate", grid, "--out", tmp_path / "sweeps"], capsys)
+    assert code == 0, err
+    sweep = tmp_path / "sweeps" / "tiny"
+    for run in ("dense@lr=0.001-s0", "dense@lr=0.003-s0", "sigma_moe@lr=0.001-s0", "sigma_moe@lr=0.003-s0"):
+        scored = json.loads((sweep / run / "test.json").read_text())
+        assert scored["split"] == "test" and scored["tokens"] > 0
+    assert json.loads((sweep / "sweep.json").read_text())["baseline"] == "dense@lr=0.001"
+    report = (sweep / "results.md").read_text()
+    assert "Each variant at its own best learning rate" in report and "(lr 0.00" in report

@@ -95,3 +95,41 @@ def test_equal_budget_values_are_interpolated_at_what_every_run_reached(tmp_path
     write_report(tmp_path, baseline="a", budget="tokens")
     assert "equal tokens: 1500" in (tmp_path / "results_tokens.md").read_text()
     assert (tmp_path / "curves_tokens.png").stat().st_size > 0
+
+
+def test_learning_rate_search_chooses_on_validation_and_reports_test(tmp_path):
+    """dense is best at lr 1e-3 on validation, σ-MoE at 4e-3; their test values at those rates are compared,
+    whatever the test values at the other rates (lr 4e-3's dense test values are lower, but not chosen)."""
+    from sffn_lab.analysis.report import at_best_learning_rates, write_report
+
+    (tmp_path / "sweep.json").write_text(json.dumps({"name": "lr", "baseline": "dense@lr=0.001"}))
+    table = {("dense", "0.001"): (2.0, 2.30), ("dense", "0.004"): (2.2, 2.10),
+             ("sigma_moe", "0.001"): (2.4, 2.50), ("sigma_moe", "0.004"): (2.1, 2.40)}
+    for (variant, lr), (val, test) in table.items():
+        for seed in (0, 1, 2):
+            run = tmp_path / f"{variant}@lr={lr}-s{seed}"
+            run.mkdir()
+            (run / "metrics.csv").write_text(f"step,val/bits\n10,{val}\n")
+            (run / "summary.json").write_text(json.dumps({
+                "unit": "byte", "val_bits": val + seed / 100, "total_params": 10, "active_params": 5,
+                "flops_per_token": 20, "tokens_seen": 100, "wall_time_s": 1.0}))
+            (run / "test.json").write_text(json.dumps({"bits": test + seed / 50}))
+    rows = at_best_learning_rates(tmp_path)
+    assert [r.name for r in rows] == ["dense (lr 0.001 of 0.001, 0.004)", "sigma_moe (lr 0.004 of 0.001, 0.004)"]
+    assert rows[0].is_baseline and rows[0].mean == pytest.approx(2.32) and rows[0].metric == "test/bits"
+    assert rows[1].vs_baseline.delta == pytest.approx(0.10) and rows[1].verdict == "worse"  # paired, equal spread
+    write_report(tmp_path)
+    assert "Each variant at its own best learning rate" in (tmp_path / "results.md").read_text()
+
+
+def test_a_grid_with_learning_rates_runs_every_variant_at_each(tmp_path):
+    from sffn_lab.ablation import load_grid
+
+    grid = tmp_path / "grid.yaml"
+    grid.write_text("name: lr\nbaseline: dense\nmatch: param_equal\nlrs: [1e-3, 4e-3]\nruns:\n"
+                    "  - {name: dense, set: ['model.ffn.kind=dense']}\n"
+                    "  - {name: moe, set: ['model.ffn.kind=sigma_moe', 'model.ffn.expert_size=64']}\n")
+    sweep = load_grid(grid)
+    assert [(r.name, r.config.train.lr) for r in sweep.runs] == [
+        ("dense@lr=0.001", 1e-3), ("dense@lr=0.004", 4e-3), ("moe@lr=0.001", 1e-3), ("moe@lr=0.004", 4e-3)]
+    assert sweep.baseline == "dense@lr=0.001" and all(r.evaluate_test for r in sweep.runs)

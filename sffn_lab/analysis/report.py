@@ -10,6 +10,7 @@ sweep's directory name.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import re
 import statistics
@@ -23,6 +24,8 @@ from sffn_lab.run_dir import EVERY_TOKEN
 
 RUN_DIR = re.compile(r"^(?P<name>.+)-s(?P<seed>\d+)$")
 SWEEP_FILE = "sweep.json"  # {"name": ..., "baseline": ..., "match": ...}, written by sffn ablate
+LR_MARK = "@lr="  # a learning-rate search names its runs <variant>@lr=<lr>
+TEST_FILE = "test.json"  # a learning-rate search scores each run's best checkpoint on the test split
 
 
 @dataclass
@@ -137,21 +140,55 @@ def summarize_sweep(*sweep_dirs: Path, baseline: str | None = None, budget: str 
             scored=summaries[0].get("scored", EVERY_TOKEN),
             values={int(RUN_DIR.match(d.name)["seed"]): v for d, v in zip(run_dirs, values, strict=True)},
         ))
+    baseline = baseline or sweep_baseline(*sweep_dirs) or ("dense" if "dense" in groups else None)
+    return compare_with(rows, baseline)
+
+
+def compare_with(rows: list[Row], baseline: str | None) -> list[Row]:
+    """Mark the best row and each row's difference to ``baseline``; sorted baseline, better, undecided, worse."""
     # the best run among those scored on every token: a subset of tokens is not comparable with them
     comparable = [r for r in rows if r.scored == EVERY_TOKEN] or rows
     min(comparable, key=lambda r: r.mean).best = True
-    baseline = baseline or sweep_baseline(*sweep_dirs) or ("dense" if "dense" in groups else None)
     if baseline is None:
         return rows
-    if baseline not in groups:
-        raise UserError(f"Baseline run '{baseline}' is not among the finished runs: {sorted(groups)}.")
-    base = next(r for r in rows if r.name == baseline)
+    base = next((r for r in rows if r.name == baseline), None)
+    if base is None:
+        raise UserError(f"Baseline run '{baseline}' is not among the finished runs: {sorted(r.name for r in rows)}.")
     base.is_baseline = True
     for r in rows:
         if not r.is_baseline and r.scored == base.scored:  # other tokens: no comparison
             r.vs_baseline = difference(r.values, base.values)
     rank = {"baseline": 0, "better": 1, "worse": 3}
     return sorted(rows, key=lambda r: (rank.get(r.verdict, 2), r.mean))
+
+
+def at_best_learning_rates(*sweep_dirs: Path, baseline: str | None = None) -> list[Row]:
+    """A learning-rate search: each variant at the learning rate with its best mean validation metric,
+    reported by its test metric (every seed's best checkpoint scored on the test split), compared with the
+    baseline variant at its own best learning rate."""
+    groups = collect(*sweep_dirs)
+    by_variant: dict[str, list[Row]] = {}
+    for row in summarize_sweep(*sweep_dirs, baseline=None):
+        by_variant.setdefault(row.name.split(LR_MARK)[0], []).append(row)
+    chosen = []
+    for variant, candidates in by_variant.items():
+        best = min(candidates, key=lambda r: r.mean)
+        lr = best.name.split(LR_MARK)[1] if LR_MARK in best.name else "—"
+        tests = {int(RUN_DIR.match(d.name)["seed"]): json.loads((d / TEST_FILE).read_text())
+                 for d in groups[best.name] if (d / TEST_FILE).is_file()}
+        if not tests:
+            raise UserError(f"{best.name}: no {TEST_FILE} in its runs; rerun the grid with sffn ablate to score them.")
+        key = "ppl" if best.metric == "val/ppl" else "bits"
+        values = {seed: t[key] for seed, t in tests.items()}
+        mean, std = _mean_std(list(values.values()))
+        tried = ", ".join(r.name.split(LR_MARK)[1] for r in sorted(candidates, key=lambda r: r.name)
+                          if LR_MARK in r.name)
+        chosen.append(dataclasses.replace(
+            best, name=f"{variant} (lr {lr} of {tried})", metric=best.metric.replace("val/", "test/"), mean=mean,
+            std=std, values=values, seeds=sorted(values), best=False, is_baseline=False, vs_baseline=None))
+    baseline = (baseline or sweep_baseline(*sweep_dirs) or "").split(LR_MARK)[0]
+    reference = next((r.name for r in chosen if r.name.split(" (lr ")[0] == baseline), None)
+    return compare_with(chosen, reference)
 
 
 COLUMNS = ("run", "seeds", "metric", "mean ± std", "Δ vs baseline [95% CI]", "verdict", "total params",
@@ -166,7 +203,7 @@ def _difference_cell(row: Row) -> str:
 
 
 def row_cells(row: Row) -> list[str]:
-    label = "bpc/bits" if row.metric == "val/bits" else "ppl"
+    label = "bpc/bits" if row.metric.endswith("bits") else "ppl"
     return [
         row.name + (" ★" if row.best else "") + (" †" if row.scored != EVERY_TOKEN else ""),
         str(len(row.seeds)),
@@ -205,6 +242,11 @@ def write_report(*sweep_dirs: Path, out: Path | None = None, baseline: str | Non
                      "interpolated linearly between validations.")
     notes += [f"† {r.name}: scored on {r.scored}, not comparable digit by digit." for r in rows
               if r.scored != EVERY_TOKEN]
+    if budget == "final" and any(LR_MARK in name for name in collect(*sweep_dirs)):
+        best = at_best_learning_rates(*sweep_dirs, baseline=baseline)
+        notes += ["", "Each variant at its own best learning rate (chosen on validation, scored on test):", "",
+                  "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+        notes += ["| " + " | ".join(row_cells(r)) + " |" for r in best]
     (out / f"{stem}.md").write_text("\n".join(lines) + "\n\n" + "\n".join(notes) + "\n")
     with (out / f"{stem}.csv").open("w", newline="") as f:
         writer = csv.writer(f)
