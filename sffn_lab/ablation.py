@@ -14,6 +14,8 @@ A grid file (YAML) holds::
     grid:                                # ... plus one run per combination, named "top_k=1" etc.
       model.ffn.kind: [sigma_moe]
       model.ffn.top_k: [1, 2, 4]
+    lrs: [1.0e-3, 2.0e-3, 4.0e-3]        # optional: every run at each rate ("dense@lr=0.001" …), each
+                                         # scored on the test split; the report picks each variant's best
 
 Under ``param_equal`` the sizes a run does not set are derived from the baseline's FFN (N_E·G =
 d_ff, PKM's n_keys and key_dim), then every run's total parameters must be within 1% of the
