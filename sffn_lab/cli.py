@@ -49,6 +49,7 @@ def _typed_overrides(**values) -> list[str]:
         "precision": "train.precision",
         "out": "train.out_dir",
         "name": "name",
+        "num_nodes": "train.num_nodes",
     }
     return [f"{keys[k]}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in values.items() if v is not None]
 
@@ -111,6 +112,9 @@ def train(
     out: str | None = typer.Option(None, help="Directory that holds run directories."),
     name: str | None = typer.Option(None, help="Run name (prefix of the run directory)."),
     resume: Path | None = typer.Option(None, help="Continue the run in this run directory."),
+    num_nodes: int | None = typer.Option(None, help="Machines of a multi-node run (train.num_nodes)."),
+    run_dir: Path | None = typer.Option(None, help="The new run's directory instead of a timestamped one; a "
+                                        "multi-node run gives the same shared path on every node."),
     progress: bool = typer.Option(True, help="Show the progress bar."),
 ) -> None:
     """Train a language model (the default experiment when run without options)."""
@@ -121,7 +125,7 @@ def train(
 
     overrides = _typed_overrides(
         data=data, max_steps=max_steps, seed=seed, accelerator=accelerator, devices=devices,
-        strategy=strategy, precision=precision, out=out, name=name,
+        strategy=strategy, precision=precision, out=out, name=name, num_nodes=num_nodes,
     ) + list(set_)
     if resume is not None:
         if config is not None:
@@ -130,7 +134,9 @@ def train(
     else:
         cfg = load_config(_experiment_file(config), overrides)
     _warn_if_cpu_busy()
-    summary = training.train(cfg, progress=progress, resume_dir=resume)
+    if resume is not None and run_dir is not None:
+        raise UserError("--resume continues the run in its own directory; do not pass --run-dir with it.")
+    summary = training.train(cfg, progress=progress, resume_dir=resume, run_dir=run_dir)
     if not is_launched_rank():
         console.print(_format_summary(summary))
         console.print(f"run directory: {summary.run_dir}", soft_wrap=True)

@@ -169,7 +169,7 @@ class SyntheticConfig:
 class DataConfig:
     corpus: str = "synthetic"  # a registered corpus name or a path to a local text file
     seq_len: int = 128  # tokens per training window
-    batch_size: int = 32  # windows per training batch (per device)
+    batch_size: int = 32  # windows per training batch: the global batch, split over the processes
     eval_batch_size: int = 64  # windows per evaluation batch
     cache_dir: str = ""  # empty: $SFFN_DATA or the user's cache directory
     num_workers: int = 0  # DataLoader worker processes
@@ -192,7 +192,8 @@ class TrainConfig:
     log_every: int = 10  # steps between logged training rows (and plain progress lines)
     seed: int = 0  # seed of init, data order and dropout
     accelerator: str = "auto"  # Lightning accelerator: auto, cpu, gpu …
-    devices: int = 1  # devices (processes under ddp)
+    devices: int = 1  # devices per node (processes under ddp)
+    num_nodes: int = 1  # machines, each running train.devices processes (launched by SLURM, torchrun or by hand)
     strategy: str = "auto"  # Lightning strategy: auto, ddp, fsdp …
     precision: str = "32-true"  # 32-true, bf16-mixed, bf16-true, 16-mixed (GPU) …
     accumulate_grad_batches: int = 1  # batches whose gradients add up to one optimizer step
@@ -383,6 +384,8 @@ def validate(config: Config) -> None:
         raise UserError("train.max_steps and train.val_every must be ≥ 1, train.lr > 0, warmup ≥ 0.")
     if t.accumulate_grad_batches < 1:
         raise UserError("train.accumulate_grad_batches must be at least 1.")
+    if t.num_nodes < 1:
+        raise UserError("train.num_nodes must be at least 1.")
     validate_ffn(m.ffn)
     if m.backbone == "smlp":
         validate_smlp(m.smlp)

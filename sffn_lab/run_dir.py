@@ -66,9 +66,31 @@ def record_failure(run_dir: Path, step: int, exc: BaseException, created: bool) 
     write_status(run_dir, "failed", step=step, error=str(exc) or type(exc).__name__)
 
 
+def launched_rank_run_dir(given: Path | None) -> Path:
+    """The run directory of a rank other than 0: inherited from rank 0 on its node, or, on another node,
+    the one given on every node's command line (``sffn train --run-dir``)."""
+    inherited = os.environ.get(RUN_DIR_ENV)
+    if inherited:
+        return Path(inherited)
+    if given is None:
+        raise UserError(
+            "This process is a rank other than 0 of a multi-process run started by an external launcher (several "
+            "nodes, torchrun or srun), so it cannot know the run directory rank 0 creates: pass the same "
+            "--run-dir PATH (on a filesystem every node shares) to every process."
+        )
+    return Path(given)
+
+
 def is_launched_rank() -> bool:
-    """True in the processes Lightning's DDP launcher starts for ranks other than 0."""
-    return os.environ.get("LOCAL_RANK", "0") != "0" or os.environ.get("NODE_RANK", "0") != "0"
+    """True in every process of a multi-process run but global rank 0: the ranks Lightning's DDP launcher
+    starts, and those of an external launcher (torchrun sets RANK, srun SLURM_PROCID, a launch by hand
+    NODE_RANK and LOCAL_RANK)."""
+    if os.environ.get("LOCAL_RANK", "0") != "0":
+        return True
+    for global_rank in ("RANK", "SLURM_PROCID"):
+        if global_rank in os.environ:
+            return os.environ[global_rank] != "0"
+    return os.environ.get("NODE_RANK", "0") != "0"
 
 
 EVERY_TOKEN = "every token of the split"

@@ -153,6 +153,7 @@ def _lightning_trainer(t, loggers: list, callbacks: list, progress: bool, run_di
         accumulate_grad_batches=t.accumulate_grad_batches,
         accelerator=t.accelerator,
         devices=t.devices,
+        num_nodes=t.num_nodes,
         strategy=t.strategy,
         precision=t.precision,
         logger=loggers,
@@ -196,7 +197,7 @@ def train(
             check_resumable(checkpoint, config, last)
             ckpt_path, resume_step = str(last), checkpoint["global_step"]
     elif is_launched_rank():
-        run_dir = Path(os.environ[RUN_DIR_ENV])
+        run_dir = launched_rank_run_dir(run_dir)
     else:
         run_dir = new_run_dir(config, run_dir)
         created = True

@@ -36,8 +36,8 @@ SIGMA_MOE = ["model.ffn.kind=sigma_moe", "model.ffn.n_experts=4", "model.ffn.exp
              "model.ffn.top_k=2", "model.ffn.sigma_moe.entropy_coef=0.01"]
 
 
-def sffn(args: list[str], **kwargs) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+def sffn(args: list[str], env: dict | None = None, **kwargs) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.Popen([sys.executable, "-m", "sffn_lab", *map(str, args)], env=env, **kwargs)
 
 
@@ -131,6 +131,43 @@ def test_disk_full_while_saving_stops_and_keeps_the_previous_checkpoint(tmp_path
 
 
 # ------------------------------------------------------------------------------------------- scale-out
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="gloo DDP test runs on Linux")
+def test_two_nodes_on_localhost_match_one_process(tmp_path):
+    """Two "nodes" of one process each, started by hand as a launcher would (MASTER_ADDR, MASTER_PORT,
+    NODE_RANK, WORLD_SIZE, LOCAL_RANK), sharing --run-dir: the same losses as one process, one run directory."""
+    base = [*TINY, "model.dropout=0.0", "train.max_steps=8", "train.log_every=1", "train.val_every=4",
+            "train.accelerator=cpu"]
+    single = training.train(load_config(DEFAULT_CONFIG, [*base, f"train.out_dir={tmp_path / 'one'}"]),
+                            progress=False)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    run_dir = tmp_path / "two" / "run"
+    nodes = [sffn(["train", *as_flags(base), "--strategy", "ddp", "--devices", "1", "--num-nodes", "2",
+                   "--run-dir", run_dir, "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                  env={"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "NODE_RANK": str(rank),
+                       "WORLD_SIZE": "2", "LOCAL_RANK": "0", "OMP_NUM_THREADS": "1"})
+             for rank in (0, 1)]
+    for rank, node in enumerate(nodes):
+        _, err = node.communicate(timeout=600)
+        assert node.returncode == 0, f"node {rank}: {err.decode()[-3000:]}"
+    assert [p.name for p in (tmp_path / "two").iterdir()] == ["run"]
+    one, two = logged(single.run_dir), logged(run_dir)
+    assert one["train/loss"].keys() == two["train/loss"].keys() and len(one["train/loss"]) >= 7
+    for step, loss in one["train/loss"].items():
+        assert two["train/loss"][step] == pytest.approx(loss, abs=2e-4), step
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["tokens_seen"] == single.tokens_seen
+    assert summary["val_loss"] == pytest.approx(single.val_loss, abs=2e-4)
+
+
+def test_a_second_node_without_the_shared_run_dir_is_told_what_to_pass(tmp_path):
+    proc = sffn(["train", *as_flags(TINY), "--max-steps", "2", "--num-nodes", "2", "--out", tmp_path],
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={"NODE_RANK": "1", "LOCAL_RANK": "0"})
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 2 and b"--run-dir" in err and not any(tmp_path.iterdir())
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="gloo DDP test runs on Linux")
