@@ -54,6 +54,7 @@ from sffn_lab.run_dir import (
     SUMMARY_FILE,
     TOKENIZER_FILE,
     is_launched_rank,
+    launched_rank_run_dir,
     new_run_dir,
     record_failure,
     scored_tokens,
