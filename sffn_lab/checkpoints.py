@@ -67,10 +67,15 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     return checkpoint
 
 
+# What a resumed run may change: its length, and how its processes are laid out (the global batch and the
+# batches of every step do not depend on the number of processes, so the run continues exactly).
+RESUME_MAY_CHANGE = {"train.max_steps", "train.devices", "train.num_nodes", "train.strategy", "train.accelerator"}
+
+
 def config_changes(saved: dict, config: Config) -> set[str]:
-    """Dotted keys whose value differs between a saved config (as a dict) and ``config``, except
-    ``train.max_steps`` (the one key a resumed run may change)."""
-    return _changed_keys(saved, to_dict(config)) - {"train.max_steps"}
+    """Dotted keys whose value differs between a saved config (as a dict) and ``config``, except those a
+    resumed run may change (``RESUME_MAY_CHANGE``)."""
+    return _changed_keys(saved, to_dict(config)) - RESUME_MAY_CHANGE
 
 
 def _changed_keys(a: dict, b: dict, prefix: str = "") -> set[str]:

@@ -163,6 +163,40 @@ def test_two_nodes_on_localhost_match_one_process(tmp_path):
     assert summary["val_loss"] == pytest.approx(single.val_loss, abs=2e-4)
 
 
+@pytest.mark.skipif(sys.platform != "linux", reason="gloo DDP test runs on Linux")
+def test_two_processes_killed_then_resumed_on_one_continue_exactly(tmp_path):
+    """DDP on 2 processes, SIGKILL to the whole process group after a checkpoint, then --resume with
+    --devices 1: the end equals one process trained without interruption (up to float summation order)."""
+    base = [*TINY, "model.dropout=0.0", "train.max_steps=40", "train.val_every=10", "train.checkpoint_every=5",
+            "train.accelerator=cpu"]
+    single = training.train(load_config(DEFAULT_CONFIG, [*base, f"train.out_dir={tmp_path / 'one'}"]),
+                            progress=False)
+    proc = sffn(["train", *as_flags(base), "--devices", "2", "--strategy", "ddp", "--out", tmp_path / "two",
+                 "--no-progress"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                env={"OMP_NUM_THREADS": "1"})
+    deadline, found = time.monotonic() + 300, []
+    while time.monotonic() < deadline and proc.poll() is None and not found:
+        found = list((tmp_path / "two").glob("*/checkpoints/last.ckpt"))
+        time.sleep(0.01)
+    assert proc.poll() is None, "the run finished before it could be killed; make it longer"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    run_dir = found[0].parents[1]
+    killed_at = read_checkpoint(run_dir / "checkpoints" / "last.ckpt")["global_step"]
+    assert 0 < killed_at < 40 and not (run_dir / "summary.json").exists()
+    resumed = sffn(["train", "--resume", run_dir, "--devices", "1", "--strategy", "auto", "--no-progress"],
+                   stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    _, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err.decode()[-2000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["step"] == 40 and summary["tokens_seen"] == single.tokens_seen
+    assert summary["val_loss"] == pytest.approx(single.val_loss, abs=2e-4)
+    one, two = logged(single.run_dir), logged(run_dir)
+    for step, loss in one["train/loss"].items():
+        if step > killed_at:  # the resumed segment, on one process
+            assert two["train/loss"][step] == pytest.approx(loss, abs=2e-4), step
+
+
 def test_a_second_node_without_the_shared_run_dir_is_told_what_to_pass(tmp_path):
     proc = sffn(["train", *as_flags(TINY), "--max-steps", "2", "--num-nodes", "2", "--out", tmp_path],
                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={"NODE_RANK": "1", "LOCAL_RANK": "0"})
