@@ -39,8 +39,7 @@ class SigmaMoEOptions:
 
     entropy_coef: float = 1e-3  # γ of the entropy regulariser on the batch-mean selection softmax
     expert_dropout: float = 0.0  # δ: probability of dropping a whole expert from selection (training)
-    gate: str = "sigmoid"  # "sigmoid" (paper); ablations: "softmax" (over all N_E, before top-K),
-    #                        "softmax_topk" (over the K selected logits, after top-K), "none"
+    gate: str = "sigmoid"  # "sigmoid" (paper); "softmax" (all N_E, before top-K), "softmax_topk" (the K), "none"
     renormalize: bool = False  # renormalise the K selected gates to sum to 1 (ablation)
     init: str = "paper"  # value fan-in N_E·G ("paper") or G ("standard": each expert as its own small FFN)
 
@@ -86,12 +85,9 @@ class PKMOptions:
     knn: int = 32  # slots selected per head
     key_dim: int = 64  # query size per head (two halves of key_dim / 2); query=input: d_model
     activation: str = "softmax"  # "softmax" (original PKM) or "relu" (improved PKM)
-    query: str = "projection"  # "projection": a learned query per head (Lample et al.); "input": every head
-    #                            queries with the layer's (normalised) input, as the σ-MoE paper's PKM
-    normalize: str = "head"  # softmax over each head's knn slots ("head") or over all heads' slots ("joint",
-    #                          the σ-MoE paper's)
-    value_fan_in: str = "d_model"  # model.init=paper: value std s/√D ("d_model", the paper's PKM) or
-    #                                s/√(n_keys²) ("slots", its "init" variant)
+    query: str = "projection"  # "projection" (a learned query per head) or "input" (the σ-MoE paper's PKM)
+    normalize: str = "head"  # softmax over each head's knn slots ("head") or all heads' ("joint", σ-MoE paper)
+    value_fan_in: str = "d_model"  # model.init=paper value std s/√D ("d_model") or s/n_keys ("slots": "init" variant)
 
 
 @dataclass
