@@ -131,3 +131,22 @@ def test_backends_agree_with_each_other(device, seed, fp32_ieee):
         results.append(expert_up(x, w, plan, backend="triton"))
     for r in results[1:]:
         torch.testing.assert_close(r, results[0], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_strided_weight_view_gives_the_contiguous_weights_results(backend, device, seed, fp32_ieee):
+    """sMLP's routed token mixing passes a transposed slice of its mixing matrices as the weight [E, D, G]."""
+    full = torch.randn(4, 20, 16, device=device, requires_grad=True)
+    contiguous = full.detach()[:, 5:].transpose(1, 2).contiguous().requires_grad_(True)  # [4, 16, 15]
+    x1 = torch.randn(30, 16, device=device, requires_grad=True)
+    x2 = x1.detach().clone().requires_grad_(True)
+    plan = RoutingPlan.of(skewed_routing(30, 1, 4, device), 4)
+    y1 = expert_up(x1, full[:, 5:].transpose(1, 2), plan, backend=backend)  # a strided view
+    y2 = expert_up(x2, contiguous, plan, backend="reference")
+    torch.testing.assert_close(y1, y2, atol=1e-5, rtol=1e-5)
+    grad = torch.randn_like(y1)
+    y1.backward(grad)
+    y2.backward(grad)
+    torch.testing.assert_close(x1.grad, x2.grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(full.grad[:, 5:].transpose(1, 2), contiguous.grad, atol=1e-5, rtol=1e-5)
+    assert full.grad[:, :5].abs().sum() == 0  # rows outside the slice get no gradient
