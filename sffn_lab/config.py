@@ -82,7 +82,7 @@ class PKMOptions:
 
     heads: int = 4  # query heads, each selecting knn slots
     n_keys: int = 32  # sub-keys per half: the memory has n_keys² value slots
-    knn: int = 32  # slots selected per head
+    knn: int = 32  # slots selected per head; 0: every slot, head scores summed (the σ-MoE paper's PKM runs)
     key_dim: int = 64  # query size per head (two halves of key_dim / 2); query=input: d_model
     activation: str = "softmax"  # "softmax" (original PKM) or "relu" (improved PKM)
     query: str = "projection"  # "projection" (a learned query per head) or "input" (the σ-MoE paper's PKM)
@@ -428,10 +428,10 @@ def validate_ffn(cfg: FFNConfig) -> None:
         choice(p.value_fan_in, ("d_model", "slots"), "model.ffn.pkm.value_fan_in")
         if p.heads < 1 or p.key_dim < 2 or p.key_dim % 2:
             raise UserError("model.ffn.pkm needs heads ≥ 1 and an even key_dim ≥ 2.")
-        if not 1 <= p.knn <= p.n_keys:
+        if not 0 <= p.knn <= p.n_keys:
             raise UserError(
                 f"model.ffn.pkm.knn ({p.knn}) must be between 1 and model.ffn.pkm.n_keys ({p.n_keys}): each half "
-                "selects knn of its n_keys sub-keys."
+                "selects knn of its n_keys sub-keys (or 0: read every slot)."
             )
 
 

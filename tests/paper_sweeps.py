@@ -60,9 +60,10 @@ SWEEPS = {
     f"enwik8/{PREFIX}lowreg_exp_drop_2x_64.yaml": {**ENWIK8_MOE, "moe.n_experts": 32, "moe.expert_size": 64},
     f"enwik8/{PREFIX}lowreg_exp_drop_nopplreg.yaml": {**ENWIK8_MOE, "moe.perplexity_reg": 0.0},
     "enwik8/enwik8_pkm_matched.yaml": {**ENWIK8, "transformer.variant": "preln_kvmem", "pkm.n_keys": 62,
-                                       "pkm.n_heads": 4, "transformer.activation": ["softmax", "relu"]},
+                                       "pkm.n_heads": 4, "pkm.knn": 128, "transformer.activation": ["softmax", "relu"]},
     "enwik8/enwik8_pkm_matched_init.yaml": {**ENWIK8, "transformer.variant": "preln_kvmem", "pkm.n_keys": 62,
-                                            "pkm.n_heads": 4, "transformer.activation": "relu", "pkm.custom_init": 5},
+                                            "pkm.n_heads": 4, "pkm.knn": 128, "transformer.activation": "relu",
+                                            "pkm.custom_init": 5},
     "small/wikitext103_small_xl_nonshared_schedule_short_matched.yaml": {
         **SMALL, "transformer.variant": "preln_relative", "transformer.ff_multiplier": 4.985, "grad_clip": 0.1},
     "small/wikitext103_small_moe_unshared_xl_nonshared_schedule_short_128.yaml": {
@@ -155,12 +156,12 @@ def translate(sweep: dict) -> dict:
         out |= {"model.ffn.kind": "topk", "model.ffn.top_k": sweep["transformer.topk_value"],
                 "model.ffn.dropout": sweep["dropout"]}
     elif variant == "preln_kvmem":
+        # knn ≥ n_keys takes the authors' dense path (every slot, head scores summed): our knn = 0
+        knn = 0 if sweep["pkm.knn"] >= sweep["pkm.n_keys"] else sweep["pkm.knn"]
         out |= {"model.ffn.kind": "pkm", "model.ffn.pkm.n_keys": sweep["pkm.n_keys"],
-                "model.ffn.pkm.heads": sweep["pkm.n_heads"], "model.ffn.pkm.knn": 32, "model.ffn.pkm.query": "input",
+                "model.ffn.pkm.heads": sweep["pkm.n_heads"], "model.ffn.pkm.knn": knn, "model.ffn.pkm.query": "input",
                 "model.ffn.pkm.activation": sweep["transformer.activation"], "model.ffn.dropout": 0.0,
                 "model.ffn.pkm.value_fan_in": "slots" if sweep.get("pkm.custom_init", 0) == 5 else "d_model"}
-        if sweep["transformer.activation"] == "softmax":
-            out["model.ffn.pkm.normalize"] = "joint"  # their softmax runs over all heads' slots at once
     else:
         out |= _moe(sweep)
     return out

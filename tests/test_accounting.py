@@ -116,3 +116,10 @@ def test_pkm_querying_with_the_input_has_no_query_projection():
     sized = param_equal(FFNConfig(kind="dense", d_ff=1024), "pkm", 256, pkm=PKMOptions(heads=4, query="input"))
     ratio = count_ffn(sized, 256).total_params / count_ffn(FFNConfig(kind="dense", d_ff=1024), 256).total_params
     assert 0.95 < ratio <= 1  # the largest memory that fits: n_keys steps are ~2/n_keys apart
+
+
+def test_pkm_reading_every_slot_counts_the_whole_table_as_active():
+    cfg = dataclasses.replace(BASE, kind="pkm", pkm=dataclasses.replace(BASE.pkm, query="input", knn=0))
+    cost = count_ffn(cfg, D)
+    assert cost.active_params == cost.total_params == numel(build_ffn(cfg, D, n_layers=2, vocab_size=64))
+    assert cost.flops_per_token == 2 * 2 * 10 * D + 2 * 10**2 + 2 * 10**2 * D  # sub-key scores, pair sums, read

@@ -459,3 +459,24 @@ def test_sbase_expert_dropout_removes_dropped_experts_from_the_balanced_selectio
     assert indices.sort(dim=1).values.tolist() == want  # survivors first, then the best dropped ones
     enough_left = (~dropped).sum(1) >= 2
     assert not dropped.gather(1, indices)[enough_left].any()
+
+
+@pytest.mark.parametrize("activation", ["softmax", "relu"])
+def test_pkm_reading_every_slot_sums_the_heads_scores(activation):
+    """knn = 0 (the σ-MoE authors' PKM runs): slot (i, j) scores Σ_h (q₁·k₁ᵢ + q₂·k₂ⱼ) with q the input itself,
+    the activation runs over all n_keys² slots, and every slot's value is read."""
+    from sffn_lab.config import PKMOptions
+
+    m = layer("pkm", pkm=PKMOptions(heads=3, n_keys=4, knn=0, activation=activation, query="input"))
+
+    def reference(x):
+        out = []
+        for x_t in x.reshape(-1, D):
+            q = x_t.view(2, D // 2)
+            scores = torch.stack([sum(m.sub_keys[h, 0, i] @ q[0] + m.sub_keys[h, 1, j] @ q[1] for h in range(3))
+                                  for i in range(4) for j in range(4)])
+            w = torch.softmax(scores, 0) if activation == "softmax" else torch.relu(scores)
+            out.append(sum(w[s] * m.values[s] for s in range(16)))
+        return torch.stack(out).view(x.shape)
+
+    assert_same_outputs_and_grads(m, fresh(2, 3, D), None, reference)

@@ -49,6 +49,9 @@ def count_ffn(cfg: FFNConfig, d_model: int) -> Cost:
         query = D * p.heads * key_dim if p.query == "projection" else 0
         sub_keys = p.heads * p.n_keys * key_dim
         values = p.n_keys**2 * D
+        if p.knn == 0:  # every slot: head-summed pair scores, then a dense read of the whole table
+            return Cost(query + sub_keys + values, query + sub_keys + values,
+                        2 * query + 2 * sub_keys + p.heads * p.n_keys**2 + 2 * values)
         active = query + sub_keys + p.heads * p.knn * D
         flops = 2 * query + 2 * sub_keys + p.heads * p.knn**2 + 2 * p.heads * p.knn * D
         return Cost(query + sub_keys + values, active, flops)
