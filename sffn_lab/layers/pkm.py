@@ -67,7 +67,7 @@ class ProductKeyMemory(nn.Module):
         return scores, first * n + second
 
     def weights(self, scores: torch.Tensor) -> torch.Tensor:
-        """Read weights [T, H, knn] of the selected slots' scores."""
+        """Read weights [T, H, k] of slot scores [T, H, k] (knn = 0: H = 1, k = n_keys²)."""
         if self.opts.activation == "relu":
             return F.relu(scores)
         if self.opts.normalize == "joint":
@@ -86,7 +86,7 @@ class ProductKeyMemory(nn.Module):
         B, S, D = x.shape
         half = self.half_scores(x.reshape(B * S, D))
         scores = (half[:, :, 0, :, None] + half[:, :, 1, None, :]).sum(1).flatten(1)  # [T, n²]
-        weights = torch.softmax(scores, dim=-1) if self.opts.activation == "softmax" else F.relu(scores)
+        weights = self.weights(scores[:, None, :])[:, 0]
         read, table = autocast_operands(self.dropout(weights), self.values)
         with torch.autocast(x.device.type, enabled=False):
             y = read @ table

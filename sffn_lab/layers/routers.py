@@ -313,9 +313,9 @@ def _swap_into_full_expert(token: int, assigned, remaining, taken) -> None:
 
 
 class HashRouter(Router):
-    """HashLayer (Roller et al. 2021, random hash): a fixed random list of K distinct experts for every token
-    id of the vocabulary (a table [vocab_size, K], so no two ids share a list by construction); no gate,
-    no loss."""
+    """HashLayer (Roller et al. 2021, random hash): a fixed random list of K distinct experts drawn for every
+    token id of the vocabulary (a table [vocab_size, K]: no folding of ids into fewer buckets); no gate, no
+    loss."""
 
     def __init__(self, n_experts: int, k: int, seed: int, vocab_size: int):
         super().__init__()
