@@ -89,7 +89,7 @@ def is_grid(path: Path) -> bool:
 
 def load_grid(path: Path, extra_overrides: list[str] | None = None, seeds: list[int] | None = None) -> Sweep:
     """Read a grid file and plan its runs (sizes derived and checked under the matching rule)."""
-    from sffn_lab.config import load_config
+    from sffn_lab.config import load_config, validate
 
     path = Path(path)
     spec = read_yaml(path)
@@ -115,15 +115,22 @@ def load_grid(path: Path, extra_overrides: list[str] | None = None, seeds: list[
     if lrs:  # every run at every learning rate; the report compares each variant at its best
         variants = [(with_lr(name, lr), [*overrides, f"train.lr={lr}"]) for name, overrides in variants for lr in lrs]
         baseline = with_lr(baseline, lrs[0])
-    configs = {name: load_config(base_path, common + overrides) for name, overrides in variants}
+    # Sizes a run leaves open are derived before the cross-field checks (a run may set K above the default N_E).
+    configs = {name: load_config(base_path, common + overrides, check=False) for name, overrides in variants}
+    validate(configs[baseline])
     configs = {name: _derive_sizes(cfg, configs[baseline], match, overrides)
                for (name, overrides), cfg in zip(variants, configs.values(), strict=True)}
+    for name, cfg in configs.items():
+        try:
+            validate(cfg)
+        except UserError as error:
+            raise UserError(f"Grid run '{name}': {error}") from None
     sweep = Sweep(spec.get("name", path.stem), match, baseline)
     seed_list = seeds or spec.get("seeds", [0])
     for name, cfg in configs.items():
         for seed in seed_list:
             config = dataclasses.replace(cfg, name=name, train=dataclasses.replace(cfg.train, seed=int(seed)))
-            cost = count_model(config.model, _vocab_size(config), config.data.seq_len)
+            cost = count_model(config.model, planned_vocab_size(config), config.data.seq_len)
             sweep.runs.append(PlannedRun(name, int(seed), config, cost.total_params, cost.active_params,
                                          cost.flops_per_token, evaluate_test=bool(lrs)))
     check_matching(sweep)
@@ -171,7 +178,7 @@ def _derive_sizes(cfg: Config, baseline: Config, match: str, overrides: list[str
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, ffn=derived))
 
 
-def _vocab_size(config: Config) -> int:
+def planned_vocab_size(config: Config) -> int:
     """Vocabulary size without loading the whole corpus where it is known from the config."""
     if config.data.corpus == "synthetic":
         return config.data.synthetic.vocab_size
@@ -257,7 +264,7 @@ def measured_seconds_per_token(config: Config, flops_per_token: int, steps: int 
 
     device = "cuda" if torch.cuda.is_available() and config.train.accelerator != "cpu" else "cpu"
     torch.manual_seed(0)
-    vocab = _vocab_size(config)
+    vocab = planned_vocab_size(config)
     model = build_model(config.model, vocab, config.data.seq_len).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     windows = measured_windows(config, flops_per_token)
@@ -329,11 +336,16 @@ def claim_gpu(gpu_ids) -> None:
     os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu_ids.get())
 
 
-def run_sweep(sweep: Sweep, sweep_dir: Path, jobs: int = 1, on_done=None) -> dict[str, str]:
-    """Execute every run of the sweep (``jobs`` at a time); returns run dir name → what was done."""
+def write_sweep_spec(sweep: Sweep, sweep_dir: Path) -> None:
+    """The sweep's name, baseline and matching rule, for ``sffn report``."""
     sweep_dir.mkdir(parents=True, exist_ok=True)
     spec = {"name": sweep.name, "baseline": sweep.baseline, "match": sweep.match}
     (sweep_dir / SWEEP_FILE).write_text(json.dumps(spec, indent=1) + "\n")
+
+
+def run_sweep(sweep: Sweep, sweep_dir: Path, jobs: int = 1, on_done=None) -> dict[str, str]:
+    """Execute every run of the sweep (``jobs`` at a time); returns run dir name → what was done."""
+    write_sweep_spec(sweep, sweep_dir)
     outcome = {}
     if jobs <= 1:
         for run in sweep.runs:

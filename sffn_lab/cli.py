@@ -5,6 +5,7 @@ User mistakes raise ``UserError``; ``main`` prints them as one short paragraph a
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from enum import Enum
@@ -191,6 +192,11 @@ class XAxis(str, Enum):
     flops = "flops"
 
 
+class Launcher(str, Enum):
+    local = "local"
+    slurm = "slurm"
+
+
 class Budget(str, Enum):
     final = "final"
     steps = "steps"
@@ -221,10 +227,22 @@ def variants(
     n_layers: int = typer.Option(12, help="Layers of the Transformer the backbones are matched to."),
     seq_len: int = typer.Option(512, help="Context length (sMLP token mixing and attention depend on it)."),
     vocab_size: int = typer.Option(256, help="Vocabulary size (256: a byte-level corpus)."),
+    memory: bool = typer.Option(False, "--memory", help="Instead: memory and communication per device of every "
+                                "run of the paper grids (or --grid), measured with the toolkit's own model."),
+    grids: list[str] = typer.Option([], "--grid", help="With --memory: a grid file or shipped name (repeatable; "
+                                    "default: every paper/ grid).", autocompletion=_complete_shipped),
+    set_: list[str] = typer.Option([], "--set", "-s", help="With --memory: override a key in every run.",
+                                   autocompletion=complete_override),
+    markdown: Path | None = typer.Option(None, "--markdown", help="With --memory: also write the tables to this "
+                                         "Markdown file."),
 ) -> None:
     """Every FFN variant, and every backbone, at equal total parameters: sizes, active parameters, FLOPs."""
     from sffn_lab.analysis.accounting import variants_table
     from sffn_lab.analysis.backbones import backbones_table
+
+    if memory:
+        _print_memory(list(grids), list(set_), markdown)
+        return
 
     ffns = variants_table(d_model, d_ff, expert_size, top_k)
     _print_cost_table(f"FFN variants (one layer), parameter-equal to dense d_model={d_model} d_ff={d_ff}",
@@ -232,6 +250,50 @@ def variants(
     backbones = backbones_table(d_model, d_ff, n_layers, seq_len, vocab_size, expert_size)
     _print_cost_table(f"Backbones, parameter-equal to a {n_layers}-layer dense Transformer "
                       f"(seq_len={seq_len}, vocab={vocab_size}; MoE layers: top-1)", "backbone", backbones)
+
+
+def _print_memory(grids: list[str], overrides: list[str], markdown: Path | None) -> None:
+    """One table per grid: each run's memory and communication per device and step (``training_memory``)."""
+    from sffn_lab.ablation import is_grid, load_grid, planned_vocab_size
+    from sffn_lab.analysis.training_memory import training_memory
+    from sffn_lab.config import load_config
+
+    columns = ("run", "params", "state GB", "activations GB", "fixed GB", "total GB", "tokens/device",
+               "DP all-reduce GB", "EP all-to-all GB")
+    sections = []
+    for name in grids or [n for n in shipped_names() if n.startswith("paper/")]:
+        path = resolve(Path(name))
+        if not path.is_file():
+            raise UserError(f"'{name}' is not a file nor a shipped experiment ({', '.join(shipped_names())}).")
+        if is_grid(path):
+            sweep = load_grid(path, overrides, seeds=[0])
+            label, runs = sweep.name, [(run.name, run.config) for run in sweep.runs]
+        else:
+            config = load_config(path, overrides)
+            label, runs = config.name, [(config.name, config)]
+        first = runs[0][1]
+        title = (f"{label}: per device and step, batch {first.data.batch_size} × {first.data.seq_len} over "
+                 f"{first.train.devices * first.train.num_nodes} device(s), {first.train.precision}")
+        table, rows = Table(title=title), []
+        for column in columns:
+            table.add_column(column, justify="left" if column == "run" else "right")
+        for run_name, config in runs:
+            m = training_memory(config, planned_vocab_size(config))
+            world = config.train.devices * config.train.num_nodes
+            row = [run_name, f"{m.params / 1e6:.1f}M", *(f"{b / 1e9:.2f}" for b in (
+                m.state_bytes, m.activation_bytes, m.fixed_bytes, m.total_bytes)),
+                f"{config.data.batch_size * config.data.seq_len // world:,}",
+                f"{m.allreduce_bytes / 1e9:.2f}", f"{m.all_to_all_bytes / 1e9:.2f}" if m.all_to_all_bytes else "—"]
+            table.add_row(*row)
+            rows.append(row)
+        console.print(table)
+        sections.append("\n".join([f"**{title}**", "", "| " + " | ".join(columns) + " |",
+                                    "|" + "---|" * len(columns), *("| " + " | ".join(r) + " |" for r in rows)]))
+    if markdown:
+        command = "sffn variants --memory " + " ".join(f"--grid {g}" for g in grids)
+        command += "".join(f" --set {o}" for o in overrides)
+        markdown.write_text(f"<!-- written by: {command} -->\n\n" + "\n\n".join(sections) + "\n")
+        console.print(f"wrote {markdown}")
 
 
 def _print_cost_table(title: str, name: str, rows: list[dict]) -> None:
@@ -253,33 +315,83 @@ def ablate(
                                    autocompletion=complete_override),
     seeds: str | None = typer.Option(None, help="Comma-separated seeds, replacing the grid's."),
     jobs: int = typer.Option(1, help="Runs trained in parallel processes."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan and stop."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan (and with --launcher slurm, the job "
+                                 "scripts) and stop."),
+    launcher: Launcher = typer.Option(Launcher.local, help="local: train here; slurm: submit one sbatch job per "
+                                      "unfinished run (each resumable) and return."),
+    sbatch: list[str] = typer.Option([], "--sbatch", help="An SBATCH option for every job, e.g. "
+                                     "--sbatch partition=gpu --sbatch time=12:00:00 (replaces a default)."),
+    run: str | None = typer.Option(None, "--run", help="Train only this run of the grid, e.g. dense-s0 (what "
+                                   "each cluster job does)."),
 ) -> None:
     """Train a grid of matched runs over several seeds (resumable), then report mean ± std."""
-    from sffn_lab.ablation import ESTIMATE_METHOD, estimate_seconds, load_grid, run_state, run_sweep
+    from sffn_lab.ablation import ESTIMATE_METHOD, estimate_seconds, execute, load_grid, run_state, run_sweep
 
     seed_list = [int(s) for s in seeds.split(",")] if seeds else None
-    grid = resolve(grid)
-    if not grid.is_file():
+    grid_path = resolve(grid)
+    if not grid_path.is_file():
         raise UserError(f"Grid file '{grid}' does not exist, nor is it a shipped grid ({', '.join(shipped_names())}).")
-    sweep = load_grid(grid, list(set_), seed_list)
+    if launcher is Launcher.slurm and jobs != 1:
+        raise UserError("--jobs applies to --launcher local; on SLURM every run is its own job.")
+    sweep = load_grid(grid_path, list(set_), seed_list)
     sweep_dir = out / sweep.name
+    if run is not None:
+        chosen = [r for r in sweep.runs if r.dir_name == run]
+        if not chosen:
+            raise UserError(f"Grid '{sweep.name}' has no run '{run}'; its runs: "
+                            f"{', '.join(r.dir_name for r in sweep.runs)}.")
+        if not dry_run:
+            from sffn_lab.ablation import write_sweep_spec
+
+            write_sweep_spec(sweep, sweep_dir)
+            console.print(f"{run}: {execute(chosen[0], sweep_dir)}")
+        return
     estimate_seconds(sweep)
     table = Table(title=f"Plan: {sweep.name} ({len(sweep.runs)} runs, matched: {sweep.match}, "
                         f"baseline: {sweep.baseline}) → {sweep_dir}")
     for column in ("run", "variant", "seed", "total params", "active params", "FLOPs/token", "est. time", "state"):
         table.add_column(column, justify="left" if column in ("run", "variant", "state") else "right")
-    for run in sweep.runs:
-        table.add_row(run.name, run.variant, str(run.seed), f"{run.total_params:,}",
-                      f"{run.active_params:,}", f"{run.flops_per_token:,}", f"{run.estimated_s:.3g} s",
-                      run_state(sweep_dir / run.dir_name))
+    for planned in sweep.runs:
+        table.add_row(planned.name, planned.variant, str(planned.seed), f"{planned.total_params:,}",
+                      f"{planned.active_params:,}", f"{planned.flops_per_token:,}", f"{planned.estimated_s:.3g} s",
+                      run_state(sweep_dir / planned.dir_name))
     console.print(table)
     console.print(f"estimated times: {ESTIMATE_METHOD}", soft_wrap=True)
+    if launcher is Launcher.slurm:
+        _submit_to_slurm(sweep, sweep_dir, grid_path, out, list(set_), sbatch, dry_run)
+        return
     if dry_run:
         return
     _warn_if_cpu_busy()
-    run_sweep(sweep, sweep_dir, jobs, on_done=lambda run, what: console.print(f"{run.dir_name}: {what}"))
+    run_sweep(sweep, sweep_dir, jobs, on_done=lambda planned, what: console.print(f"{planned.dir_name}: {what}"))
     _print_report(sweep_dir)
+
+
+def _submit_to_slurm(sweep, sweep_dir: Path, grid: Path, out: Path, overrides: list[str], sbatch_options: list[str],
+                     dry_run: bool) -> None:
+    """Write a job script per unfinished run not already queued, print them (dry run) or sbatch them."""
+    from sffn_lab import cluster
+    from sffn_lab.ablation import run_state, write_sweep_spec
+
+    queued = cluster.queued_jobs(sweep_dir)
+    for name, job in queued.items():
+        console.print(f"{name}: job {job} still queued or running, not submitted again")
+    pending = [r for r in sweep.runs if run_state(sweep_dir / r.dir_name) != "finished" and r.dir_name not in queued]
+    if not pending:
+        console.print("Every run is finished or queued; nothing to submit.")
+        return
+    scripts = cluster.job_scripts(dataclasses.replace(sweep, runs=pending), sweep_dir, grid, out, overrides,
+                                  sbatch_options)
+    if dry_run:
+        for path, text in scripts.values():
+            console.rule(str(path))
+            console.print(text, markup=False, highlight=False, soft_wrap=True)
+        return
+    write_sweep_spec(sweep, sweep_dir)
+    submitted = cluster.submit(scripts, sweep_dir)
+    for name, job in submitted.items():
+        console.print(f"{name}: submitted as job {job}")
+    console.print(f"When they finish: sffn report {sweep_dir}", soft_wrap=True)
 
 
 @app.command()

@@ -339,12 +339,16 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Read a YAML config (or the defaults), apply overrides, validate and return a ``Config``."""
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, check: bool = True) -> Config:
+    """Read a YAML config (or the defaults), apply overrides, validate and return a ``Config``.
+
+    ``check=False`` leaves the cross-field checks to the caller (a grid validates after deriving sizes).
+    """
     data = read_yaml(path) if path else {}
     data = apply_overrides(data, overrides or [])
     config = from_dict(Config, data)
-    validate(config)
+    if check:
+        validate(config)
     return config
 
 

@@ -22,7 +22,9 @@ def saved_tensor_bytes(forward: Callable[[], object], parameters: Iterable[torch
         storage = t.untyped_storage()
         if storage.data_ptr() not in excluded:
             storages[storage.data_ptr()] = storage.nbytes()
-        return t
+        # a new tensor object: packing the output of an op itself would make a cycle through its grad_fn
+        # that Python's collector cannot see, and leak the whole graph with its model
+        return t.detach()
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         result = forward()

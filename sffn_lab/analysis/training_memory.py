@@ -1,0 +1,170 @@
+"""What training one configuration needs per device: memory, and the bytes it would send between devices.
+
+Memory per device, for one optimizer step of ``data.batch_size / (train.devices · train.num_nodes)``
+windows:
+
+- model state: 16 bytes per parameter (fp32 weight, fp32 gradient, AdamW's two fp32 moments; mixed
+  precision keeps fp32 weights and casts them per step);
+- activations: the bytes autograd saves for backward, *measured* by running the toolkit's own model on
+  this machine's CPU (``bench.memory.saved_tensor_bytes``; autocast to the config's precision; training
+  mode, so dropout masks count) at a few small depths and batch sizes, and extrapolated linearly to the
+  config's layers, batch and window (every saved tensor of the attention, FFN and loss is linear in tokens
+  for a fixed model: attention runs a fused kernel that saves no S × S matrix, checked by a test);
+- fixed: the saved bytes that do not grow with the batch (measured as such): the low-precision copies of
+  the weights that autocast keeps alive through a step, and the position tables.
+
+Communication per device and step, upper bounds for the two ways of spreading a run over devices:
+
+- data parallel: a ring all-reduce of the fp32 gradients sends 2·(n−1)/n × 4 bytes per parameter; the
+  bound for many devices, 8 bytes per parameter, is reported;
+- expert parallel (expert-bank layers only): every token's d_model vector goes to its K experts and
+  their outputs come back, forward and backward, 4·K·d_model values per token and layer in the activation
+  dtype; with the experts spread evenly over E devices and routing balanced, (E−1)/E of it leaves the
+  device; the bound (all of it) is reported.
+
+The measurement runs the CPU (torch) path of the sparse layers; the GPU's Triton path saves the same
+inputs and outputs of each expert product, and no more.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+from sffn_lab.config import BLOCK_KINDS, Config, ModelConfig
+
+STATE_BYTES_PER_PARAM = 16
+ALLREDUCE_BYTES_PER_PARAM = 8
+AUTOCAST = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
+TRUE_DTYPES = {"bf16-true": torch.bfloat16, "16-true": torch.float16}
+MEASURED_WINDOW = 64  # tokens per measured window (the Transformer's saved bytes are linear in the window)
+
+
+@dataclass(frozen=True)
+class TrainingMemory:
+    """Per device and optimizer step, in bytes (parameters: a count)."""
+
+    params: int
+    state_bytes: int
+    activation_bytes: int
+    fixed_bytes: int
+    allreduce_bytes: int
+    all_to_all_bytes: int
+
+    @property
+    def total_bytes(self) -> int:
+        return self.state_bytes + self.activation_bytes + self.fixed_bytes
+
+
+@dataclass(frozen=True)
+class SavedBytes:
+    """Activation bytes of one model: ``per_token`` grows with the tokens of a step, ``constant`` does not."""
+
+    per_token: float
+    constant: float
+
+
+def training_memory(config: Config, vocab_size: int) -> TrainingMemory:
+    """Memory and communication of one device training ``config`` (see the module docstring)."""
+    from sffn_lab.analysis.model_cost import count_model
+
+    model_cfg, seq_len = config.model, config.data.seq_len
+    params = count_model(model_cfg, vocab_size, seq_len).total_params
+    world = config.train.devices * config.train.num_nodes
+    tokens = config.data.batch_size * seq_len // world
+    saved = saved_bytes(config, vocab_size)
+    activation_size = _activation_dtype(config.train.precision).itemsize
+    return TrainingMemory(
+        params=params,
+        state_bytes=STATE_BYTES_PER_PARAM * params,
+        activation_bytes=round(saved.per_token * tokens),
+        fixed_bytes=round(saved.constant),
+        allreduce_bytes=ALLREDUCE_BYTES_PER_PARAM * params,
+        all_to_all_bytes=4 * _experts_per_token(model_cfg) * model_cfg.d_model * activation_size * tokens
+        * _expert_layers(model_cfg),
+    )
+
+
+def saved_bytes(config: Config, vocab_size: int) -> SavedBytes:
+    """Measured activation bytes of ``config``'s model, extrapolated from a few small depths and batches.
+
+    Each depth is measured at batch 1 and 2 (the difference grows with tokens, the rest does not); the
+    depths separate each kind of layer from the embedding, output layer and loss.
+    """
+    depths = _measured_depths(config.model)
+    window = config.data.seq_len if config.model.backbone == "smlp" else min(config.data.seq_len, MEASURED_WINDOW)
+    per_seq, constant = {}, {}
+    for depth, model_cfg in depths.items():
+        one, two = _measure(model_cfg, config.train.precision, vocab_size, config.data.seq_len, window, (1, 2))
+        per_seq[depth], constant[depth] = two - one, 2 * one - two
+    target = _depth(config.model)
+    base = min(depths)  # every other measured depth adds one layer of one kind to it
+    per_token = per_seq[base] / window
+    fixed = constant[base]
+    for depth in depths:
+        if depth == base:
+            continue
+        kind = next(i for i, (a, b) in enumerate(zip(depth, base, strict=True)) if a != b)
+        extra = target[kind] - base[kind]
+        per_token += extra * (per_seq[depth] - per_seq[base]) / window
+        fixed += extra * (constant[depth] - constant[base])
+    return SavedBytes(per_token, fixed)
+
+
+def _depth(cfg: ModelConfig) -> tuple[int, ...]:
+    """Layers of each kind: (n_layers,) for the Transformer, (dense blocks, sparse blocks) for sMLP."""
+    if cfg.backbone == "smlp":
+        return cfg.smlp.n_dense_blocks, cfg.smlp.n_sparse_blocks
+    return (cfg.n_layers,)
+
+
+def _with_depth(cfg: ModelConfig, depth: tuple[int, ...]) -> ModelConfig:
+    if cfg.backbone == "smlp":
+        smlp = dataclasses.replace(cfg.smlp, n_dense_blocks=depth[0], n_sparse_blocks=depth[1])
+        return dataclasses.replace(cfg, smlp=smlp)
+    return dataclasses.replace(cfg, n_layers=depth[0])
+
+
+def _measured_depths(cfg: ModelConfig) -> dict[tuple[int, ...], ModelConfig]:
+    """One layer of each kind, and one more of each kind in turn."""
+    base = tuple(1 for _ in _depth(cfg))
+    depths = [base] + [tuple(n + (i == kind) for i, n in enumerate(base)) for kind in range(len(base))]
+    return {depth: _with_depth(cfg, depth) for depth in depths}
+
+
+def _measure(cfg: ModelConfig, precision: str, vocab_size: int, max_seq_len: int, window: int,
+             batches: tuple[int, ...]) -> list[int]:
+    """Saved bytes of one training forward (model and loss) on each number of random windows of ``window``
+    tokens in ``batches``, one model built for all."""
+    from sffn_lab.bench.memory import saved_tensor_bytes
+    from sffn_lab.lm_module import token_losses
+    from sffn_lab.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model(cfg, vocab_size, max_seq_len).train()
+    if precision in TRUE_DTYPES:
+        model = model.to(TRUE_DTYPES[precision])
+
+    def step(tokens: torch.Tensor) -> torch.Tensor:
+        with torch.autocast("cpu", dtype=AUTOCAST.get(precision, torch.bfloat16), enabled=precision in AUTOCAST):
+            out = model(tokens[:, :-1])
+        losses, _ = token_losses(out.logits, tokens[:, 1:], None)
+        return losses.mean()
+
+    return [saved_tensor_bytes(lambda: step(torch.randint(0, vocab_size, (batch, window + 1))), model.parameters())
+            for batch in batches]
+
+
+def _activation_dtype(precision: str) -> torch.dtype:
+    return AUTOCAST.get(precision) or TRUE_DTYPES.get(precision) or torch.float32
+
+
+def _experts_per_token(cfg: ModelConfig) -> int:
+    """K, as the accounting counts it (0: no expert bank to spread over devices)."""
+    return cfg.ffn.top_k if cfg.ffn.kind in BLOCK_KINDS else 0
+
+
+def _expert_layers(cfg: ModelConfig) -> int:
+    return cfg.smlp.n_sparse_blocks if cfg.backbone == "smlp" else cfg.n_layers
