@@ -47,6 +47,7 @@ from sffn_lab.errors import UserError
 # Vocabulary sizes of the word-level corpora as published (Merity et al. 2016), used to plan a grid
 # before the corpus is downloaded.
 PUBLISHED_WORD_VOCAB = {"wikitext2": 33_278, "wikitext103": 267_735}
+GPT2_VOCAB_SIZE = 50_257  # the published GPT-2 BPE, <|endoftext|> included
 RULES = {"param_equal": ("total_params", 0.01), "compute_equal": ("flops_per_token", 0.02), "none": (None, None)}
 
 
@@ -182,14 +183,20 @@ def planned_vocab_size(config: Config) -> int:
     """Vocabulary size without loading the whole corpus where it is known from the config."""
     if config.data.corpus == "synthetic":
         return config.data.synthetic.vocab_size
-    from sffn_lab.data.corpora import REGISTRY
+    from sffn_lab.config import parse_tokenizer
+    from sffn_lab.data.corpora import REGISTRY, cache_root, load_corpus
 
+    kind, size = parse_tokenizer(config.data.tokenizer)
+    if kind in ("sentencepiece", "bpe"):  # trained to this size (a byte-level BPE may stop short of it)
+        return size
+    if kind == "gpt2":
+        return GPT2_VOCAB_SIZE
     spec = REGISTRY.get(config.data.corpus)
-    if spec is None or spec.unit == "byte":
+    unit = kind or (spec.unit if spec else "byte")
+    if unit == "byte":
         return 256
-    from sffn_lab.data.corpora import cache_root, load_corpus
-
-    if not (cache_root(config.data) / spec.name / spec.remote.filename).is_file():
+    if spec is not None and spec.unit == "word" and not (cache_root(config.data) / spec.name / spec.remote.filename
+                                                         ).is_file():
         return PUBLISHED_WORD_VOCAB[spec.name]  # plan without downloading the corpus
     return load_corpus(config.data).vocab_size
 

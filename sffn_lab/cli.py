@@ -63,10 +63,13 @@ def _format_summary(summary) -> Table:
         table.add_row(f"validation {unit_name.get(summary.unit, 'bits')}", f"{summary.val_bits:.4f}")
     if summary.val_ppl is not None:
         table.add_row("validation perplexity", f"{summary.val_ppl:.2f}")
+    if summary.val_bpb is not None:
+        table.add_row("validation bits per byte of text", f"{summary.val_bpb:.4f}")
     if summary.entropy_rate_bits is not None and summary.entropy_gap_bits is not None:
         table.add_row("true entropy rate (bits/token)", f"{summary.entropy_rate_bits:.4f}")
         table.add_row("gap to the entropy rate (bits/token)", f"{summary.entropy_gap_bits:+.4f}")
     table.add_row("tokens scored", summary.scored)
+    table.add_row("evaluation protocol", summary.protocol)
     table.add_row("parameters (total / active)", f"{summary.total_params:,} / {summary.active_params:,}")
     table.add_row("forward FLOPs per token", f"{summary.flops_per_token:,}")
     table.add_row("steps", str(summary.step))

@@ -24,9 +24,11 @@ FFN_KINDS = ("dense", "topk", *BLOCK_KINDS, "pkm")
 GATES = {"sigma_moe": ("sigmoid", "softmax", "softmax_topk", "none"), "avgk": ("none", "softmax", "sigmoid")}
 ACTIVATION_NAMES = ("relu", "gelu")  # the keys of layers.dense.ACTIVATIONS
 BACKBONES = ("transformer", "smlp")
-POSITIONS = ("rope", "learned")
+POSITIONS = ("rope", "learned", "relative")
 SMLP_ROUTINGS = ("deterministic", "partial_prediction")
 SMLP_MIXINGS = ("toeplitz", "full")
+TOKENIZER_KINDS = ("byte", "word", "sentencepiece", "bpe", "gpt2")
+TRAINED_TOKENIZERS = ("sentencepiece", "bpe")  # trained on the training split: <kind>:<vocabulary size>
 
 # ----------------------------------------------------------------------------------------------
 # Feed-forward layer (the part every S-FFN variant configures)
@@ -138,7 +140,8 @@ class ModelConfig:
     n_layers: int = 4  # Transformer blocks
     n_heads: int = 4  # attention heads
     head_dim: int = 0  # size of each head's query/key/value; 0: d_model / n_heads (then d_model must divide)
-    positions: str = "rope"  # "rope" or "learned"
+    positions: str = "rope"  # "rope", "learned" or "relative" (Transformer-XL: sinusoidal offsets, two learned biases)
+    memory_segments: int = 0  # Transformer-XL memory: attend to the cached states of this many previous segments
     init: str = "default"  # "default" (each module's own) or "paper" (N(0, 2/(n_layers·fan_in)) on every linear)
     dropout: float = 0.0  # dropout on the embeddings and on every residual branch (attention, FFN)
     attention_dropout: float = 0.0  # dropout on the attention probabilities (the σ-MoE paper: 0)
@@ -168,6 +171,7 @@ class DataConfig:
     batch_size: int = 32  # windows per training batch: the global batch, split over the processes
     eval_batch_size: int = 64  # windows per evaluation batch
     cache_dir: str = ""  # empty: $SFFN_DATA or the user's cache directory
+    tokenizer: str = ""  # empty: the corpus' own unit; byte, word, sentencepiece:<vocab>, bpe:<vocab> or gpt2
     num_workers: int = 0  # DataLoader worker processes
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
@@ -200,11 +204,17 @@ class TrainConfig:
 
 
 @dataclass
+class EvalConfig:
+    stride: int = 0  # models without memory: sliding windows that score their last `stride` tokens (0: seq_len)
+
+
+@dataclass
 class Config:
     name: str = "default"  # run name: the prefix of the run directory
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -380,6 +390,17 @@ def validate(config: Config) -> None:
                         "model.d_model / model.n_heads).")
     if d.seq_len < 2 or d.batch_size < 1 or d.eval_batch_size < 1:
         raise UserError("data.seq_len must be at least 2 and the batch sizes at least 1.")
+    parse_tokenizer(d.tokenizer)
+    if m.memory_segments < 0:
+        raise UserError("model.memory_segments must be ≥ 0 (0: no memory).")
+    if m.memory_segments and (m.backbone != "transformer" or m.positions == "learned"):
+        raise UserError("model.memory_segments needs the Transformer with model.positions=relative (or rope): "
+                        "absolute learned positions and sMLP's fixed-length token mixing cannot reach a cache.")
+    if not 0 <= config.eval.stride <= d.seq_len:
+        raise UserError(f"eval.stride must be between 0 and data.seq_len ({d.seq_len}); 0 scores whole windows.")
+    if config.eval.stride and m.memory_segments:
+        raise UserError("eval.stride is for models without memory; a model with model.memory_segments evaluates "
+                        "each split in order, carrying its cache, every token scored once with its memory.")
     if t.max_steps < 1 or t.lr <= 0 or t.warmup_steps < 0 or t.val_every < 1:
         raise UserError("train.max_steps and train.val_every must be ≥ 1, train.lr > 0, warmup ≥ 0.")
     if t.accumulate_grad_batches < 1:
@@ -437,6 +458,24 @@ def validate_ffn(cfg: FFNConfig) -> None:
                 f"model.ffn.pkm.knn ({p.knn}) must be between 1 and model.ffn.pkm.n_keys ({p.n_keys}): each half "
                 "selects knn of its n_keys sub-keys (or 0: read every slot)."
             )
+
+
+def parse_tokenizer(spec: str) -> tuple[str, int]:
+    """``data.tokenizer`` → (kind, vocabulary size): "bpe:8000" → ("bpe", 8000), "gpt2" → ("gpt2", 0), "" → ("", 0)."""
+    kind, _, size = spec.partition(":")
+    if not spec:
+        return "", 0
+    if kind not in TOKENIZER_KINDS:
+        raise UserError(f"Unknown data.tokenizer '{spec}'.{did_you_mean(kind, TOKENIZER_KINDS)} Choose one of: byte, "
+                        "word, sentencepiece:<vocab size>, bpe:<vocab size>, gpt2 (or empty: the corpus' own unit).")
+    if kind not in TRAINED_TOKENIZERS:
+        if size:
+            raise UserError(f"data.tokenizer={kind} takes no vocabulary size (got '{spec}').")
+        return kind, 0
+    if not size.isdigit() or int(size) <= 256:
+        raise UserError(f"data.tokenizer={spec}: the vocabulary size must be an integer above 256 (both trained "
+                        f"tokenizers start from the 256 bytes), e.g. {kind}:8000.")
+    return kind, int(size)
 
 
 def attention_head_dim(m: ModelConfig) -> int:

@@ -31,6 +31,7 @@ class CorpusInfo:
     vocab_size: int
     unit: str  # "byte", "word" or "token" (synthetic)
     entropy_rate_bits: float | None = None  # bits per token of the true process (synthetic only)
+    tokens_per_byte: dict[str, float] | None = None  # split → tokens / UTF-8 bytes of its text (words, subwords)
 
 
 class NonFiniteLossError(UserError):
@@ -82,6 +83,10 @@ class LanguageModelModule(L.LightningModule):
         self.elapsed_s = 0.0  # training-step time over every segment of the run (tok/s is tokens_seen / this)
         self.wall_before_s = 0.0  # wall time of the earlier segments of a resumed run, up to its checkpoint
         self._segment_start = time.perf_counter()
+        # Transformer-XL caches per stage ("train", "val", "test"): per layer [b, M, D]; the training cache of a
+        # resumed run waits in _restored_memory (the global batch's rows) until the rank's slice is known
+        self.memory: dict[str, list[torch.Tensor] | None] = {}
+        self._restored_memory: list[torch.Tensor] | None = None
 
     @classmethod
     def create(cls, config: Config, corpus: CorpusInfo) -> LanguageModelModule:
@@ -90,14 +95,34 @@ class LanguageModelModule(L.LightningModule):
     def forward(self, tokens: torch.Tensor):
         return self.model(tokens)
 
+    @property
+    def has_memory(self) -> bool:
+        return self.config.model.memory_segments > 0
+
+    def _run(self, stage: str, x: torch.Tensor):
+        """The model on a batch; a model with memory reads and replaces the stage's cache."""
+        if not self.has_memory:
+            return self.model(x)
+        if stage == "train" and self._restored_memory is not None:
+            per_rank = x.shape[0]
+            rank = self.trainer.global_rank if self._trainer is not None else 0
+            self.memory["train"] = [m[rank * per_rank:(rank + 1) * per_rank].to(x.device)
+                                    for m in self._restored_memory]
+            self._restored_memory = None
+        out = self.model(x, self.memory.get(stage))
+        self.memory[stage] = out.memory
+        return out
+
     # ------------------------------------------------------------------ training
     def training_step(self, batch, batch_idx):
         x, y = batch
-        out = self.model(x)
+        cache = self.memory.get("train")
+        out = self._run("train", x)
         losses, scored = token_losses(out.logits, y, out.loss_mask)
         lm_loss = losses.sum() / scored.sum().clamp(min=1)
         loss = lm_loss + out.aux_loss
         if not self._finite_on_every_rank(loss):
+            self.memory["train"] = cache  # a skipped step leaves the cache as it was
             return self._handle_nonfinite(loss)
         self.consecutive_skips = 0
         self._accumulate_usage("train", out.layer_stats)
@@ -158,9 +183,15 @@ class LanguageModelModule(L.LightningModule):
     def test_step(self, batch, batch_idx):
         self._eval_step("test", batch)
 
+    def on_validation_epoch_start(self):
+        self.memory.pop("val", None)  # every evaluation walks its split from the start
+
+    def on_test_epoch_start(self):
+        self.memory.pop("test", None)
+
     def _eval_step(self, stage: str, batch) -> None:
         x, y = batch
-        out = self.model(x)
+        out = self._run(stage, x)
         losses, scored = token_losses(out.logits, y, out.loss_mask)
         self.val_nll.update(losses.sum().double())
         self.val_tokens.update(scored.sum().double())
@@ -190,6 +221,9 @@ class LanguageModelModule(L.LightningModule):
         metrics = {f"{split}/loss": loss, f"{split}/bits": bits}
         if self.corpus.unit == "word":
             metrics[f"{split}/ppl"] = loss.exp()
+        per_byte = (self.corpus.tokens_per_byte or {}).get("valid" if split == "val" else split)
+        if per_byte is not None:  # bits per byte of the original text: comparable across tokenizers
+            metrics[f"{split}/bpb"] = bits * per_byte
         if self.corpus.entropy_rate_bits is not None:
             metrics[f"{split}/entropy_gap_bits"] = bits - self.corpus.entropy_rate_bits
         return metrics
@@ -234,6 +268,11 @@ class LanguageModelModule(L.LightningModule):
             "wall_time_s": self.wall_time_s(),
             "nonfinite_skips": self.nonfinite_skips,
         }
+        if self.has_memory and self.memory.get("train") is not None:  # every rank's rows, in global-batch order
+            gathered = [self.all_gather(m) for m in self.memory["train"]]
+            checkpoint["sffn"]["memory"] = [g.flatten(0, 1).cpu() if g.dim() == 4 else g.cpu() for g in gathered]
+        elif self._restored_memory is not None:  # saved again before the first step of a resumed run
+            checkpoint["sffn"]["memory"] = self._restored_memory
 
     def wall_time_s(self) -> float:
         """Wall time of the run so far: the earlier segments up to their checkpoint, plus this process's."""
@@ -247,6 +286,7 @@ class LanguageModelModule(L.LightningModule):
             self.elapsed_s = extra["elapsed_s"]
             self.wall_before_s = extra.get("wall_time_s", 0.0)
             self.nonfinite_skips = extra["nonfinite_skips"]
+            self._restored_memory = extra.get("memory")
 
     def on_train_start(self):
         self._clock = None

@@ -96,6 +96,18 @@ def is_launched_rank() -> bool:
 EVERY_TOKEN = "every token of the split"
 
 
+def eval_protocol(config: Config) -> str:
+    """With what context each scored token is predicted: the evaluation protocol, stated with every result."""
+    S, m = config.data.seq_len, config.model
+    if m.memory_segments:
+        return (f"each split in order as contiguous streams (up to data.eval_batch_size), {S}-token segments with a "
+                f"memory of {m.memory_segments} segment(s) ({m.memory_segments * S} tokens)")
+    stride = config.eval.stride
+    if stride and stride < S:
+        return f"sliding {S}-token windows, stride {stride}: every token after the first window sees ≥ {S - stride}"
+    return f"non-overlapping {S}-token windows: a token sees 0 … {S - 1} earlier tokens ({(S - 1) / 2:g} on average)"
+
+
 def scored_tokens(config: Config) -> str:
     """Which tokens the reported losses cover, so that numbers are compared on the same token sets."""
     m = config.model

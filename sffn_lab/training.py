@@ -6,6 +6,7 @@ before the run directory (``sffn_lab.run_dir``) is created.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -53,6 +54,7 @@ from sffn_lab.run_dir import (
     RUN_DIR_ENV,
     SUMMARY_FILE,
     TOKENIZER_FILE,
+    eval_protocol,
     is_launched_rank,
     launched_rank_run_dir,
     new_run_dir,
@@ -84,10 +86,12 @@ class RunSummary:
     val_loss: float | None
     val_bits: float | None
     val_ppl: float | None
+    val_bpb: float | None  # bits per byte of the text (word and subword corpora)
     entropy_rate_bits: float | None
     entropy_gap_bits: float | None
     unit: str
     scored: str  # which tokens the validation loss covers
+    protocol: str  # with what context they are predicted (run_dir.eval_protocol)
     total_params: int
     active_params: int
     flops_per_token: int
@@ -97,10 +101,15 @@ class RunSummary:
 
 
 def corpus_info(data: LMDataModule) -> CorpusInfo:
+    corpus = data.corpus
+    per_byte = None
+    if corpus.unit != "byte" and corpus.split_bytes:
+        per_byte = {split: len(corpus.splits[split]) / n for split, n in corpus.split_bytes.items() if n}
     return CorpusInfo(
         vocab_size=data.vocab_size,
         unit=data.unit,
         entropy_rate_bits=data.entropy_rate_bits,
+        tokens_per_byte=per_byte,
     )
 
 
@@ -174,7 +183,8 @@ def prepare(config: Config) -> tuple[LMDataModule, LanguageModelModule]:
     quiet_lightning()
     check_installed(parse_loggers(config.train.loggers))
     L.seed_everything(config.train.seed, workers=True, verbose=False)
-    data = LMDataModule(config.data, seed=config.train.seed)
+    data = LMDataModule(config.data, seed=config.train.seed, streams=config.model.memory_segments > 0,
+                        eval_stride=config.eval.stride)
     module = LanguageModelModule.create(config, corpus_info(data))
     return data, module
 
@@ -242,10 +252,12 @@ def summarize(run_dir: Path, trainer: L.Trainer, module: LanguageModelModule, wa
         val_loss=metrics.get("val/loss"),
         val_bits=metrics.get("val/bits"),
         val_ppl=metrics.get("val/ppl"),
+        val_bpb=metrics.get("val/bpb"),
         entropy_rate_bits=module.corpus.entropy_rate_bits,
         entropy_gap_bits=metrics.get("val/entropy_gap_bits"),
         unit=module.corpus.unit,
         scored=scored_tokens(module.config),
+        protocol=eval_protocol(module.config),
         total_params=cost.total_params,
         active_params=cost.active_params,
         flops_per_token=cost.flops_per_token,
@@ -286,7 +298,8 @@ def evaluate(ckpt: Path, split: str, config_overrides: list[str] | None = None, 
     if config_overrides:
         config = from_dict(Config, apply_overrides(to_dict(config), config_overrides))
         validate(config)
-    data = LMDataModule(config.data, seed=config.train.seed)
+    config = dataclasses.replace(config, model=module.config.model)  # the checkpoint's model, whatever --set says
+    data = LMDataModule(config.data, seed=config.train.seed, streams=module.has_memory, eval_stride=config.eval.stride)
     if data.vocab_size != module.corpus.vocab_size:
         raise UserError(
             f"The corpus '{config.data.corpus}' has {data.vocab_size} tokens but the checkpoint's model "
@@ -304,6 +317,7 @@ def evaluate(ckpt: Path, split: str, config_overrides: list[str] | None = None, 
     results = trainer.test(module, dataloaders=loader, verbose=False)[0]
     out = {k.split("/", 1)[1]: float(v) for k, v in results.items() if k.startswith("test/")}
     out.update(split=split, corpus=config.data.corpus, unit=module.corpus.unit, scored=scored_tokens(config),
+               protocol=eval_protocol(config),
                checkpoint=str(ckpt))
     out["tokens"] = int(out["tokens"])
     return out

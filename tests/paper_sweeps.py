@@ -13,10 +13,12 @@ from __future__ import annotations
 ENWIK8 = {"state_size": 512, "transformer.encoder_n_layers": 12, "transformer.n_heads": 8, "dropout": 0.1,
           "lr": 0.00025, "batch_size": 32, "grad_clip": 0.25, "lm.unroll": 512, "stop_after": 100000,
           "lr_sched.type": "cos", "optimizer": "adamw", "test_interval": 2000}
-SMALL = {"state_size": 412, "transformer.encoder_n_layers": 16, "transformer.n_heads": 10,
+SMALL = {"task": "wikitext103_sp_transformer",
+         "state_size": 412, "transformer.encoder_n_layers": 16, "transformer.n_heads": 10,
          "transformer.head_projection_size": 41, "dropout": 0.1, "lr": 0.00025, "batch_size": 64,
          "lm.unroll": 256, "stop_after": 100000, "lr_sched.type": "cos", "optimizer": "adamw", "test_interval": 2000}
-BIG = {"state_size": 1024, "transformer.encoder_n_layers": 18, "transformer.n_heads": 16, "dropout": 0.2,
+BIG = {"task": "wikitext103_sp_transformer",
+       "state_size": 1024, "transformer.encoder_n_layers": 18, "transformer.n_heads": 16, "dropout": 0.2,
        "lr": 0.00025, "batch_size": 64, "grad_clip": 0.25, "lm.unroll": 512, "lr_warmup": 4000,
        "stop_after": 100000, "lr_sched.type": "cos", "optimizer": "adamw", "test_interval": 2000}
 SIGMA_MOE = {"transformer.variant": "preln_moe", "moe.selection_mode": "sigmoid", "moe.reg_type": "entropy",
@@ -132,7 +134,6 @@ PAPER_RUNS = {
 # The d_ff each grid uses instead of int(state_size · ff_multiplier), and why: N_E·G = d_ff for the
 # parameter-equal derivation (the authors' multipliers add the selector's parameters to the dense layer).
 DENSE_D_FF = {(512, 4.01): 2048, (412, 4.985): 2048, (1024, 4.014): 4096, (412, 40): 16384}
-HEAD_DIM_FOR_ROPE = {41: 42}  # RoPE needs an even head size
 
 
 def translate(sweep: dict) -> dict:
@@ -144,10 +145,14 @@ def translate(sweep: dict) -> dict:
            "train.max_steps": sweep["stop_after"], "train.val_every": sweep["test_interval"],
            "train.grad_clip": sweep["grad_clip"], "train.warmup_steps": sweep.get("lr_warmup", 0),
            "train.min_lr_ratio": 0.0 if sweep["lr_sched.type"] == "cos" else None,
-           "train.weight_decay": 0.0, "train.beta1": 0.9, "train.beta2": 0.999}
+           "train.weight_decay": 0.0, "train.beta1": 0.9, "train.beta2": 0.999,
+           # Transformer-XL ("xl" in the sweep names): relative positions, the previous segment as memory
+           "model.positions": "relative", "model.memory_segments": 1}
+    if sweep.get("task") == "wikitext103_sp_transformer":  # SentencePiece, sentencepiece.n_pieces' default 8000
+        out["data.tokenizer"] = "sentencepiece:8000"
     if "transformer.head_projection_size" in sweep:
         size = sweep["transformer.head_projection_size"]
-        out["model.head_dim"] = HEAD_DIM_FOR_ROPE.get(size, size)
+        out["model.head_dim"] = size
     variant = sweep["transformer.variant"]
     if variant == "preln_relative":
         # their dense layer drops its hidden units at the model's dropout

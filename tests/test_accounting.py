@@ -78,6 +78,11 @@ def test_model_cost_counts_every_parameter():
     model = build_model(cfg.model, vocab_size=50, max_seq_len=20)
     assert count_model(cfg.model, 50, 20).total_params == numel(model)
     assert model(torch.randint(0, 50, (2, 20))).logits.shape == (2, 20, 50)
+    # Transformer-XL relative attention: W_r and the biases u, v per layer
+    cfg = load_config(None, ["model.d_model=32", "model.ffn.d_ff=64", "model.positions=relative",
+                             "model.memory_segments=1"])
+    model = build_model(cfg.model, vocab_size=50, max_seq_len=20)
+    assert count_model(cfg.model, 50, 20).total_params == numel(model)
 
 
 def test_variants_table_lists_every_variant_at_equal_parameters():

@@ -110,8 +110,8 @@ def test_without_sbatch_the_scripts_are_kept_and_the_error_says_where(tmp_path, 
     grid = tmp_path / "grid.yaml"
     grid.write_text(yaml.safe_dump(GRID))
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))  # no sbatch, no squeue
-    code, out, err = run_cli(["ablate", grid, "--out", tmp_path / "sweeps", "--launcher", "slurm", "--seeds", "0"],
-                             capsys)
+    code, _, err = run_cli(["ablate", grid, "--out", tmp_path / "sweeps", "--launcher", "slurm", "--seeds", "0"],
+                           capsys)
     assert code != 0 and "sbatch is not on PATH" in err and "Traceback" not in err
     assert sorted(p.name for p in (tmp_path / "sweeps" / "tiny" / "slurm").iterdir()) == ["dense-s0.sbatch",
                                                                                            "sigma_moe-s0.sbatch"]

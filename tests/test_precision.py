@@ -70,6 +70,7 @@ def shrunk(config: Config, out: Path) -> Config:
     m.smlp.d_hidden = 16 * m.smlp.n_chunks
     m.smlp.n_dense_blocks, m.smlp.n_sparse_blocks = min(m.smlp.n_dense_blocks, 1), min(m.smlp.n_sparse_blocks, 1)
     c.data.corpus, c.data.seq_len, c.data.batch_size, c.data.eval_batch_size = "synthetic", 32, 4, 16
+    c.data.tokenizer = ""  # the synthetic corpus has its own symbols
     s = c.data.synthetic
     s.train_tokens, s.valid_tokens, s.test_tokens = 5000, 1000, 1000
     t = c.train

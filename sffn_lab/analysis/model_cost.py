@@ -20,6 +20,9 @@ def count_model(cfg: ModelConfig, vocab_size: int, seq_len: int) -> Cost:
     ffn = count_ffn(cfg.ffn, d)
     inner = cfg.n_heads * attention_head_dim(cfg)  # H·Dh
     attention = 4 * d * inner + 3 * inner + d  # qkv and output projections with biases
+    relative = cfg.positions == "relative"
+    if relative:  # W_r and the two biases u, v
+        attention += d * inner + 2 * inner
     norms = 2 * 2 * d
     embed = vocab_size * d
     positions = seq_len * d if cfg.positions == "learned" else 0
@@ -30,7 +33,10 @@ def count_model(cfg: ModelConfig, vocab_size: int, seq_len: int) -> Cost:
     active = input_row + (d if positions else 0) + vocab_size * d + final_norm + n * (
         attention + norms + ffn.active_params
     )
-    score_flops = 2 * 2 * inner * (seq_len + 1) / 2  # q·k and p·v over the causal prefix
+    memory = cfg.memory_segments * seq_len  # cached positions every query also reads
+    score_flops = 2 * 2 * inner * (memory + (seq_len + 1) / 2)  # q·k and p·v over the memory and causal prefix
+    if relative:  # (q + v)·W_r R over every offset, and W_r R once per segment
+        score_flops += 2 * inner * (memory + seq_len) + 2 * d * inner * (memory + seq_len) / seq_len
     flops = 2 * vocab_size * d + n * (2 * 4 * d * inner + score_flops + ffn.flops_per_token)
     return Cost(int(total), int(active), int(flops))
 

@@ -153,7 +153,7 @@ def _measure(cfg: ModelConfig, precision: str, vocab_size: int, max_seq_len: int
         losses, _ = token_losses(out.logits, tokens[:, 1:], None)
         return losses.mean()
 
-    return [saved_tensor_bytes(lambda: step(torch.randint(0, vocab_size, (batch, window + 1))), model.parameters())
+    return [saved_tensor_bytes(lambda n=batch: step(torch.randint(0, vocab_size, (n, window + 1))), model.parameters())
             for batch in batches]
 
 

@@ -1,7 +1,13 @@
 """The corpus registry: named corpora, local text files and the synthetic default, as token splits.
 
 ``load_corpus(cfg)`` returns a ``Corpus``: train/valid/test token arrays (memory-mapped from a
-cache), a tokenizer, and what the reports need (unit, entropy rate for the synthetic corpus).
+cache), a tokenizer, and what the reports need (unit, bytes of each split's text, entropy rate for the
+synthetic corpus).
+
+A text corpus comes in its own unit (bytes, or words for WikiText), or re-tokenized by ``data.tokenizer``:
+``byte`` (UTF-8 bytes), ``word``, ``sentencepiece:<size>`` or ``bpe:<size>`` (trained on the training split)
+or ``gpt2``. Trained tokenizers and the token arrays are cached beside the corpus under keys that hold the
+tokenizer spec and the sha256 of the text they come from, so a changed corpus gets new ones.
 
 Named corpora are downloaded into ``cache_dir`` (``data.cache_dir``, else ``$SFFN_DATA``, else
 ``~/.cache/sffn-lab``) to a temporary name, verified, then renamed, so a half-written or corrupt
@@ -22,16 +28,31 @@ import urllib.error
 import urllib.request
 import zipfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 
-from sffn_lab.config import DataConfig
+from sffn_lab.config import DataConfig, parse_tokenizer
 from sffn_lab.data import synthetic
-from sffn_lab.data.tokenizers import ByteTokenizer, SymbolTokenizer, Tokenizer, WordTokenizer
+from sffn_lab.data.subword import (
+    GPT2_FILES,
+    GPT2_URL,
+    ByteLevelBPETokenizer,
+    GPT2Tokenizer,
+    SentencePieceTokenizer,
+    gpt2_files_help,
+)
+from sffn_lab.data.tokenizers import (
+    ByteTokenizer,
+    SymbolTokenizer,
+    Tokenizer,
+    WordTokenizer,
+    tokenizer_from_dict,
+    tokenizer_to_dict,
+)
 from sffn_lab.errors import UserError, did_you_mean
 
 SPLITS = ("train", "valid", "test")
@@ -44,6 +65,8 @@ class Corpus:
     tokenizer: Tokenizer
     splits: dict[str, np.ndarray]  # 1-D token arrays (often np.memmap)
     entropy_rate_bits: float | None = None
+    # UTF-8 bytes of each split's original text, for bits per byte (empty for the synthetic corpus)
+    split_bytes: dict[str, int] = field(default_factory=dict)
 
     @property
     def vocab_size(self) -> int:
@@ -138,13 +161,17 @@ def cache_root(cfg: DataConfig) -> Path:
 def load_corpus(cfg: DataConfig) -> Corpus:
     """The corpus ``cfg.corpus`` names: "synthetic", a registered name, or a path to a text file."""
     name = cfg.corpus
+    parse_tokenizer(cfg.tokenizer)  # a bad spec fails before any download
     if name == "synthetic":
+        if cfg.tokenizer:
+            raise UserError(f"The synthetic corpus is made of its own symbols: data.tokenizer={cfg.tokenizer} applies "
+                            "to text corpora only. Leave data.tokenizer empty.")
         return synthetic_corpus(cfg)
     if name in REGISTRY:
-        return named_corpus(REGISTRY[name], cache_root(cfg))
+        return named_corpus(REGISTRY[name], cache_root(cfg), cfg.tokenizer)
     path = Path(name).expanduser()
     if path.is_file():
-        return text_file_corpus(path, cache_root(cfg))
+        return text_file_corpus(path, cache_root(cfg), cfg.tokenizer)
     if "/" in name or "." in name:
         raise UserError(f"Corpus file '{name}' does not exist. Give a path to a text file or a corpus name.")
     raise UserError(f"Unknown corpus '{name}'.{did_you_mean(name, CORPUS_NAMES)} Known corpora: "
@@ -185,8 +212,9 @@ def byte_splits(data: np.ndarray, sizes: tuple[int, int, int] | None) -> dict[st
     return {"train": data[: ends[0]], "valid": data[ends[0] : ends[1]], "test": data[ends[1] : ends[2]]}
 
 
-def text_file_corpus(path: Path, cache: Path) -> Corpus:
-    """Any local text file as bytes, split 90/5/5 by position (memory-mapped, nothing copied)."""
+def text_file_corpus(path: Path, cache: Path, tokenizer_spec: str = "") -> Corpus:
+    """Any local text file split 90/5/5 by position: as bytes (memory-mapped, nothing copied), or re-tokenized
+    by ``tokenizer_spec`` with its caches in ``cache/files/<file name>``."""
     try:
         with path.open("rb") as f:
             check_text(f.read(1 << 20), str(path))
@@ -195,20 +223,32 @@ def text_file_corpus(path: Path, cache: Path) -> Corpus:
         raise UserError(f"Cannot read corpus file '{path}': {exc}.") from None
     except ValueError:  # numpy refuses to map an empty file
         raise UserError(f"Corpus '{path}' is empty.") from None
-    return Corpus(path.name, "byte", ByteTokenizer(), byte_splits(data, None))
+    splits = byte_splits(data, None)
+    if tokenizer_spec in ("", "byte"):
+        return Corpus(path.name, "byte", ByteTokenizer(), splits, split_bytes={s: len(t) for s, t in splits.items()})
+    return retokenized_corpus(path.name, cache / "files" / path.name, splits, tokenizer_spec, cache)
 
 
 # --------------------------------------------------------------------------------------------- named corpora
 
 
-def named_corpus(spec: CorpusSpec, cache: Path) -> Corpus:
+def named_corpus(spec: CorpusSpec, cache: Path, tokenizer_spec: str = "") -> Corpus:
+    """A registered corpus in its own unit, or re-tokenized by ``tokenizer_spec``."""
     folder = cache / spec.name
     raw = fetch(spec.remote, folder)
+    own_unit = tokenizer_spec in ("", spec.unit)
     if spec.unit == "byte":
         (member,) = spec.members.values()
         data = cached_tokens(folder, "bytes", lambda: np.frombuffer(read_member(raw, member), dtype=np.uint8), raw)
         check_text(bytes(data[: 1 << 20]), str(raw))
-        return Corpus(spec.name, "byte", ByteTokenizer(), byte_splits(data, spec.fractions))
+        splits = byte_splits(data, spec.fractions)
+        if own_unit:
+            return Corpus(spec.name, "byte", ByteTokenizer(), splits,
+                          split_bytes={s: len(t) for s, t in splits.items()})
+        return retokenized_corpus(spec.name, folder, splits, tokenizer_spec, cache)
+    if not own_unit:
+        texts = {split: read_member(raw, spec.members[split]) for split in SPLITS}
+        return retokenized_corpus(spec.name, folder, texts, tokenizer_spec, cache)
     texts = {split: (lambda s=split: read_member(raw, spec.members[s]).decode("utf-8")) for split in SPLITS}
     tokenizer = cached_vocabulary(folder, raw, texts["train"])
     splits = {split: cached_tokens(folder, split, lambda s=split: tokenizer.encode_text(texts[s]()), raw)
@@ -219,7 +259,8 @@ def named_corpus(spec: CorpusSpec, cache: Path) -> Corpus:
                 f"{spec.name} {split} has {len(splits[split]):,} tokens, but the published split has "
                 f"{expected:,}: the file '{raw}' is not the expected one. Delete it and download again."
             )
-    return Corpus(spec.name, "word", tokenizer, splits)
+    return Corpus(spec.name, "word", tokenizer, splits,
+                  split_bytes={split: member_size(raw, spec.members[split]) for split in SPLITS})
 
 
 def read_member(path: Path, member: str) -> bytes:
@@ -231,6 +272,14 @@ def read_member(path: Path, member: str) -> bytes:
             return archive.read(member)
     except (KeyError, zipfile.BadZipFile) as exc:
         raise UserError(f"Archive '{path}' is corrupt or lacks '{member}' ({exc}). Delete it and retry.") from None
+
+
+def member_size(path: Path, member: str) -> int:
+    """The size in bytes of ``member`` of a zip archive (read from its directory), or of the file itself."""
+    if not zipfile.is_zipfile(path):
+        return path.stat().st_size
+    with zipfile.ZipFile(path) as archive:
+        return archive.getinfo(member).file_size
 
 
 def sha256_of(path: Path) -> str:
@@ -335,7 +384,11 @@ def write_atomically(path: Path, data: bytes) -> None:
 def cached_tokens(folder: Path, key: str, make: Callable[[], np.ndarray], source: Path) -> np.ndarray:
     """A token array stored as .npy next to its source and memory-mapped; rebuilt when the source changes."""
     stat = source.stat()
-    path = folder / f"{key}.{stat.st_size}-{int(stat.st_mtime)}.npy"
+    return cached_array(folder / f"{key}.{stat.st_size}-{int(stat.st_mtime)}.npy", make)
+
+
+def cached_array(path: Path, make: Callable[[], np.ndarray]) -> np.ndarray:
+    """``make()`` saved once at ``path`` (.npy, written atomically), memory-mapped from there."""
     if not path.is_file():
         buffer = io.BytesIO()
         np.save(buffer, np.ascontiguousarray(make()))
@@ -358,3 +411,71 @@ def cached_vocabulary(folder: Path, source: Path, train_text: Callable[[], str])
     tokenizer = WordTokenizer.from_text(train_text())
     write_atomically(path, json.dumps(tokenizer.words).encode())
     return tokenizer
+
+
+# --------------------------------------------------------------------------------------------- re-tokenized text
+
+
+def retokenized_corpus(name: str, folder: Path, texts: dict[str, np.ndarray | bytes], tokenizer_spec: str,
+                       cache: Path) -> Corpus:
+    """The UTF-8 ``texts`` of the splits (raw bytes) as tokens of ``tokenizer_spec``, cached in ``folder``.
+
+    The sha256 of the training split keys the trained tokenizer; the token arrays are keyed by it and by the
+    sha256 of their own split. A split that cuts a character in two decodes it as U+FFFD; ``split_bytes``
+    counts the original bytes either way.
+    """
+    kind, vocab_size = parse_tokenizer(tokenizer_spec)
+    folder.mkdir(parents=True, exist_ok=True)
+    checksums = {split: hashlib.sha256(texts[split]).hexdigest()[:16] for split in SPLITS}
+    key = f"{tokenizer_spec.replace(':', '')}-{checksums['train']}"
+
+    def text(split: str) -> str:
+        return bytes(texts[split]).decode("utf-8", errors="replace")
+
+    if kind == "byte":
+        tokenizer = ByteTokenizer()
+    elif kind == "gpt2":
+        tokenizer = gpt2_tokenizer(cache)
+    else:
+        tokenizer = cached_tokenizer(folder / f"tokenizer.{key}.json",
+                                     lambda: train_tokenizer(kind, vocab_size, text("train")))
+    splits = {split: cached_array(folder / f"{split}.{key}-{checksums[split]}.npy",
+                                  lambda s=split: tokenizer.encode_text(text(s)))
+              for split in SPLITS}
+    unit = kind if kind in ("byte", "word") else "token"
+    return Corpus(name, unit, tokenizer, splits, split_bytes={split: len(texts[split]) for split in SPLITS})
+
+
+def train_tokenizer(kind: str, vocab_size: int, train_text: str) -> Tokenizer:
+    """A ``kind`` tokenizer ("word", "sentencepiece" or "bpe") learned from the training split's text."""
+    if kind == "word":
+        return WordTokenizer.from_text(train_text)
+    if kind == "sentencepiece":
+        return SentencePieceTokenizer.train(train_text, vocab_size)
+    return ByteLevelBPETokenizer.train(train_text, vocab_size)
+
+
+def cached_tokenizer(path: Path, train: Callable[[], Tokenizer]) -> Tokenizer:
+    """The tokenizer saved at ``path`` (as ``tokenizer_to_dict``), else ``train()``ed and saved there."""
+    if path.is_file():
+        try:
+            return tokenizer_from_dict(json.loads(path.read_text()))
+        except (ValueError, KeyError):  # not JSON, not UTF-8 or not a tokenizer: train it again
+            path.unlink()
+    tokenizer = train()
+    write_atomically(path, json.dumps(tokenizer_to_dict(tokenizer)).encode())
+    return tokenizer
+
+
+GPT2_REMOTES = tuple(RemoteFile(GPT2_URL + name, name, sha256=sha256) for name, sha256 in GPT2_FILES.items())
+
+
+def gpt2_tokenizer(cache: Path) -> GPT2Tokenizer:
+    """GPT-2's BPE from OpenAI's files in ``cache/gpt2``, downloaded (and verified) there the first time."""
+    folder = cache / "gpt2"
+    try:
+        for remote in GPT2_REMOTES:
+            fetch(remote, folder)
+    except UserError as exc:
+        raise UserError(f"{gpt2_files_help(folder)}\n({exc})") from None
+    return GPT2Tokenizer(folder)

@@ -5,7 +5,12 @@ windows (the global batch); with W processes, rank r takes the r-th of W equal s
 at step s therefore continues with exactly the data an uninterrupted run would see, and W ranks
 see together what one process sees. Evaluation: non-overlapping windows in which every token of
 the split except the first is a target exactly once (the last window is padded, its padding is
-ignored); with W processes, rank r evaluates windows r, r+W, ... (no duplicates).
+ignored); with W processes, rank r evaluates windows r, r+W, ... (no duplicates). ``eval.stride``
+slides the windows instead, each scoring only its last ``stride`` targets.
+
+A model with memory (Transformer-XL) reads streams instead: row r of every training batch continues the
+r-th contiguous stretch of the training split, segment after segment (still a pure function of the step);
+evaluation walks each split as contiguous streams in order, every token scored once.
 """
 
 from __future__ import annotations
@@ -46,33 +51,87 @@ class TrainWindows(IterableDataset):
             step += 1
 
 
-class EvalWindows(Dataset):
-    """Window i: inputs tokens[iS : iS+S], targets tokens[iS+1 : iS+S+1] (padded with IGNORE_INDEX)."""
+class TrainStreams(TrainWindows):
+    """For a model with memory: row r of the global batch reads the r-th of ``batch_size`` contiguous stretches
+    of the split, L = ⌊(N − 1) / batch_size⌋ tokens each, one segment per step: at step s the inputs
+    tokens[r·L + (s mod n)·S : … + S], n = ⌊L / S⌋ whole segments, after which the stretch starts over."""
 
-    def __init__(self, tokens: np.ndarray, seq_len: int, rank: int = 0, world_size: int = 1):
-        self.tokens, self.seq_len = tokens, seq_len
-        n_windows = -(-(len(tokens) - 1) // seq_len)
+    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        stretch = (len(self.tokens) - 1) // self.batch_size
+        offset = (step % (stretch // self.seq_len)) * self.seq_len
+        per_rank = self.batch_size // self.world_size
+        rows = range(self.rank * per_rank, (self.rank + 1) * per_rank)
+        start = [r * stretch + offset for r in rows]
+        windows = np.stack([np.asarray(self.tokens[s : s + self.seq_len + 1], dtype=np.int64) for s in start])
+        windows = torch.from_numpy(windows)
+        return windows[:, :-1], windows[:, 1:]
+
+
+class EvalWindows(Dataset):
+    """Window k: inputs tokens[kT : kT + S], targets the next S tokens (padded with IGNORE_INDEX at the end),
+    T = ``stride`` (default S: non-overlapping). Window 0 scores all its targets, every later one only its
+    last T: every target is scored once, each but the first S with at least S − T tokens of context."""
+
+    def __init__(self, tokens: np.ndarray, seq_len: int, rank: int = 0, world_size: int = 1, stride: int = 0):
+        self.tokens, self.seq_len, self.stride = tokens, seq_len, stride or seq_len
+        n_windows = 1 + max(0, -(-(len(tokens) - 1 - seq_len) // self.stride))
         self.windows = list(range(rank, n_windows, world_size))
 
     def __len__(self) -> int:
         return len(self.windows)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        start, S = self.windows[i] * self.seq_len, self.seq_len
+        k, S = self.windows[i], self.seq_len
+        start = k * self.stride
         chunk = np.asarray(self.tokens[start : start + S + 1], dtype=np.int64)
         x = torch.zeros(S, dtype=torch.long)
         y = torch.full((S,), IGNORE_INDEX, dtype=torch.long)
         x[: len(chunk) - 1] = torch.from_numpy(chunk[:-1])
         y[: len(chunk) - 1] = torch.from_numpy(chunk[1:])
+        if k > 0:
+            y[: S - self.stride] = IGNORE_INDEX  # scored by an earlier window
+        return x, y
+
+
+class EvalStreams(Dataset):
+    """For a model with memory: the N − 1 targets of a split cut into ``n_streams`` contiguous streams (at
+    least one per process), each walked segment by segment; item k is segment k of this rank's streams,
+    (x [b, S], y [b, S]), padded with IGNORE_INDEX where a stream has ended. Rank r takes streams r, r+W, …"""
+
+    def __init__(self, tokens: np.ndarray, seq_len: int, n_streams: int, rank: int = 0, world_size: int = 1):
+        self.tokens, self.seq_len = tokens, seq_len
+        n_targets = len(tokens) - 1
+        n_streams = max(world_size, min(n_streams, -(-n_targets // seq_len)))
+        self.length = -(-n_targets // n_streams)  # targets per stream (the last streams may have fewer)
+        self.n_targets = n_targets
+        self.streams = list(range(rank, n_streams, world_size))
+
+    def __len__(self) -> int:
+        return -(-self.length // self.seq_len)
+
+    def __getitem__(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        S = self.seq_len
+        x = torch.zeros(len(self.streams), S, dtype=torch.long)
+        y = torch.full((len(self.streams), S), IGNORE_INDEX, dtype=torch.long)
+        for row, b in enumerate(self.streams):
+            first = b * self.length + 1 + k * S  # the first target of this segment
+            last = min((b + 1) * self.length, self.n_targets, first + S - 1)
+            if last < first:
+                continue
+            chunk = torch.from_numpy(np.asarray(self.tokens[first - 1 : last + 1], dtype=np.int64))
+            x[row, : len(chunk) - 1] = chunk[:-1]
+            y[row, : len(chunk) - 1] = chunk[1:]
         return x, y
 
 
 class LMDataModule(L.LightningDataModule):
     """Loads ``cfg.corpus`` at construction, so vocabulary and unit are known before the model is built."""
 
-    def __init__(self, cfg: DataConfig, seed: int):
+    def __init__(self, cfg: DataConfig, seed: int, streams: bool = False, eval_stride: int = 0):
+        """``streams``: read contiguous streams for a model with memory; ``eval_stride``: sliding evaluation
+        windows (0: non-overlapping)."""
         super().__init__()
-        self.cfg, self.seed = cfg, seed
+        self.cfg, self.seed, self.streams, self.eval_stride = cfg, seed, streams, eval_stride
         self.corpus: Corpus = load_corpus(cfg)
         for split, tokens in self.corpus.splits.items():
             if len(tokens) < cfg.seq_len + 1:
@@ -80,6 +139,12 @@ class LMDataModule(L.LightningDataModule):
                     f"The {split} split of '{cfg.corpus}' has {len(tokens):,} tokens, fewer than one window of "
                     f"data.seq_len + 1 = {cfg.seq_len + 1}. Use a longer corpus or a shorter data.seq_len."
                 )
+        if streams and (len(self.corpus.splits["train"]) - 1) // cfg.batch_size < cfg.seq_len:
+            raise UserError(
+                f"A model with memory reads the training split as data.batch_size = {cfg.batch_size} contiguous "
+                f"streams of at least data.seq_len = {cfg.seq_len} tokens; the split has only "
+                f"{len(self.corpus.splits['train']):,}. Use a smaller batch, a shorter window or a longer corpus."
+            )
         self.unigram_entropy_bits = self.corpus.unigram_entropy_bits()
 
     vocab_size = property(lambda self: self.corpus.vocab_size)
@@ -106,8 +171,8 @@ class LMDataModule(L.LightningDataModule):
         if self.cfg.batch_size % world:
             raise UserError(f"data.batch_size ({self.cfg.batch_size}) is the global batch; it must be divisible "
                             f"by the number of processes ({world}).")
-        windows = TrainWindows(self.corpus.splits["train"], self.cfg.seq_len, self.cfg.batch_size, self.seed, step,
-                               rank, world)
+        kind = TrainStreams if self.streams else TrainWindows
+        windows = kind(self.corpus.splits["train"], self.cfg.seq_len, self.cfg.batch_size, self.seed, step, rank, world)
         return self._loader(windows, batch_size=None)
 
     def val_dataloader(self) -> DataLoader:
@@ -118,7 +183,10 @@ class LMDataModule(L.LightningDataModule):
 
     def eval_dataloader(self, split: str) -> DataLoader:
         _, rank, world = self._placement()
-        windows = EvalWindows(self.corpus.splits[split], self.cfg.seq_len, rank, world)
+        tokens = self.corpus.splits[split]
+        if self.streams:
+            return self._loader(EvalStreams(tokens, self.cfg.seq_len, self.cfg.eval_batch_size, rank, world), None)
+        windows = EvalWindows(tokens, self.cfg.seq_len, rank, world, self.eval_stride)
         return self._loader(windows, batch_size=self.cfg.eval_batch_size)
 
     def _loader(self, dataset, batch_size: int | None) -> DataLoader:

@@ -1,4 +1,5 @@
-"""Tokenizers: bytes, words with ``<eos>`` per line, and the synthetic corpus' symbols.
+"""Tokenizers: bytes, words with ``<eos>`` per line, the synthetic corpus' symbols, and (from ``subword``)
+SentencePiece, byte-level BPE and GPT-2.
 
 Each one saves itself as a small JSON-able dict (``tokenizer_to_dict`` / ``tokenizer_from_dict``), which
 a run directory keeps as ``tokenizer.json`` so that ``sffn sample`` needs no corpus.
@@ -6,10 +7,15 @@ a run directory keeps as ``tokenizer.json`` so that ``sffn sample`` needs no cor
 
 from __future__ import annotations
 
+import base64
+import json
 from collections import Counter
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
+
+from sffn_lab.data.subword import ByteLevelBPETokenizer, GPT2Tokenizer, SentencePieceTokenizer
 
 EOS, UNK = "<eos>", "<unk>"
 
@@ -40,6 +46,10 @@ class ByteTokenizer:
 
     def decode(self, ids: list[int]) -> str:
         return bytes(ids).decode("utf-8", errors="replace")
+
+    def encode_text(self, text: str) -> np.ndarray:
+        """A whole split → uint8 ids [n] (its UTF-8 bytes)."""
+        return np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
 
 
 class SymbolTokenizer:
@@ -101,6 +111,12 @@ def tokenizer_to_dict(tokenizer: Tokenizer) -> dict:
         return {"kind": "symbol", "vocab_size": tokenizer.vocab_size}
     if isinstance(tokenizer, WordTokenizer):
         return {"kind": "word", "words": tokenizer.words}
+    if isinstance(tokenizer, SentencePieceTokenizer):
+        return {"kind": "sentencepiece", "model": base64.b64encode(tokenizer.model).decode("ascii")}
+    if isinstance(tokenizer, ByteLevelBPETokenizer):
+        return {"kind": "bpe", "model": json.loads(tokenizer.model)}
+    if isinstance(tokenizer, GPT2Tokenizer):  # OpenAI's files stay in the data cache
+        return {"kind": "gpt2", "folder": str(tokenizer.folder)}
     raise TypeError(f"cannot save a {type(tokenizer).__name__}")
 
 
@@ -111,4 +127,10 @@ def tokenizer_from_dict(data: dict) -> Tokenizer:
         return SymbolTokenizer(data["vocab_size"])
     if data["kind"] == "word":
         return WordTokenizer(data["words"])
+    if data["kind"] == "sentencepiece":
+        return SentencePieceTokenizer(base64.b64decode(data["model"]))
+    if data["kind"] == "bpe":
+        return ByteLevelBPETokenizer(json.dumps(data["model"]))
+    if data["kind"] == "gpt2":
+        return GPT2Tokenizer(Path(data["folder"]))
     raise ValueError(f"unknown tokenizer kind {data['kind']!r}")

@@ -15,12 +15,14 @@ class LMOutput:
     (for sMLP's sparse blocks: the FFN's, then the token-mixing sMoE's).
 
     ``loss_mask`` [S] (bool) marks positions whose prediction counts towards the loss, or None for all
-    (sMLP partial prediction scores only the tail of each sequence).
+    (sMLP partial prediction scores only the tail of each sequence). ``memory``: the Transformer-XL cache
+    for the next segment, per layer [B, M, D] (detached), or None for a model without memory.
     """
 
     logits: torch.Tensor
     layer_stats: list[RoutingStats] = field(default_factory=list)
     loss_mask: torch.Tensor | None = None
+    memory: list[torch.Tensor] | None = None
 
     @property
     def aux_loss(self) -> torch.Tensor:

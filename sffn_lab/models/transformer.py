@@ -33,25 +33,72 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return rotated.flatten(-2).type_as(x)
 
 
-class CausalSelfAttention(nn.Module):
-    """Multi-head causal self-attention: x [B, S, D] → [B, S, D] through H heads of size Dh (H·Dh may differ
-    from D, as the σ-MoE paper's Transformer-XL projection size)."""
+def relative_sinusoids(length: int, d_model: int, device=None) -> torch.Tensor:
+    """Transformer-XL's sinusoidal embedding of the offsets 0 … length − 1: [length, d_model] (sin | cos)."""
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, d_model, 2, device=device).float() / d_model))
+    angles = torch.outer(torch.arange(length, device=device).float(), inv_freq)
+    return torch.cat([angles.sin(), angles.cos()], dim=-1)
 
-    def __init__(self, d_model: int, n_heads: int, head_dim: int, dropout: float):
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention of S queries over M cached + S new positions: x [B, S, D] and
+    context [B, M + S, D] (the memory, then x; both layer-normalised) → [B, S, D], through H heads of size
+    Dh (H·Dh may differ from D, as the σ-MoE paper's Transformer-XL projection size).
+
+    Positions: RoPE tables (cos, sin) [M + S, Dh / 2]; or, with ``relative``, Transformer-XL's relative
+    attention: score(i, j) = (q_i + u)·k_j + (q_i + v)·W_r R[i − j], R the offsets' sinusoids [M + S, D]
+    and u, v [H, Dh] learned (per layer); or None (learned absolute positions were added to the input).
+    """
+
+    def __init__(self, d_model: int, n_heads: int, head_dim: int, dropout: float, relative: bool = False):
         super().__init__()
         self.n_heads, self.head_dim = n_heads, head_dim
         self.qkv = nn.Linear(d_model, 3 * n_heads * head_dim)
         self.proj = nn.Linear(n_heads * head_dim, d_model)
         self.dropout = dropout
+        self.relative = relative
+        if relative:
+            self.pos_proj = nn.Linear(d_model, n_heads * head_dim, bias=False)  # W_r
+            self.content_bias = nn.Parameter(torch.zeros(n_heads, head_dim))  # u
+            self.position_bias = nn.Parameter(torch.zeros(n_heads, head_dim))  # v
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor, positions) -> torch.Tensor:
         B, S, _ = x.shape
-        q, k, v = self.qkv(x).view(B, S, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        L = context.shape[1]  # M + S keys
+        inner = self.n_heads * self.head_dim
+        q = F.linear(x, self.qkv.weight[:inner], self.qkv.bias[:inner]).view(B, S, self.n_heads, self.head_dim)
+        k, v = F.linear(context, self.qkv.weight[inner:], self.qkv.bias[inner:]).view(
+            B, L, 2, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q = q.transpose(1, 2)  # [B, H, S, Dh]
         p = self.dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p)
-        return self.proj(y.transpose(1, 2).reshape(B, S, self.n_heads * self.head_dim))
+        if self.relative:
+            bias = self.relative_scores(q, positions, L) / math.sqrt(self.head_dim)
+            q = q + self.content_bias[:, None, :]
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=p)
+        else:
+            if positions is not None:
+                cos, sin = positions
+                q, k = apply_rope(q, cos[L - S:], sin[L - S:]), apply_rope(k, cos, sin)
+            mask = causal_mask(S, L, q)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, dropout_p=p)
+        return self.proj(y.transpose(1, 2).reshape(B, S, inner))
+
+    def relative_scores(self, q: torch.Tensor, sinusoids: torch.Tensor, L: int) -> torch.Tensor:
+        """(q_i + v)·W_r R[i − j] for query i (position M + i) and key j; −inf where j is in i's future.
+        q [B, H, S, Dh], sinusoids [L, D] (offsets 0 … L − 1) → [B, H, S, L]."""
+        B, H, S, Dh = q.shape
+        r = self.pos_proj(sinusoids.to(q.dtype)).view(L, H, Dh)
+        by_offset = torch.einsum("bhsd,lhd->bhsl", q + self.position_bias[:, None, :], r)  # [B, H, S, offset]
+        offset = torch.arange(L - S, L, device=q.device)[:, None] - torch.arange(L, device=q.device)[None, :]
+        scores = by_offset.gather(-1, offset.clamp(min=0).expand(B, H, S, L))
+        return scores.masked_fill(offset < 0, float("-inf"))
+
+
+def causal_mask(S: int, L: int, like: torch.Tensor) -> torch.Tensor | None:
+    """Boolean [S, L]: query i (position L − S + i) sees keys 0 … L − S + i; None when L = S (SDPA's own)."""
+    if L == S:
+        return None
+    return torch.ones(S, L, dtype=torch.bool, device=like.device).tril(L - S)
 
 
 class Block(nn.Module):
@@ -60,13 +107,17 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, vocab_size: int):
         super().__init__()
         self.ln_attn = nn.LayerNorm(cfg.d_model)
-        self.attn = CausalSelfAttention(cfg.d_model, cfg.n_heads, attention_head_dim(cfg), cfg.attention_dropout)
+        self.attn = CausalSelfAttention(cfg.d_model, cfg.n_heads, attention_head_dim(cfg), cfg.attention_dropout,
+                                        relative=cfg.positions == "relative")
         self.ln_ffn = nn.LayerNorm(cfg.d_model)
         self.ffn = build_ffn(cfg.ffn, cfg.d_model, cfg.n_layers, vocab_size)
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, token_ids, rope) -> tuple[torch.Tensor, FFNOutput]:
-        x = x + self.dropout(self.attn(self.ln_attn(x), rope))
+    def forward(self, x, token_ids, positions, memory: torch.Tensor | None = None) -> tuple[torch.Tensor, FFNOutput]:
+        """x [B, S, D]; memory [B, M, D]: this layer's inputs at the M cached positions (no gradient)."""
+        h = self.ln_attn(x)
+        context = h if memory is None else torch.cat([self.ln_attn(memory), h], dim=1)
+        x = x + self.dropout(self.attn(h, context, positions))
         out = self.ffn(self.ln_ffn(x), token_ids)
         return x + self.dropout(out.y), out
 
@@ -77,6 +128,8 @@ class TransformerLM(nn.Module):
     def __init__(self, cfg: ModelConfig, vocab_size: int, max_seq_len: int):
         super().__init__()
         self.max_seq_len = max_seq_len
+        self.relative = cfg.positions == "relative"
+        self.memory_len = cfg.memory_segments * max_seq_len  # M: cached positions per layer
         self.embed = nn.Embedding(vocab_size, cfg.d_model)
         self.pos_embed = nn.Embedding(max_seq_len, cfg.d_model) if cfg.positions == "learned" else None
         self.blocks = nn.ModuleList(Block(cfg, vocab_size) for _ in range(cfg.n_layers))
@@ -98,20 +151,32 @@ class TransformerLM(nn.Module):
             nn.init.zeros_(block.attn.qkv.bias)
             nn.init.normal_(block.attn.proj.weight, std=0.02 / math.sqrt(2 * n_layers))
             nn.init.zeros_(block.attn.proj.bias)
+            if block.attn.relative:
+                nn.init.normal_(block.attn.pos_proj.weight, std=0.02)
 
-    def forward(self, tokens: torch.Tensor) -> LMOutput:
+    def forward(self, tokens: torch.Tensor, memory: list[torch.Tensor] | None = None) -> LMOutput:
+        """tokens [B, S]; memory: per layer, its inputs at the M previous positions [B, M, D] (Transformer-XL,
+        ``model.memory_segments``), or None. The output's ``memory`` holds the last memory_segments · max_seq_len
+        positions of each layer's input (detached) for the next segment."""
         S = tokens.shape[1]
         if S > self.max_seq_len:
             raise ValueError(f"sequence length {S} exceeds the model's maximum {self.max_seq_len}")
+        M = memory[0].shape[1] if memory else 0
         x = self.embed(tokens)
-        rope = None
+        positions = None
         if self.pos_embed is not None:
             x = x + self.pos_embed(torch.arange(S, device=tokens.device))
+        elif self.relative:
+            positions = relative_sinusoids(M + S, x.shape[-1], tokens.device)
         else:
-            rope = rope_tables(S, self.head_dim, tokens.device)
+            positions = rope_tables(M + S, self.head_dim, tokens.device)
         x = self.drop(x)
-        layer_stats = []
-        for block in self.blocks:
-            x, out = block(x, tokens, rope)
+        layer_stats, new_memory = [], []
+        for i, block in enumerate(self.blocks):
+            layer_memory = memory[i] if memory else None
+            if self.memory_len:
+                cached = x if layer_memory is None else torch.cat([layer_memory.to(x.dtype), x], dim=1)
+                new_memory.append(cached[:, -self.memory_len:].detach())
+            x, out = block(x, tokens, positions, layer_memory)
             layer_stats.append(out)
-        return LMOutput(self.head(self.ln_out(x)), layer_stats)
+        return LMOutput(self.head(self.ln_out(x)), layer_stats, memory=new_memory or None)
