@@ -7,9 +7,10 @@ windows:
   precision keeps fp32 weights and casts them per step);
 - activations: the bytes autograd saves for backward, *measured* by running the toolkit's own model on
   this machine's CPU (``bench.memory.saved_tensor_bytes``; autocast to the config's precision; training
-  mode, so dropout masks count) at a few small depths and batch sizes, and extrapolated linearly to the
-  config's layers, batch and window (every saved tensor of the attention, FFN and loss is linear in tokens
-  for a fixed model: attention runs a fused kernel that saves no S × S matrix, checked by a test);
+  mode, so dropout masks count; a model with memory with its cache full) at a few small depths and batch
+  sizes, and extrapolated linearly to the config's layers and batch; a plain RoPE Transformer is measured
+  on short windows and extrapolated to its window too (its attention runs a fused kernel that saves no
+  S × S matrix, checked by a test), every other model (sMLP, relative attention, memory) at its window;
 - fixed: the saved bytes that do not grow with the batch (measured as such): the low-precision copies of
   the weights that autocast keeps alive through a step, and the position tables.
 
@@ -90,15 +91,19 @@ def training_memory(config: Config, vocab_size: int) -> TrainingMemory:
 def saved_bytes(config: Config, vocab_size: int) -> SavedBytes:
     """Measured activation bytes of ``config``'s model, extrapolated from a few small depths and batches.
 
-    Each depth is measured at batch 1 and 2 (the difference grows with tokens, the rest does not); the
-    depths separate each kind of layer from the embedding, output layer and loss.
+    Each depth is measured at batch 2 and 3 (the difference grows with tokens, the rest does not; batch 1
+    takes other code paths in places, e.g. views instead of copies); the depths separate each kind of layer
+    from the embedding, output layer and loss.
     """
     depths = _measured_depths(config.model)
-    window = config.data.seq_len if config.model.backbone == "smlp" else min(config.data.seq_len, MEASURED_WINDOW)
+    m = config.model
+    # sMLP's token mixing, relative scores [S, M + S] and a memory's attention mask grow faster than the window
+    short = m.backbone == "transformer" and m.positions != "relative" and not m.memory_segments
+    window = min(config.data.seq_len, MEASURED_WINDOW) if short else config.data.seq_len
     per_seq, constant = {}, {}
     for depth, model_cfg in depths.items():
-        one, two = _measure(model_cfg, config.train.precision, vocab_size, config.data.seq_len, window, (1, 2))
-        per_seq[depth], constant[depth] = two - one, 2 * one - two
+        two, three = _measure(model_cfg, config.train.precision, vocab_size, config.data.seq_len, window, (2, 3))
+        per_seq[depth], constant[depth] = three - two, 3 * two - 2 * three
     target = _depth(config.model)
     base = min(depths)  # every other measured depth adds one layer of one kind to it
     per_token = per_seq[base] / window
@@ -147,9 +152,16 @@ def _measure(cfg: ModelConfig, precision: str, vocab_size: int, max_seq_len: int
     if precision in TRUE_DTYPES:
         model = model.to(TRUE_DTYPES[precision])
 
+    autocast = {"dtype": AUTOCAST.get(precision, torch.bfloat16), "enabled": precision in AUTOCAST}
+
     def step(tokens: torch.Tensor) -> torch.Tensor:
-        with torch.autocast("cpu", dtype=AUTOCAST.get(precision, torch.bfloat16), enabled=precision in AUTOCAST):
-            out = model(tokens[:, :-1])
+        memory = None
+        if cfg.memory_segments:  # the cache a segment of a stream starts with: the previous segments' states
+            with torch.no_grad(), torch.autocast("cpu", **autocast):
+                for _ in range(cfg.memory_segments):
+                    memory = model(tokens[:, :-1], memory).memory
+        with torch.autocast("cpu", **autocast):
+            out = model(tokens[:, :-1], memory) if cfg.memory_segments else model(tokens[:, :-1])
         losses, _ = token_losses(out.logits, tokens[:, 1:], None)
         return losses.mean()
 
