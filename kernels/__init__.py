@@ -11,10 +11,12 @@ Both are differentiable in every float input and follow autocast as a matmul wou
 (their gradients flow back through the cast, so fp32 parameters get fp32 gradients) and the
 result has that dtype; the gates keep their own dtype (fp32 routing).
 
-The backend is Triton for CUDA tensors of a dtype the kernels take (fp32, fp16, bf16) when triton
-imports, and the sorted grouped PyTorch path otherwise; ``backend=`` or the environment variable
-``SFFN_KERNEL`` (``triton`` | ``torch`` | ``reference``) forces one. ``triton`` on CPU tensors runs
-under ``TRITON_INTERPRET=1`` (the tests' way of checking the kernels without a GPU).
+Under ``torch.compile`` both products are ``torch.library`` custom ops (``custom_ops.py``), so a compiled
+model keeps one graph through its sparse layers. The backend is Triton for CUDA tensors of a dtype the
+kernels take (fp32, fp16, bf16) when triton imports, and the sorted grouped PyTorch path otherwise;
+``backend=`` or the environment variable ``SFFN_KERNEL`` (``triton`` | ``torch`` | ``reference``) forces
+one. ``triton`` on CPU tensors runs under ``TRITON_INTERPRET=1`` (the tests' way of checking the kernels
+without a GPU).
 """
 
 from __future__ import annotations
@@ -75,6 +77,10 @@ def pick_backend(x: torch.Tensor, backend: str | None) -> str:
 def expert_up(x: torch.Tensor, weight: torch.Tensor, plan: RoutingPlan, backend: str | None = None) -> torch.Tensor:
     x, weight = autocast_operands(x, weight)
     chosen = pick_backend(x, backend)
+    if torch.compiler.is_compiling() and chosen != "reference":  # one opaque op per product: no graph break
+        from sffn_lab.kernels.custom_ops import expert_up_op
+
+        return expert_up_op(x, weight, *plan.tensors(), chosen)
     with torch.autocast(x.device.type, enabled=False):
         if chosen == "triton":
             from sffn_lab.kernels.triton_ops import expert_up_triton
@@ -91,6 +97,10 @@ def expert_down(
 ) -> torch.Tensor:
     h, weight = autocast_operands(h, weight)
     chosen = pick_backend(h, backend)
+    if torch.compiler.is_compiling() and chosen != "reference":
+        from sffn_lab.kernels.custom_ops import expert_down_op
+
+        return expert_down_op(h, weight, *plan.tensors(), gates, chosen)
     with torch.autocast(h.device.type, enabled=False):
         if chosen == "triton":
             from sffn_lab.kernels.triton_ops import expert_down_triton

@@ -15,6 +15,13 @@ from itertools import pairwise
 import torch
 
 
+def counts_per_id(ids: torch.Tensor, n: int) -> torch.Tensor:
+    """How often each of 0 … n − 1 occurs in ``ids`` (long [n]). A scatter rather than ``bincount``, whose
+    output shape depends on the data: this one's is fixed by n, so ``torch.compile`` traces it."""
+    flat = ids.reshape(-1)
+    return torch.zeros(n, dtype=torch.long, device=flat.device).index_add_(0, flat, torch.ones_like(flat))
+
+
 @dataclass
 class Tiles:
     """Row tiles of at most ``block_m`` sorted pairs that never straddle two experts.
@@ -53,10 +60,14 @@ class RoutingPlan:
             raise ValueError(f"indices must be [T, K], got shape {tuple(indices.shape)}")
         flat = indices.reshape(-1)
         pairs = torch.argsort(flat, stable=True)
-        counts = torch.bincount(flat, minlength=n_experts)
+        counts = counts_per_id(flat, n_experts)
         offsets = torch.zeros(n_experts + 1, dtype=torch.long, device=flat.device)
         offsets[1:] = torch.cumsum(counts, 0)
         return cls(indices, pairs, pairs // indices.shape[1], counts, offsets)
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        """(indices, pairs, tokens, counts, offsets): the plan as the custom ops take it."""
+        return self.indices, self.pairs, self.tokens, self.counts, self.offsets
 
     @property
     def n_experts(self) -> int:

@@ -106,83 +106,106 @@ def block_weight_grad(a: torch.Tensor, b: torch.Tensor, block: Block, plan: Rout
             torch.matmul(a_e.t(), b_e, out=out[e])
 
 
-class ExpertUp(torch.autograd.Function):
+def up_forward(x, weight, plan: RoutingPlan, strategy: str) -> torch.Tensor:
     """h[t, k] = x[t] @ W[indices[t, k]];  x [T, D], W [E, D, G] → h [T, K, G]."""
+    T, K = plan.indices.shape
+    h = x.new_empty(T * K, weight.shape[2])
+    for b in blocks(plan, strategy):
+        h.index_copy_(0, b.pairs, block_matmul(x.index_select(0, b.tokens), weight, b, plan))
+    return h.view(T, K, -1)
+
+
+def up_backward(grad_h, x, weight, plan: RoutingPlan, strategy: str, need_x: bool, need_w: bool):
+    """grad_h [T, K, G] → (dL/dx [T, D] or None, dL/dW [E, D, G] or None)."""
+    grad_h = grad_h.reshape(-1, grad_h.shape[-1]).to(x.dtype)
+    grad_x = torch.zeros_like(x) if need_x else None
+    # experts no pair used keep a zero gradient: only the grouped product writes every expert
+    grad_w = torch.zeros_like(weight) if need_w else None
+    for b in blocks(plan, strategy):
+        g = grad_h.index_select(0, b.pairs)
+        if grad_x is not None:
+            grad_x.index_add_(0, b.tokens, block_matmul(g, weight.transpose(1, 2), b, plan))
+        if grad_w is not None:
+            block_weight_grad(x.index_select(0, b.tokens), g, b, plan, grad_w)
+    return grad_x, grad_w
+
+
+def down_forward(h, weight, plan: RoutingPlan, gates, strategy: str) -> torch.Tensor:
+    """y[t] = Σ_k g[t, k] · h[t, k] @ W[indices[t, k]];  h [T, K, G], W [E, G, D], g [T, K] → y [T, D]."""
+    T, K, G = h.shape
+    rows = h.reshape(T * K, G)
+    y = h.new_zeros(T, weight.shape[2])
+    for b in blocks(plan, strategy):
+        out = block_matmul(rows.index_select(0, b.pairs), weight, b, plan)
+        if gates is not None:
+            out.mul_(gates.reshape(-1).index_select(0, b.pairs).unsqueeze(1))
+        y.index_add_(0, b.tokens, out)
+    return y
+
+
+def down_backward(grad_y, h, weight, plan: RoutingPlan, gates, strategy: str, need_h: bool, need_w: bool,
+                  need_gates: bool):
+    """grad_y [T, D] → (dL/dh [T, K, G], dL/dW [E, G, D], dL/dg [T, K]), each None where not needed."""
+    T, K, G = h.shape
+    rows = h.reshape(T * K, G)
+    grad_y = grad_y.to(h.dtype)
+    # every pair is written once below, so the gradients of h and of the gates need no zero fill
+    grad_h = rows.new_empty(T * K, G) if need_h else None
+    grad_w = torch.zeros_like(weight) if need_w else None
+    grad_gates = gates.new_empty(T * K) if gates is not None and need_gates else None
+    for b in blocks(plan, strategy):
+        grad_out = grad_y.index_select(0, b.tokens)  # dL/d(ungated out_p), [n, D]
+        grad_pre = block_matmul(grad_out, weight.transpose(1, 2), b, plan)  # dL/d(g_p·h_p)
+        h_b = rows.index_select(0, b.pairs)
+        if grad_gates is not None:
+            dot = (grad_pre * h_b).sum(1, dtype=torch.promote_types(h_b.dtype, torch.float32))  # ≥ fp32 sums
+            grad_gates.index_copy_(0, b.pairs, dot.to(gates.dtype))
+        if gates is not None:
+            g = gates.reshape(-1).index_select(0, b.pairs).unsqueeze(1)
+            grad_pre.mul_(g)
+            grad_out.mul_(g)
+        if grad_h is not None:
+            grad_h.index_copy_(0, b.pairs, grad_pre)
+        if grad_w is not None:
+            block_weight_grad(h_b, grad_out, b, plan, grad_w)
+    grad_h = grad_h.view(T, K, G) if grad_h is not None else None
+    grad_gates = grad_gates.view(T, K) if grad_gates is not None else None
+    return grad_h, grad_w, grad_gates
+
+
+class ExpertUp(torch.autograd.Function):
+    """``up_forward`` with ``up_backward``; only the layer's inputs are kept for backward."""
 
     @staticmethod
     def forward(ctx, x, weight, plan: RoutingPlan, strategy):
-        T, K = plan.indices.shape
-        h = x.new_empty(T * K, weight.shape[2])
-        for b in blocks(plan, strategy):
-            h.index_copy_(0, b.pairs, block_matmul(x.index_select(0, b.tokens), weight, b, plan))
         ctx.save_for_backward(x, weight)
         ctx.plan, ctx.strategy = plan, strategy
-        return h.view(T, K, -1)
+        return up_forward(x, weight, plan, strategy)
 
     @staticmethod
     @autocast_off
     def backward(ctx, grad_h):
         x, weight = ctx.saved_tensors
-        plan = ctx.plan
-        grad_h = grad_h.reshape(-1, grad_h.shape[-1]).to(x.dtype)
-        grad_x = torch.zeros_like(x) if ctx.needs_input_grad[0] else None
-        # experts no pair used keep a zero gradient: only the grouped product writes every expert
-        grad_w = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
-        for b in blocks(plan, ctx.strategy):
-            g = grad_h.index_select(0, b.pairs)
-            if grad_x is not None:
-                grad_x.index_add_(0, b.tokens, block_matmul(g, weight.transpose(1, 2), b, plan))
-            if grad_w is not None:
-                block_weight_grad(x.index_select(0, b.tokens), g, b, plan, grad_w)
-        return grad_x, grad_w, None, None
+        need = ctx.needs_input_grad
+        return (*up_backward(grad_h, x, weight, ctx.plan, ctx.strategy, need[0], need[1]), None, None)
 
 
 class ExpertDown(torch.autograd.Function):
-    """y[t] = Σ_k g[t, k] · h[t, k] @ W[indices[t, k]];  h [T, K, G], W [E, G, D], g [T, K] → y [T, D]."""
+    """``down_forward`` with ``down_backward``; only the layer's inputs are kept for backward."""
 
     @staticmethod
     def forward(ctx, h, weight, plan: RoutingPlan, gates, strategy):
-        T, K, G = h.shape
-        rows = h.reshape(T * K, G)
-        y = h.new_zeros(T, weight.shape[2])
-        for b in blocks(plan, strategy):
-            out = block_matmul(rows.index_select(0, b.pairs), weight, b, plan)
-            if gates is not None:
-                out.mul_(gates.reshape(-1).index_select(0, b.pairs).unsqueeze(1))
-            y.index_add_(0, b.tokens, out)
         ctx.save_for_backward(h, weight, gates)
         ctx.plan, ctx.strategy = plan, strategy
-        return y
+        return down_forward(h, weight, plan, gates, strategy)
 
     @staticmethod
     @autocast_off
     def backward(ctx, grad_y):
         h, weight, gates = ctx.saved_tensors
-        plan = ctx.plan
-        T, K, G = h.shape
-        rows = h.reshape(T * K, G)
-        grad_y = grad_y.to(h.dtype)
-        # every pair is written once below, so the gradients of h and of the gates need no zero fill
-        grad_h = rows.new_empty(T * K, G) if ctx.needs_input_grad[0] else None
-        grad_w = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
-        grad_gates = gates.new_empty(T * K) if gates is not None and ctx.needs_input_grad[3] else None
-        for b in blocks(plan, ctx.strategy):
-            grad_out = grad_y.index_select(0, b.tokens)  # dL/d(ungated out_p), [n, D]
-            grad_pre = block_matmul(grad_out, weight.transpose(1, 2), b, plan)  # dL/d(g_p·h_p)
-            h_b = rows.index_select(0, b.pairs)
-            if grad_gates is not None:
-                dot = (grad_pre * h_b).sum(1, dtype=torch.promote_types(h_b.dtype, torch.float32))  # ≥ fp32 sums
-                grad_gates.index_copy_(0, b.pairs, dot.to(gates.dtype))
-            if gates is not None:
-                g = gates.reshape(-1).index_select(0, b.pairs).unsqueeze(1)
-                grad_pre.mul_(g)
-                grad_out.mul_(g)
-            if grad_h is not None:
-                grad_h.index_copy_(0, b.pairs, grad_pre)
-            if grad_w is not None:
-                block_weight_grad(h_b, grad_out, b, plan, grad_w)
-        grad_h = grad_h.view(T, K, G) if grad_h is not None else None
-        grad_gates = grad_gates.view(T, K) if grad_gates is not None else None
+        need = ctx.needs_input_grad
+        grad_h, grad_w, grad_gates = down_backward(grad_y, h, weight, ctx.plan, gates, ctx.strategy, need[0],
+                                                   need[1], need[3])
         return grad_h, grad_w, None, grad_gates, None
 
 

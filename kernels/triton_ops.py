@@ -95,64 +95,86 @@ def weight_grad(a, b, src_a, src_b, plan: RoutingPlan, shape, scale=None) -> tor
     return out
 
 
-class TritonExpertUp(torch.autograd.Function):
+def up_forward(x, weight, plan: RoutingPlan) -> torch.Tensor:
     """h[t, k] = x[t] @ W[indices[t, k]];  x [T, D], W [E, D, G] → h [T, K, G]."""
+    T, K = plan.indices.shape
+    return gather_matmul(x.contiguous(), weight, plan.tokens, plan.pairs, plan).view(T, K, -1)
+
+
+def up_backward(grad_h, x, weight, plan: RoutingPlan, need_x: bool, need_w: bool):
+    """grad_h [T, K, G] → (dL/dx [T, D] or None, dL/dW [E, D, G] or None)."""
+    x = x.contiguous()
+    T = x.shape[0]
+    grad_h = grad_h.reshape(-1, grad_h.shape[-1]).contiguous()
+    grad_x = grad_w = None
+    if need_x:
+        per_pair = gather_matmul(grad_h, weight, plan.pairs, plan.pairs, plan, transpose_w=True)
+        grad_x = per_pair.view(T, -1, x.shape[1]).sum(1)  # pair p = t·K + k
+    if need_w:
+        grad_w = weight_grad(x, grad_h, plan.tokens, plan.pairs, plan, weight.shape)
+    return grad_x, grad_w
+
+
+def down_forward(h, weight, plan: RoutingPlan, gates) -> torch.Tensor:
+    """y[t] = Σ_k g[t, k] · h[t, k] @ W[indices[t, k]];  h [T, K, G], W [E, G, D] → y [T, D]."""
+    T, K, G = h.shape
+    rows = h.reshape(T * K, G).contiguous()
+    sorted_gates = gates.reshape(-1)[plan.pairs].contiguous() if gates is not None else None  # scale by sorted row
+    per_pair = gather_matmul(rows, weight, plan.pairs, plan.pairs, plan, scale=sorted_gates)
+    return per_pair.view(T, K, -1).sum(1)
+
+
+def down_backward(grad_y, h, weight, plan: RoutingPlan, gates, need_h: bool, need_w: bool, need_gates: bool):
+    """grad_y [T, D] → (dL/dh [T, K, G], dL/dW [E, G, D], dL/dg [T, K]), each None where not needed."""
+    T, K, G = h.shape
+    rows = h.reshape(T * K, G).contiguous()
+    flat_gates = gates.reshape(-1).contiguous() if gates is not None else None
+    grad_y = grad_y.contiguous()
+    ungated = gather_matmul(grad_y, weight, plan.tokens, plan.pairs, plan, transpose_w=True)
+    grad_h = grad_w = grad_gates = None
+    if flat_gates is not None and need_gates:
+        grad_gates = (ungated.float() * rows.float()).sum(1).to(flat_gates.dtype).view(T, K)
+    if need_h:
+        gated = ungated * flat_gates[:, None] if flat_gates is not None else ungated
+        grad_h = gated.to(rows.dtype).view(T, K, G)
+    if need_w:
+        sorted_gates = flat_gates[plan.pairs] if flat_gates is not None else None
+        grad_w = weight_grad(rows, grad_y, plan.pairs, plan.tokens, plan, weight.shape, scale=sorted_gates)
+    return grad_h, grad_w, grad_gates
+
+
+class TritonExpertUp(torch.autograd.Function):
+    """``up_forward`` with ``up_backward``; only the layer's inputs are kept for backward."""
 
     @staticmethod
     def forward(ctx, x, weight, plan: RoutingPlan):
-        T, K = plan.indices.shape
-        x = x.contiguous()
-        h = gather_matmul(x, weight, plan.tokens, plan.pairs, plan)
         ctx.save_for_backward(x, weight)
         ctx.plan = plan
-        return h.view(T, K, -1)
+        return up_forward(x, weight, plan)
 
     @staticmethod
     @autocast_off
     def backward(ctx, grad_h):
         x, weight = ctx.saved_tensors
-        plan = ctx.plan
-        T = x.shape[0]
-        grad_h = grad_h.reshape(-1, grad_h.shape[-1]).contiguous()
-        grad_x = grad_w = None
-        if ctx.needs_input_grad[0]:
-            per_pair = gather_matmul(grad_h, weight, plan.pairs, plan.pairs, plan, transpose_w=True)
-            grad_x = per_pair.view(T, -1, x.shape[1]).sum(1)  # pair p = t·K + k
-        if ctx.needs_input_grad[1]:
-            grad_w = weight_grad(x, grad_h, plan.tokens, plan.pairs, plan, weight.shape)
-        return grad_x, grad_w, None
+        need = ctx.needs_input_grad
+        return (*up_backward(grad_h, x, weight, ctx.plan, need[0], need[1]), None)
 
 
 class TritonExpertDown(torch.autograd.Function):
-    """y[t] = Σ_k g[t, k] · h[t, k] @ W[indices[t, k]];  h [T, K, G], W [E, G, D] → y [T, D]."""
+    """``down_forward`` with ``down_backward``; only the layer's inputs are kept for backward."""
 
     @staticmethod
     def forward(ctx, h, weight, plan: RoutingPlan, gates):
-        T, K, G = h.shape
-        rows = h.reshape(T * K, G).contiguous()
-        flat_gates = gates.reshape(-1).contiguous() if gates is not None else None
-        sorted_gates = flat_gates[plan.pairs] if gates is not None else None  # the kernels read scale by sorted row
-        per_pair = gather_matmul(rows, weight, plan.pairs, plan.pairs, plan, scale=sorted_gates)
-        ctx.save_for_backward(rows, weight, flat_gates, sorted_gates)
-        ctx.plan, ctx.shape = plan, (T, K, G)
-        return per_pair.view(T, K, -1).sum(1)
+        ctx.save_for_backward(h, weight, gates)
+        ctx.plan = plan
+        return down_forward(h, weight, plan, gates)
 
     @staticmethod
     @autocast_off
     def backward(ctx, grad_y):
-        rows, weight, flat_gates, sorted_gates = ctx.saved_tensors
-        plan = ctx.plan
-        T, K, G = ctx.shape
-        grad_y = grad_y.contiguous()
-        ungated = gather_matmul(grad_y, weight, plan.tokens, plan.pairs, plan, transpose_w=True)
-        grad_h = grad_w = grad_gates = None
-        if flat_gates is not None and ctx.needs_input_grad[3]:
-            grad_gates = (ungated.float() * rows.float()).sum(1).to(flat_gates.dtype).view(T, K)
-        if ctx.needs_input_grad[0]:
-            gated = ungated * flat_gates[:, None] if flat_gates is not None else ungated
-            grad_h = gated.to(rows.dtype).view(T, K, G)
-        if ctx.needs_input_grad[1]:
-            grad_w = weight_grad(rows, grad_y, plan.pairs, plan.tokens, plan, weight.shape, scale=sorted_gates)
+        h, weight, gates = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        grad_h, grad_w, grad_gates = down_backward(grad_y, h, weight, ctx.plan, gates, need[0], need[1], need[3])
         return grad_h, grad_w, None, grad_gates
 
 

@@ -69,7 +69,8 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
 
 # What a resumed run may change: its length, and how its processes are laid out (the global batch and the
 # batches of every step do not depend on the number of processes, so the run continues exactly).
-RESUME_MAY_CHANGE = {"train.max_steps", "train.devices", "train.num_nodes", "train.strategy", "train.accelerator"}
+RESUME_MAY_CHANGE = {"train.max_steps", "train.devices", "train.num_nodes", "train.strategy", "train.accelerator",
+                     "train.compile"}
 
 
 def config_changes(saved: dict, config: Config) -> set[str]:

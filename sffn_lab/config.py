@@ -196,6 +196,7 @@ class TrainConfig:
     num_nodes: int = 1  # machines, each running train.devices processes (launched by SLURM, torchrun or by hand)
     strategy: str = "auto"  # Lightning strategy: auto, ddp, fsdp …
     precision: str = "32-true"  # 32-true, bf16-mixed, bf16-true, 16-mixed (GPU) …
+    compile: bool = False  # torch.compile the model (the expert products are custom ops: no graph breaks)
     accumulate_grad_batches: int = 1  # batches whose gradients add up to one optimizer step
     loggers: str = "csv,tensorboard"  # comma-separated: csv (always), tensorboard, wandb, mlflow
     skip_nonfinite: bool = False  # skip a batch whose loss is NaN/inf instead of stopping

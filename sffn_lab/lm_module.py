@@ -71,6 +71,8 @@ class LanguageModelModule(L.LightningModule):
         self.config: Config = from_dict(Config, config)
         self.corpus = CorpusInfo(**corpus)
         self.model = build_model(self.config.model, self.corpus.vocab_size, self.config.data.seq_len)
+        if self.config.train.compile:  # in place: the state dict keeps its keys, checkpoints stay interchangeable
+            self.model.compile()
         self.val_nll = SumMetric()
         self.val_tokens = SumMetric()
         self.usage_counts: dict[str, dict[int, torch.Tensor]] = {}  # stage → layer → [N_E] counts

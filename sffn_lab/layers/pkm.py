@@ -24,6 +24,7 @@ from torch import nn
 from sffn_lab.config import PKMOptions, pkm_query_size
 from sffn_lab.errors import UserError
 from sffn_lab.kernels.precision import autocast_operands
+from sffn_lab.kernels.routing_plan import counts_per_id
 from sffn_lab.layers.ffn_output import FFNOutput
 from sffn_lab.layers.routers import at_least_fp32
 
@@ -102,5 +103,5 @@ class ProductKeyMemory(nn.Module):
         # the value lookup is a sparse matmul: under autocast it runs in the autocast dtype, as one would
         read, table = autocast_operands(self.dropout(weights).flatten(1), self.values)
         y = F.embedding_bag(slots.flatten(1), table, per_sample_weights=read.to(table.dtype), mode="sum")
-        counts = torch.bincount(slots.reshape(-1), minlength=self.values.shape[0]).float()
+        counts = counts_per_id(slots, self.values.shape[0]).float()
         return FFNOutput(y=y.view(B, S, D), expert_counts=counts, gate_mean=weights.detach().mean())

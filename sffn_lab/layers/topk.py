@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from sffn_lab.kernels.routing_plan import counts_per_id
 from sffn_lab.layers.dense import ACTIVATIONS
 from sffn_lab.layers.ffn_output import FFNOutput
 
@@ -35,5 +36,5 @@ class TopKFFN(nn.Module):
         hidden = self.dropout(self.activation(self.up(x.reshape(B * S, D))))
         values, cells = hidden.topk(self.k, dim=-1)
         kept = torch.zeros_like(hidden).scatter_(-1, cells, values)  # [T, d_ff], K non-zeros a row
-        counts = torch.bincount(cells.reshape(-1), minlength=hidden.shape[-1]).float()
+        counts = counts_per_id(cells, hidden.shape[-1]).float()
         return FFNOutput(y=self.down(kept).view(B, S, D), expert_counts=counts)

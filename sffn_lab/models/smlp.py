@@ -30,6 +30,7 @@ from torch import nn
 
 from sffn_lab.config import ModelConfig
 from sffn_lab.kernels import RoutingPlan, expert_up
+from sffn_lab.kernels.routing_plan import counts_per_id
 from sffn_lab.layers.factory import build_ffn
 from sffn_lab.layers.ffn_output import RoutingStats
 from sffn_lab.models.output import LMOutput
@@ -105,7 +106,7 @@ class SparseTokenMixing(nn.Module):
         tail = expert_up(rows, w[:, P:].transpose(1, 2), plan).view(B, Fh, S - P)  # Σ_s W_e[t, s] v[s, c]
         tail = (tail + bias[:, P:][expert]) * gate[..., None]
         out = torch.cat([head, tail.transpose(1, 2)], dim=1)
-        counts = torch.bincount(expert.reshape(-1), minlength=self.n_chunks).float()
+        counts = counts_per_id(expert, self.n_chunks).float()
         return out, RoutingStats(expert_counts=counts, gate_mean=gate.detach().mean())
 
 

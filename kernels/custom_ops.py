@@ -1,0 +1,140 @@
+"""The expert products as ``torch.library`` custom ops, the form ``torch.compile`` traces them in.
+
+Dynamo cannot look inside the products (per-expert Python loops on the PyTorch path, Triton launches on
+the GPU path): it would break the graph around every sparse layer. As custom ops they are opaque nodes
+with a fake implementation (the output's shape and dtype) and an autograd formula that calls the backward
+op, so a compiled model keeps one graph through its sparse layers. The routing plan crosses the op
+boundary as its tensors, so both products and both backward passes still share the one plan the layer
+built. The dispatcher in ``kernels/__init__.py`` takes this route only while compiling; eager code calls
+the autograd functions directly.
+
+Shapes: T tokens, K experts per token, E experts, D model width, G expert width.
+"""
+
+import torch
+from torch import Tensor
+
+from sffn_lab.kernels import torch_grouped
+from sffn_lab.kernels.routing_plan import RoutingPlan
+
+
+def _plan(indices: Tensor, pairs: Tensor, tokens: Tensor, counts: Tensor, offsets: Tensor) -> RoutingPlan:
+    return RoutingPlan(indices, pairs, tokens, counts, offsets)
+
+
+def _products(backend: str):
+    """The module with up/down forward and backward for ``backend`` ("triton" or "torch")."""
+    if backend == "triton":
+        from sffn_lab.kernels import triton_ops
+
+        return triton_ops
+    return torch_grouped
+
+
+def _strategy(t: Tensor, backend: str) -> tuple:
+    """The PyTorch path's extra argument (its block strategy); none for Triton."""
+    return () if backend == "triton" else (torch_grouped.pick_strategy(t, None),)
+
+
+def _or_empty(t: Tensor | None, like: Tensor) -> Tensor:
+    """A custom op returns tensors only: an unneeded gradient travels as an empty one."""
+    return t if t is not None else like.new_empty(0)
+
+
+@torch.library.custom_op("sffn::expert_up", mutates_args=())
+def expert_up_op(x: Tensor, weight: Tensor, indices: Tensor, pairs: Tensor, tokens: Tensor, counts: Tensor,
+                 offsets: Tensor, backend: str) -> Tensor:
+    """x [T, D], weight [E, D, G] → h [T, K, G]."""
+    plan = _plan(indices, pairs, tokens, counts, offsets)
+    with torch.autocast(x.device.type, enabled=False):
+        return _products(backend).up_forward(x, weight, plan, *_strategy(x, backend))
+
+
+@expert_up_op.register_fake
+def _(x, weight, indices, pairs, tokens, counts, offsets, backend):
+    return x.new_empty(indices.shape[0], indices.shape[1], weight.shape[2])
+
+
+@torch.library.custom_op("sffn::expert_up_backward", mutates_args=())
+def expert_up_backward_op(grad_h: Tensor, x: Tensor, weight: Tensor, indices: Tensor, pairs: Tensor, tokens: Tensor,
+                          counts: Tensor, offsets: Tensor, backend: str, need_x: bool,
+                          need_w: bool) -> tuple[Tensor, Tensor]:
+    """grad_h [T, K, G] → (dL/dx [T, D], dL/dW [E, D, G]); an unneeded one is empty."""
+    plan = _plan(indices, pairs, tokens, counts, offsets)
+    with torch.autocast(x.device.type, enabled=False):
+        grad_x, grad_w = _products(backend).up_backward(grad_h, x, weight, plan, *_strategy(x, backend), need_x,
+                                                        need_w)
+    return _or_empty(grad_x, x), _or_empty(grad_w, weight)
+
+
+@expert_up_backward_op.register_fake
+def _(grad_h, x, weight, indices, pairs, tokens, counts, offsets, backend, need_x, need_w):
+    return (torch.empty_like(x) if need_x else x.new_empty(0),
+            torch.empty_like(weight) if need_w else weight.new_empty(0))
+
+
+def _up_setup(ctx, inputs, output) -> None:
+    x, weight, indices, pairs, tokens, counts, offsets, backend = inputs
+    ctx.save_for_backward(x, weight, indices, pairs, tokens, counts, offsets)
+    ctx.backend = backend
+
+
+def _up_backward(ctx, grad_h):
+    x, weight, *plan = ctx.saved_tensors
+    need_x, need_w = ctx.needs_input_grad[:2]
+    grad_x, grad_w = expert_up_backward_op(grad_h, x, weight, *plan, ctx.backend, need_x, need_w)
+    return (grad_x if need_x else None, grad_w if need_w else None, *[None] * 6)
+
+
+expert_up_op.register_autograd(_up_backward, setup_context=_up_setup)
+
+
+@torch.library.custom_op("sffn::expert_down", mutates_args=())
+def expert_down_op(h: Tensor, weight: Tensor, indices: Tensor, pairs: Tensor, tokens: Tensor, counts: Tensor,
+                   offsets: Tensor, gates: Tensor | None, backend: str) -> Tensor:
+    """h [T, K, G], weight [E, G, D], gates [T, K] or None → y [T, D]."""
+    plan = _plan(indices, pairs, tokens, counts, offsets)
+    with torch.autocast(h.device.type, enabled=False):
+        return _products(backend).down_forward(h, weight, plan, gates, *_strategy(h, backend))
+
+
+@expert_down_op.register_fake
+def _(h, weight, indices, pairs, tokens, counts, offsets, gates, backend):
+    return h.new_empty(h.shape[0], weight.shape[2])
+
+
+@torch.library.custom_op("sffn::expert_down_backward", mutates_args=())
+def expert_down_backward_op(grad_y: Tensor, h: Tensor, weight: Tensor, indices: Tensor, pairs: Tensor,
+                            tokens: Tensor, counts: Tensor, offsets: Tensor, gates: Tensor | None, backend: str,
+                            need_h: bool, need_w: bool, need_gates: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """grad_y [T, D] → (dL/dh [T, K, G], dL/dW [E, G, D], dL/dg [T, K]); an unneeded one is empty."""
+    plan = _plan(indices, pairs, tokens, counts, offsets)
+    with torch.autocast(h.device.type, enabled=False):
+        grad_h, grad_w, grad_gates = _products(backend).down_backward(
+            grad_y, h, weight, plan, gates, *_strategy(h, backend), need_h, need_w, need_gates)
+    return _or_empty(grad_h, h), _or_empty(grad_w, weight), _or_empty(grad_gates, h)
+
+
+@expert_down_backward_op.register_fake
+def _(grad_y, h, weight, indices, pairs, tokens, counts, offsets, gates, backend, need_h, need_w, need_gates):
+    grad_gates = torch.empty_like(gates) if gates is not None and need_gates else h.new_empty(0)
+    return (torch.empty_like(h) if need_h else h.new_empty(0),
+            torch.empty_like(weight) if need_w else weight.new_empty(0), grad_gates)
+
+
+def _down_setup(ctx, inputs, output) -> None:
+    h, weight, indices, pairs, tokens, counts, offsets, gates, backend = inputs
+    ctx.save_for_backward(h, weight, indices, pairs, tokens, counts, offsets, gates)
+    ctx.backend = backend
+
+
+def _down_backward(ctx, grad_y):
+    h, weight, indices, pairs, tokens, counts, offsets, gates = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    grad_h, grad_w, grad_gates = expert_down_backward_op(grad_y, h, weight, indices, pairs, tokens, counts, offsets,
+                                                         gates, ctx.backend, need[0], need[1], need[7])
+    return (grad_h if need[0] else None, grad_w if need[1] else None, *[None] * 5,
+            grad_gates if need[7] and gates is not None else None, None)
+
+
+expert_down_op.register_autograd(_down_backward, setup_context=_down_setup)
