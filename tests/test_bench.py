@@ -12,8 +12,10 @@ import torch
 
 from sffn_lab.bench.baselines import gshard_moe, masked_dense_moe, python_loop_moe
 from sffn_lab.bench.gpu_check import run_gpu_check
+from sffn_lab.bench.layer_vs_dense import FLOP_MATCHED
 from sffn_lab.bench.memory import saved_tensor_bytes
 from sffn_lab.bench.records import NOT_MEASURED_NO_GPU
+from sffn_lab.bench.scaling import BANK, LIMIT
 from sffn_lab.bench.sizes import QUICK
 from sffn_lab.config import FFN_KINDS
 from sffn_lab.kernels.reference import expert_down_reference, expert_up_reference
@@ -32,12 +34,20 @@ def test_quick_bench_writes_every_row_with_finite_positive_numbers(tmp_path):
     with open(tmp_path / "bench.csv") as f:
         rows = list(csv.DictReader(f))
     keys = {(r["section"], r["variant"], r["metric"]) for r in rows}
-    for variant in ("dense", "sigma_moe"):
+    for variant in ("dense", "sigma_moe", FLOP_MATCHED):
         assert ("layer", variant, "time_ms") in keys and ("layer", variant, "activation_MB") in keys
+    for variant in ("dense", "sigma_moe"):
         assert ("lm", variant, "train_tokens_per_s") in keys
     sweeps = (("N_E", QUICK.sweep_experts), ("G", QUICK.sweep_expert_size), ("K", QUICK.sweep_top_k))
-    for label, values in sweeps:
-        assert sorted(float(r["x"]) for r in rows if r["section"] == f"scaling_{label}") == sorted(values)
+    for label, values in sweeps:  # every point of every sweep, beside its FLOP-matched dense limit
+        for variant in (BANK, LIMIT):
+            got = sorted(float(r["x"]) for r in rows if r["section"] == f"scaling_{label}" and r["variant"] == variant)
+            assert got == sorted(values), (label, variant)
+    limits = {r["case"]: r for r in rows if r["variant"] == LIMIT}
+    for r in rows:  # each limit row's ratio is the bank's time at that point over the dense time
+        if r["variant"] == BANK:
+            limit = limits[r["case"]]
+            assert float(limit["ratio"]) == pytest.approx(float(r["value"]) / float(limit["value"]), rel=1e-6)
     alternatives = {r["variant"] for r in rows if r["section"] == "alternatives"}
     assert len(alternatives) == 5 and any(v.startswith("GShard") for v in alternatives)
     gpu = [r for r in rows if r["section"] == "gpu"]

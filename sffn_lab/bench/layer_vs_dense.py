@@ -1,5 +1,5 @@
-"""Bench section "layer": the σ-MoE layer against its parameter-equal dense FFN: forward+backward time, activation
-memory.
+"""Bench section "layer": the σ-MoE layer against its parameter-equal dense FFN (d_ff = N_E·G) and against its
+limit, the FLOP-matched dense FFN (d_ff = K·G): forward+backward time, activation memory.
 """
 
 from __future__ import annotations
@@ -14,13 +14,17 @@ from sffn_lab.bench.timing import interleaved_medians
 from sffn_lab.config import FFNConfig
 from sffn_lab.layers.factory import build_ffn
 
+FLOP_MATCHED = "dense, FLOP-matched (d_ff = K·G)"
+
 
 def layer_vs_dense(sizes: BenchSizes) -> list[Measurement]:
     D = sizes.d_model
     dense_cfg = FFNConfig(kind="dense", d_ff=sizes.d_ff)
     moe_cfg = param_equal(dense_cfg, "sigma_moe", D, expert_size=sizes.expert_size, top_k=sizes.top_k)
+    flop_cfg = FFNConfig(kind="dense", d_ff=sizes.top_k * sizes.expert_size)
     layers = {"dense": build_ffn(dense_cfg, D, 1, vocab_size=1),  # no HashLayer here: no token ids
-              "sigma_moe": build_ffn(moe_cfg, D, 1, vocab_size=1)}
+              "sigma_moe": build_ffn(moe_cfg, D, 1, vocab_size=1),
+              FLOP_MATCHED: build_ffn(flop_cfg, D, 1, vocab_size=1)}
     x = torch.randn(1, sizes.tokens, D, requires_grad=True)
     grad_y = torch.randn_like(x)
 

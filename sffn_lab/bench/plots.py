@@ -6,20 +6,24 @@ from __future__ import annotations
 from pathlib import Path
 
 from sffn_lab.bench.records import Measurement
+from sffn_lab.bench.scaling import BANK, LIMIT
 
 
 def plot_scaling(rows: list[Measurement], path: Path) -> None:
-    """Time vs N_E, G and K (log-log), each against its ideal: flat for N_E, linear for G and K."""
+    """Time vs N_E, G and K (log-log), each against its ideal (flat for N_E, linear for G and K) and against
+    the FLOP-matched dense FFN at each point (the limit)."""
     from sffn_lab.analysis.plotting import pyplot
 
     plt = pyplot()
 
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
     for ax, (label, ideal) in zip(axes, (("N_E", "flat"), ("G", "linear"), ("K", "linear")), strict=True):
-        sweep = sorted((r for r in rows if r.section == f"scaling_{label}"), key=lambda r: r.x)
+        sweep = sorted((r for r in rows if r.section == f"scaling_{label}" and r.variant == BANK), key=lambda r: r.x)
+        limit = sorted((r for r in rows if r.section == f"scaling_{label}" and r.variant == LIMIT), key=lambda r: r.x)
         xs, ts = [r.x for r in sweep], [r.value for r in sweep]
         base = next(r for r in sweep if r.case == r.reference)
-        ax.plot(xs, ts, "o-", label="measured")
+        ax.plot(xs, ts, "o-", label="expert bank")
+        ax.plot([r.x for r in limit], [r.value for r in limit], "s:", color="tab:green", label="FLOP-matched dense")
         ax.plot(xs, [base.value * (x / base.x if ideal == "linear" else 1.0) for x in xs], "k--", lw=1,
                 label=f"ideal ({ideal})")
         ax.set_xscale("log", base=2)
@@ -39,7 +43,7 @@ def plot_ratios(rows: list[Measurement], path: Path) -> None:
 
     plt = pyplot()
 
-    layer = [r for r in rows if r.section == "layer" and r.variant != "dense"]
+    layer = [r for r in rows if r.section == "layer" and r.variant == "sigma_moe"]
     others = [r for r in rows if r.section == "alternatives" and r.variant != r.reference]
     bars = [(f"σ-MoE/dense {r.metric}", r.ratio) for r in layer]
     bars += [(f"{r.variant[:40]} / ours", r.ratio) for r in others]

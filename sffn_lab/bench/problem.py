@@ -49,6 +49,22 @@ class ExpertProblem:
         return step
 
 
+def dense_ffn_fwd_bwd(tokens: int, d_model: int, d_ff: int, device="cpu") -> Callable[[], None]:
+    """The FLOP-matched limit of an expert bank with K·G = d_ff: relu(x W1) W2 with x [T, D], W1 [D, d_ff],
+    W2 [d_ff, D], forward then backward of Σ y·dy (plain GEMMs: the same multiply-adds, no gather or scatter)."""
+    x = torch.randn(tokens, d_model, device=device, requires_grad=True)
+    w1 = (torch.randn(d_model, d_ff, device=device) * d_model**-0.5).requires_grad_(True)
+    w2 = (torch.randn(d_ff, d_model, device=device) * d_ff**-0.5).requires_grad_(True)
+    grad_y = torch.randn_like(x)
+
+    def step() -> None:
+        for t in (x, w1, w2):
+            t.grad = None
+        (torch.relu(x @ w1) @ w2).backward(grad_y)
+
+    return step
+
+
 def sparse_moe(backend: str | None = None, strategy: str | None = None) -> Callable[..., torch.Tensor]:
     """The expert bank's computation through ``sffn_lab.kernels`` (backend), or its torch path (strategy)."""
 

@@ -66,10 +66,13 @@ class CausalSelfAttention(nn.Module):
         B, S, _ = x.shape
         L = context.shape[1]  # M + S keys
         inner = self.n_heads * self.head_dim
-        q = F.linear(x, self.qkv.weight[:inner], self.qkv.bias[:inner]).view(B, S, self.n_heads, self.head_dim)
-        k, v = F.linear(context, self.qkv.weight[inner:], self.qkv.bias[inner:]).view(
-            B, L, 2, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q = q.transpose(1, 2)  # [B, H, S, Dh]
+        if context is x:  # no memory: one fused product
+            q, k, v = self.qkv(x).view(B, S, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        else:  # queries of the S new positions, keys and values of all M + S
+            q = F.linear(x, self.qkv.weight[:inner], self.qkv.bias[:inner]).view(B, S, self.n_heads, self.head_dim)
+            q = q.transpose(1, 2)  # [B, H, S, Dh]
+            k, v = F.linear(context, self.qkv.weight[inner:], self.qkv.bias[inner:]).view(
+                B, L, 2, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         p = self.dropout if self.training else 0.0
         if self.relative:
             bias = self.relative_scores(q, positions, L) / math.sqrt(self.head_dim)
