@@ -374,3 +374,39 @@ def test_no_contention_check_where_proc_loadavg_is_missing(tmp_path, monkeypatch
 
     monkeypatch.setattr(busy_cpu, "LOADAVG", tmp_path / "absent")
     assert busy_cpu.other_runnable_tasks() is None and busy_cpu.contention_warning(64) is None
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="gloo DDP test runs on Linux")
+def test_memory_on_two_processes_killed_then_resumed_on_one_continues_the_streams(tmp_path):
+    """Transformer-XL on 2 DDP processes, SIGKILL after a checkpoint, resumed on 1 process: every training loss
+    of the resumed segment equals one process trained throughout. It needs the checkpoint's cache to hold both
+    ranks' rows in global-batch order (each row continues its own stretch of text)."""
+    base = [*TINY, "model.dropout=0.0", "model.positions=relative", "model.memory_segments=1", "data.batch_size=4",
+            "train.max_steps=40", "train.val_every=10", "train.checkpoint_every=5", "train.log_every=1",
+            "train.accelerator=cpu"]
+    single = training.train(load_config(DEFAULT_CONFIG, [*base, f"train.out_dir={tmp_path / 'one'}"]),
+                            progress=False)
+    proc = sffn(["train", *as_flags(base), "--devices", "2", "--strategy", "ddp", "--out", tmp_path / "two",
+                 "--no-progress"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                env={"OMP_NUM_THREADS": "1"})
+    deadline, found = time.monotonic() + 300, []
+    while time.monotonic() < deadline and proc.poll() is None and not found:
+        found = list((tmp_path / "two").glob("*/checkpoints/last.ckpt"))
+        time.sleep(0.01)
+    assert proc.poll() is None, "the run finished before it could be killed; make it longer"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    run_dir = found[0].parents[1]
+    checkpoint = read_checkpoint(run_dir / "checkpoints" / "last.ckpt")
+    killed_at = checkpoint["global_step"]
+    assert 0 < killed_at < 40
+    assert [tuple(m.shape) for m in checkpoint["sffn"]["memory"]] == [(4, 32, 32)]  # 2 ranks × 2 rows, 1 segment
+    resumed = sffn(["train", "--resume", run_dir, "--devices", "1", "--strategy", "auto", "--no-progress"],
+                   stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    _, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err.decode()[-2000:]
+    one, two = logged(single.run_dir), logged(run_dir)
+    assert json.loads((run_dir / "summary.json").read_text())["val_loss"] == pytest.approx(single.val_loss, abs=2e-4)
+    for step, loss in one["train/loss"].items():
+        if step >= killed_at:  # the resumed segment, on one process
+            assert two["train/loss"][step] == pytest.approx(loss, abs=2e-4), step
