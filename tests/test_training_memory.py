@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+import torch
 
 from sffn_lab.analysis import training_memory as tm
 from sffn_lab.config import load_config
@@ -67,3 +68,21 @@ def test_memory_tables_of_a_grid(tmp_path, capsys):
     assert "| dense |" in table and "| moe |" in table and "sffn variants --memory --grid" in table
     code, _, err = run_cli(["variants", "--memory", "--grid", "nonexistent"], capsys)
     assert code != 0 and "not a file nor a shipped experiment" in err
+
+
+def test_the_attention_stand_in_keeps_what_a_fused_kernel_keeps():
+    """Without a mask the CPU runs a fused (flash) kernel: the stand-in that measures every model as a CUDA
+    fused kernel would keep its tensors saves exactly as many bytes."""
+    from sffn_lab.bench.memory import saved_tensor_bytes
+    from sffn_lab.models import build_model
+
+    def saved(overrides, stand_in):
+        model = build_model(load_config(None, [*TINY, "model.dropout=0.0", "model.n_layers=1", *overrides]).model,
+                            64, 32)
+        tokens = torch.randint(0, 64, (3, 32))
+        if stand_in:
+            with tm._fused_attention():
+                return saved_tensor_bytes(lambda: model(tokens).logits.sum(), model.parameters())
+        return saved_tensor_bytes(lambda: model(tokens).logits.sum(), model.parameters())
+
+    assert saved([], stand_in=True) == saved([], stand_in=False)

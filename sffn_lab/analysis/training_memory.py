@@ -5,12 +5,14 @@ windows:
 
 - model state: 16 bytes per parameter (fp32 weight, fp32 gradient, AdamW's two fp32 moments; mixed
   precision keeps fp32 weights and casts them per step);
-- activations: the bytes autograd saves for backward, *measured* by running the toolkit's own model on
-  this machine's CPU (``bench.memory.saved_tensor_bytes``; autocast to the config's precision; training
-  mode, so dropout masks count; a model with memory with its cache full) at a few small depths and batch
-  sizes, and extrapolated linearly to the config's layers and batch; a plain RoPE Transformer is measured
-  on short windows and extrapolated to its window too (its attention runs a fused kernel that saves no
-  S × S matrix, checked by a test), every other model (sMLP, relative attention, memory) at its window;
+- activations: the bytes autograd saves for backward, *measured* by running the toolkit's own model on this
+  machine's CPU, with attention keeping what a CUDA fused kernel keeps (q, k, v, output, log-sum-exp and a
+  bias, not the CPU math path's fp32 probabilities: ``_FusedAttentionSaves``)
+  (``bench.memory.saved_tensor_bytes``; autocast to the config's precision; training mode, so dropout masks
+  count; a model with memory with its cache full) at a few small depths and batch sizes, and extrapolated
+  linearly to the config's layers and batch; a plain RoPE Transformer is measured on short windows and
+  extrapolated to its window too (its attention runs a fused kernel that saves no S × S matrix, checked by a
+  test), every other model (sMLP, relative attention, memory) at its window;
 - fixed: the saved bytes that do not grow with the batch (measured as such): the low-precision copies of
   the weights that autocast keeps alive through a step, and the position tables.
 
@@ -30,9 +32,11 @@ inputs and outputs of each expert product, and no more.
 from __future__ import annotations
 
 import dataclasses
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from sffn_lab.config import BLOCK_KINDS, Config, ModelConfig
 
@@ -165,8 +169,47 @@ def _measure(cfg: ModelConfig, precision: str, vocab_size: int, max_seq_len: int
         losses, _ = token_losses(out.logits, tokens[:, 1:], None)
         return losses.mean()
 
-    return [saved_tensor_bytes(lambda n=batch: step(torch.randint(0, vocab_size, (n, window + 1))), model.parameters())
-            for batch in batches]
+    with _fused_attention():
+        return [saved_tensor_bytes(lambda n=batch: step(torch.randint(0, vocab_size, (n, window + 1))),
+                                   model.parameters()) for batch in batches]
+
+
+class _FusedAttentionSaves(torch.autograd.Function):
+    """Scaled dot-product attention that keeps for backward what CUDA's fused kernels keep: q, k, v, the
+    output, the log-sum-exp [B, H, S] in fp32, and a float mask (the relative positions' bias). The CPU's
+    own kernel with a float mask is the math path, which also keeps the fp32 probabilities [B, H, S, L];
+    measuring with this stand-in counts a GPU run's memory. Forward only (a measurement never backpropagates)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, attn_mask, dropout_p, is_causal, sdpa):
+        with torch.no_grad():
+            out = sdpa(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal)
+        lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
+        bias = attn_mask if attn_mask is not None and attn_mask.is_floating_point() else None
+        ctx.save_for_backward(q, k, v, out, lse, bias)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise NotImplementedError("a stand-in for measuring saved bytes only")
+
+
+@contextmanager
+def _fused_attention():
+    """``F.scaled_dot_product_attention`` as a CUDA fused kernel keeps its tensors (autocast: in its dtype)."""
+    sdpa = F.scaled_dot_product_attention
+
+    def standin(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, **_):
+        if torch.is_autocast_enabled("cpu"):  # CUDA's autocast runs attention in the low-precision dtype
+            dtype = torch.get_autocast_dtype("cpu")
+            q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+        return _FusedAttentionSaves.apply(q, k, v, attn_mask, dropout_p, is_causal, sdpa)
+
+    F.scaled_dot_product_attention = standin
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = sdpa
 
 
 def _activation_dtype(precision: str) -> torch.dtype:

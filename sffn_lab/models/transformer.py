@@ -76,7 +76,7 @@ class CausalSelfAttention(nn.Module):
         p = self.dropout if self.training else 0.0
         if self.relative:
             bias = self.relative_scores(q, positions, L) / math.sqrt(self.head_dim)
-            q = q + self.content_bias[:, None, :]
+            q = q + self.content_bias[:, None, :].to(q.dtype)  # q, k, v in one dtype: the fused kernels take them
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=p)
         else:
             if positions is not None:
@@ -91,7 +91,7 @@ class CausalSelfAttention(nn.Module):
         q [B, H, S, Dh], sinusoids [L, D] (offsets 0 … L − 1) → [B, H, S, L]."""
         B, H, S, Dh = q.shape
         r = self.pos_proj(sinusoids.to(q.dtype)).view(L, H, Dh)
-        by_offset = torch.einsum("bhsd,lhd->bhsl", q + self.position_bias[:, None, :], r)  # [B, H, S, offset]
+        by_offset = torch.einsum("bhsd,lhd->bhsl", q + self.position_bias[:, None, :].to(q.dtype), r)  # [B, H, S, L]
         offset = torch.arange(L - S, L, device=q.device)[:, None] - torch.arange(L, device=q.device)[None, :]
         scores = by_offset.gather(-1, offset.clamp(min=0).expand(B, H, S, L))
         return scores.masked_fill(offset < 0, float("-inf"))
