@@ -89,6 +89,28 @@ def test_memory_segment_by_segment_equals_the_concatenated_context(positions):
             assert not torch.allclose(out.logits, reference[:, k * S:(k + 1) * S], atol=1e-6)
 
 
+@pytest.mark.parametrize("positions", ["relative", "rope"])
+def test_decoding_with_memory_sees_what_a_full_context_model_sees(positions):
+    """float64: with 3 memory segments of 8 tokens, every next-token distribution over a 28-token text (it
+    never leaves the memory's reach) equals that of the same weights reading the whole prefix at once, and
+    differs from 8-token windows once the prefix is longer than a window."""
+    from sffn_lab.models.sampling import SegmentCache, next_token_logits
+
+    with_memory = xl_model(positions, 3)
+    full, windowed = xl_model(positions, 0, max_seq_len=4 * S), xl_model(positions, 0)
+    full.load_state_dict(with_memory.state_dict())
+    windowed.load_state_dict(with_memory.state_dict())
+    text = torch.randint(0, 50, (2, 28), generator=torch.Generator().manual_seed(4))
+    cache = SegmentCache()
+    with torch.no_grad():
+        for n in range(1, 29):
+            got = next_token_logits(with_memory, text[:, :n], S, cache)
+            torch.testing.assert_close(got, full(text[:, :n]).logits[:, -1].float(), rtol=1e-10, atol=1e-10)
+            if n > S:
+                assert not torch.allclose(got, next_token_logits(windowed, text[:, :n], S), atol=1e-6)
+    assert cache.start == 3 * S  # three segments cached, the fourth being read
+
+
 def test_memory_carries_no_gradient():
     model = xl_model("relative", 1).train()
     tokens = torch.randint(0, 50, (2, 2 * S))
