@@ -22,18 +22,38 @@ def _plan(indices: Tensor, pairs: Tensor, tokens: Tensor, counts: Tensor, offset
     return RoutingPlan(indices, pairs, tokens, counts, offsets)
 
 
-def _products(backend: str):
-    """The module with up/down forward and backward for ``backend`` ("triton" or "torch")."""
+def _up(x, weight, plan, backend):
     if backend == "triton":
         from sffn_lab.kernels import triton_ops
 
-        return triton_ops
-    return torch_grouped
+        return triton_ops.up_forward(x, weight, plan)
+    return torch_grouped.up_forward(x, weight, plan, torch_grouped.pick_strategy(x, None))
 
 
-def _strategy(t: Tensor, backend: str) -> tuple:
-    """The PyTorch path's extra argument (its block strategy); none for Triton."""
-    return () if backend == "triton" else (torch_grouped.pick_strategy(t, None),)
+def _up_grads(grad_h, x, weight, plan, backend, need_x, need_w):
+    if backend == "triton":
+        from sffn_lab.kernels import triton_ops
+
+        return triton_ops.up_backward(grad_h, x, weight, plan, need_x, need_w)
+    return torch_grouped.up_backward(grad_h, x, weight, plan, torch_grouped.pick_strategy(x, None), need_x, need_w)
+
+
+def _down(h, weight, plan, gates, backend):
+    if backend == "triton":
+        from sffn_lab.kernels import triton_ops
+
+        return triton_ops.down_forward(h, weight, plan, triton_ops.sorted_gates(gates, plan))
+    return torch_grouped.down_forward(h, weight, plan, gates, torch_grouped.pick_strategy(h, None))
+
+
+def _down_grads(grad_y, h, weight, plan, gates, backend, need_h, need_w, need_gates):
+    if backend == "triton":
+        from sffn_lab.kernels import triton_ops
+
+        return triton_ops.down_backward(grad_y, h, weight, plan, gates, triton_ops.sorted_gates(gates, plan),
+                                        need_h, need_w, need_gates)
+    return torch_grouped.down_backward(grad_y, h, weight, plan, gates, torch_grouped.pick_strategy(h, None),
+                                       need_h, need_w, need_gates)
 
 
 def _or_empty(t: Tensor | None, like: Tensor) -> Tensor:
@@ -47,7 +67,7 @@ def expert_up_op(x: Tensor, weight: Tensor, indices: Tensor, pairs: Tensor, toke
     """x [T, D], weight [E, D, G] → h [T, K, G]."""
     plan = _plan(indices, pairs, tokens, counts, offsets)
     with torch.autocast(x.device.type, enabled=False):
-        return _products(backend).up_forward(x, weight, plan, *_strategy(x, backend))
+        return _up(x, weight, plan, backend)
 
 
 @expert_up_op.register_fake
@@ -62,8 +82,7 @@ def expert_up_backward_op(grad_h: Tensor, x: Tensor, weight: Tensor, indices: Te
     """grad_h [T, K, G] → (dL/dx [T, D], dL/dW [E, D, G]); an unneeded one is empty."""
     plan = _plan(indices, pairs, tokens, counts, offsets)
     with torch.autocast(x.device.type, enabled=False):
-        grad_x, grad_w = _products(backend).up_backward(grad_h, x, weight, plan, *_strategy(x, backend), need_x,
-                                                        need_w)
+        grad_x, grad_w = _up_grads(grad_h, x, weight, plan, backend, need_x, need_w)
     return _or_empty(grad_x, x), _or_empty(grad_w, weight)
 
 
@@ -95,7 +114,7 @@ def expert_down_op(h: Tensor, weight: Tensor, indices: Tensor, pairs: Tensor, to
     """h [T, K, G], weight [E, G, D], gates [T, K] or None → y [T, D]."""
     plan = _plan(indices, pairs, tokens, counts, offsets)
     with torch.autocast(h.device.type, enabled=False):
-        return _products(backend).down_forward(h, weight, plan, gates, *_strategy(h, backend))
+        return _down(h, weight, plan, gates, backend)
 
 
 @expert_down_op.register_fake
@@ -110,8 +129,7 @@ def expert_down_backward_op(grad_y: Tensor, h: Tensor, weight: Tensor, indices: 
     """grad_y [T, D] → (dL/dh [T, K, G], dL/dW [E, G, D], dL/dg [T, K]); an unneeded one is empty."""
     plan = _plan(indices, pairs, tokens, counts, offsets)
     with torch.autocast(h.device.type, enabled=False):
-        grad_h, grad_w, grad_gates = _products(backend).down_backward(
-            grad_y, h, weight, plan, gates, *_strategy(h, backend), need_h, need_w, need_gates)
+        grad_h, grad_w, grad_gates = _down_grads(grad_y, h, weight, plan, gates, backend, need_h, need_w, need_gates)
     return _or_empty(grad_h, h), _or_empty(grad_w, weight), _or_empty(grad_gates, h)
 
 

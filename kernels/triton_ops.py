@@ -115,20 +115,25 @@ def up_backward(grad_h, x, weight, plan: RoutingPlan, need_x: bool, need_w: bool
     return grad_x, grad_w
 
 
-def down_forward(h, weight, plan: RoutingPlan, gates) -> torch.Tensor:
-    """y[t] = Σ_k g[t, k] · h[t, k] @ W[indices[t, k]];  h [T, K, G], W [E, G, D] → y [T, D]."""
+def sorted_gates(gates, plan: RoutingPlan):
+    """gates [T, K] → [P] in the plan's (expert) order, the order the kernels scale rows in; None stays None."""
+    return gates.reshape(-1)[plan.pairs].contiguous() if gates is not None else None
+
+
+def down_forward(h, weight, plan: RoutingPlan, gates_sorted) -> torch.Tensor:
+    """y[t] = Σ_k g[t, k] · h[t, k] @ W[indices[t, k]];  h [T, K, G], W [E, G, D], ``sorted_gates(g)`` → y [T, D]."""
     T, K, G = h.shape
     rows = h.reshape(T * K, G).contiguous()
-    sorted_gates = gates.reshape(-1)[plan.pairs].contiguous() if gates is not None else None  # scale by sorted row
-    per_pair = gather_matmul(rows, weight, plan.pairs, plan.pairs, plan, scale=sorted_gates)
+    per_pair = gather_matmul(rows, weight, plan.pairs, plan.pairs, plan, scale=gates_sorted)
     return per_pair.view(T, K, -1).sum(1)
 
 
-def down_backward(grad_y, h, weight, plan: RoutingPlan, gates, need_h: bool, need_w: bool, need_gates: bool):
+def down_backward(grad_y, h, weight, plan: RoutingPlan, gates, gates_sorted, need_h: bool, need_w: bool,
+                  need_gates: bool):
     """grad_y [T, D] → (dL/dh [T, K, G], dL/dW [E, G, D], dL/dg [T, K]), each None where not needed."""
     T, K, G = h.shape
     rows = h.reshape(T * K, G).contiguous()
-    flat_gates = gates.reshape(-1).contiguous() if gates is not None else None
+    flat_gates = gates.reshape(-1) if gates is not None else None
     grad_y = grad_y.contiguous()
     ungated = gather_matmul(grad_y, weight, plan.tokens, plan.pairs, plan, transpose_w=True)
     grad_h = grad_w = grad_gates = None
@@ -138,8 +143,7 @@ def down_backward(grad_y, h, weight, plan: RoutingPlan, gates, need_h: bool, nee
         gated = ungated * flat_gates[:, None] if flat_gates is not None else ungated
         grad_h = gated.to(rows.dtype).view(T, K, G)
     if need_w:
-        sorted_gates = flat_gates[plan.pairs] if flat_gates is not None else None
-        grad_w = weight_grad(rows, grad_y, plan.pairs, plan.tokens, plan, weight.shape, scale=sorted_gates)
+        grad_w = weight_grad(rows, grad_y, plan.pairs, plan.tokens, plan, weight.shape, scale=gates_sorted)
     return grad_h, grad_w, grad_gates
 
 
@@ -161,20 +165,22 @@ class TritonExpertUp(torch.autograd.Function):
 
 
 class TritonExpertDown(torch.autograd.Function):
-    """``down_forward`` with ``down_backward``; only the layer's inputs are kept for backward."""
+    """``down_forward`` with ``down_backward``; the layer's inputs and the sorted gates are kept for backward."""
 
     @staticmethod
     def forward(ctx, h, weight, plan: RoutingPlan, gates):
-        ctx.save_for_backward(h, weight, gates)
+        gates_sorted = sorted_gates(gates, plan)  # gathered once, read by forward and backward
+        ctx.save_for_backward(h, weight, gates, gates_sorted)
         ctx.plan = plan
-        return down_forward(h, weight, plan, gates)
+        return down_forward(h, weight, plan, gates_sorted)
 
     @staticmethod
     @autocast_off
     def backward(ctx, grad_y):
-        h, weight, gates = ctx.saved_tensors
+        h, weight, gates, gates_sorted = ctx.saved_tensors
         need = ctx.needs_input_grad
-        grad_h, grad_w, grad_gates = down_backward(grad_y, h, weight, ctx.plan, gates, need[0], need[1], need[3])
+        grad_h, grad_w, grad_gates = down_backward(grad_y, h, weight, ctx.plan, gates, gates_sorted, need[0],
+                                                   need[1], need[3])
         return grad_h, grad_w, None, grad_gates
 
 

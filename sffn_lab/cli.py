@@ -282,10 +282,8 @@ def _print_memory(grids: list[str], overrides: list[str], markdown: Path | None)
             table.add_column(column, justify="left" if column == "run" else "right")
         for run_name, config in runs:
             m = training_memory(config, planned_vocab_size(config))
-            world = config.train.devices * config.train.num_nodes
             row = [run_name, f"{m.params / 1e6:.1f}M", *(f"{b / 1e9:.2f}" for b in (
-                m.state_bytes, m.activation_bytes, m.fixed_bytes, m.total_bytes)),
-                f"{config.data.batch_size * config.data.seq_len // world:,}",
+                m.state_bytes, m.activation_bytes, m.fixed_bytes, m.total_bytes)), f"{m.tokens:,}",
                 f"{m.allreduce_bytes / 1e9:.2f}", f"{m.all_to_all_bytes / 1e9:.2f}" if m.all_to_all_bytes else "—"]
             table.add_row(*row)
             rows.append(row)

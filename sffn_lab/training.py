@@ -183,8 +183,7 @@ def prepare(config: Config) -> tuple[LMDataModule, LanguageModelModule]:
     quiet_lightning()
     check_installed(parse_loggers(config.train.loggers))
     L.seed_everything(config.train.seed, workers=True, verbose=False)
-    data = LMDataModule(config.data, seed=config.train.seed, streams=config.model.memory_segments > 0,
-                        eval_stride=config.eval.stride)
+    data = LMDataModule.of(config)
     module = LanguageModelModule.create(config, corpus_info(data))
     return data, module
 
@@ -299,7 +298,7 @@ def evaluate(ckpt: Path, split: str, config_overrides: list[str] | None = None, 
         config = from_dict(Config, apply_overrides(to_dict(config), config_overrides))
         validate(config)
     config = dataclasses.replace(config, model=module.config.model)  # the checkpoint's model, whatever --set says
-    data = LMDataModule(config.data, seed=config.train.seed, streams=module.has_memory, eval_stride=config.eval.stride)
+    data = LMDataModule.of(config)
     if data.vocab_size != module.corpus.vocab_size:
         raise UserError(
             f"The corpus '{config.data.corpus}' has {data.vocab_size} tokens but the checkpoint's model "

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
 
+import lightning as L
+
+from sffn_lab import training
 from sffn_lab.cli import main
 
 # A model and corpus small enough that a training step takes milliseconds; 3000 validation tokens.
@@ -33,3 +38,28 @@ def run_cli(args: list, capsys) -> tuple[int, str, str]:
         sys.argv = old_argv
     out, err = capsys.readouterr()
     return code, out, err
+
+
+class InterruptAtStep(L.Callback):
+    """Sends this process a real SIGINT (Ctrl-C) when training reaches ``step``."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_start(self, trainer, *args):
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+def interrupt_training_at(monkeypatch, step: int):
+    """Every trainer ``training.build_trainer`` builds from now on gets a Ctrl-C at ``step``; returns the
+    unpatched ``build_trainer``, to put back for the resume."""
+    build = training.build_trainer
+
+    def with_interrupt(*args, **kwargs):
+        trainer = build(*args, **kwargs)
+        trainer.callbacks.append(InterruptAtStep(step))
+        return trainer
+
+    monkeypatch.setattr(training, "build_trainer", with_interrupt)
+    return build

@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 from pathlib import Path
 
-import lightning as L
 import pytest
 
 from sffn_lab import training
 from sffn_lab.callbacks import format_seconds
 from tests.histories import csv_history, tensorboard_history
 from tests.support import TINY as TINY_OVERRIDES
-from tests.support import as_flags, run_cli
+from tests.support import as_flags, interrupt_training_at, run_cli
 
 TINY = as_flags(TINY_OVERRIDES)
 
@@ -66,27 +64,9 @@ def test_same_seed_gives_the_same_curve(tmp_path, capsys):
     assert csv_history(a) == csv_history(b)
 
 
-class InterruptAtStep(L.Callback):
-    """Sends this process a real SIGINT (Ctrl-C) when training reaches ``step``."""
-
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_train_batch_start(self, trainer, *args):
-        if trainer.global_step == self.step:
-            os.kill(os.getpid(), signal.SIGINT)
-
-
 def test_ctrl_c_saves_and_resume_equals_uninterrupted(tmp_path, capsys, monkeypatch):
     full = train_tiny(tmp_path / "full", capsys, "--max-steps", "25")
-    build = training.build_trainer
-
-    def with_interrupt(*args, **kwargs):
-        trainer = build(*args, **kwargs)
-        trainer.callbacks.append(InterruptAtStep(13))
-        return trainer
-
-    monkeypatch.setattr(training, "build_trainer", with_interrupt)
+    build = interrupt_training_at(monkeypatch, 13)
     code, _, err = run_cli(["train", *TINY, "--max-steps", "25", "--out", tmp_path / "part", "--no-progress"], capsys)
     assert code == 130 and "Interrupted at step 14" in err
     part = next((tmp_path / "part").iterdir())

@@ -4,10 +4,7 @@ equals the same model over the concatenated context (float64), and every evaluat
 from __future__ import annotations
 
 import json
-import os
-import signal
 
-import lightning as L
 import numpy as np
 import pytest
 import torch
@@ -18,7 +15,7 @@ from sffn_lab.data.datamodule import IGNORE_INDEX, EvalStreams, EvalWindows, Tra
 from sffn_lab.models import build_model
 from sffn_lab.models.transformer import CausalSelfAttention, relative_sinusoids
 from tests.histories import csv_history
-from tests.support import TINY, as_flags, run_cli
+from tests.support import TINY, as_flags, interrupt_training_at, run_cli
 
 S = 8
 
@@ -44,7 +41,7 @@ def test_relative_scores_by_hand_in_float64():
     B, M = 2, 5
     L = M + S
     q = torch.randn(B, 2, S, 8, dtype=torch.float64)
-    got = attn.relative_scores(q, relative_sinusoids(L, 16), L)
+    got = attn.relative_scores(q, relative_sinusoids(L, 16))
     sinusoids = relative_sinusoids(L, 16).double()
     for i in range(S):
         for j in range(L):
@@ -62,8 +59,8 @@ def test_relative_attention_depends_on_offsets_only():
     torch.manual_seed(2)
     attn = CausalSelfAttention(16, 2, 8, 0.0, relative=True).double()
     q = torch.randn(1, 2, S, 8, dtype=torch.float64)
-    short = attn.relative_scores(q, relative_sinusoids(S, 16), S)  # queries at 0 … S − 1
-    long = attn.relative_scores(q, relative_sinusoids(S + 3, 16), S + 3)  # queries at 3 … S + 2, keys 0 … S + 2
+    short = attn.relative_scores(q, relative_sinusoids(S, 16))  # queries at 0 … S − 1
+    long = attn.relative_scores(q, relative_sinusoids(S + 3, 16))  # queries at 3 … S + 2, keys 0 … S + 2
     torch.testing.assert_close(long[..., 3:], short, rtol=0, atol=0)  # the same offsets: the same scores
     assert not torch.allclose(long[..., 2:-1], short)  # each key one position further away: other scores
 
@@ -176,17 +173,6 @@ def test_training_streams_are_contiguous_rows_and_a_function_of_the_step():
     assert torch.equal(torch.cat(halves), data.batch(5)[0])
 
 
-class InterruptAtStep(L.Callback):
-    """Sends this process a real SIGINT (Ctrl-C) when training reaches ``step``."""
-
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_train_batch_start(self, trainer, *args):
-        if trainer.global_step == self.step:
-            os.kill(os.getpid(), signal.SIGINT)
-
-
 XL = as_flags([*TINY, "model.positions=relative", "model.memory_segments=1", "data.batch_size=4",
                "train.checkpoint_every=4", "train.val_every=10"])
 
@@ -197,14 +183,7 @@ def test_training_with_memory_resumes_bitwise_with_its_cache(tmp_path, capsys, m
     code, _, err = run_cli(["train", *XL, "--max-steps", "16", "--out", tmp_path / "full", "--no-progress"], capsys)
     assert code == 0, err
     full = next((tmp_path / "full").iterdir())
-    build = training.build_trainer
-
-    def with_interrupt(*args, **kwargs):
-        trainer = build(*args, **kwargs)
-        trainer.callbacks.append(InterruptAtStep(7))
-        return trainer
-
-    monkeypatch.setattr(training, "build_trainer", with_interrupt)
+    build = interrupt_training_at(monkeypatch, 7)
     code, _, err = run_cli(["train", *XL, "--max-steps", "16", "--out", tmp_path / "part", "--no-progress"], capsys)
     assert code == 130, err
     part = next((tmp_path / "part").iterdir())

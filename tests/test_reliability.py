@@ -163,6 +163,29 @@ def test_two_nodes_on_localhost_match_one_process(tmp_path):
     assert summary["val_loss"] == pytest.approx(single.val_loss, abs=2e-4)
 
 
+def ddp_killed_after_a_checkpoint(base: list[str], out: Path) -> Path:
+    """Train ``base`` on 2 gloo DDP processes into ``out``, SIGKILL the process group as soon as a checkpoint
+    exists; returns the run directory."""
+    proc = sffn(["train", *as_flags(base), "--devices", "2", "--strategy", "ddp", "--out", out, "--no-progress"],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                env={"OMP_NUM_THREADS": "1"})
+    deadline, found = time.monotonic() + 300, []
+    while time.monotonic() < deadline and proc.poll() is None and not found:
+        found = list(out.glob("*/checkpoints/last.ckpt"))
+        time.sleep(0.01)
+    assert proc.poll() is None, "the run finished before it could be killed; make it longer"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return found[0].parents[1]
+
+
+def resume_on_one_process(run_dir: Path) -> None:
+    resumed = sffn(["train", "--resume", run_dir, "--devices", "1", "--strategy", "auto", "--no-progress"],
+                   stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    _, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err.decode()[-2000:]
+
+
 @pytest.mark.skipif(sys.platform != "linux", reason="gloo DDP test runs on Linux")
 def test_two_processes_killed_then_resumed_on_one_continue_exactly(tmp_path):
     """DDP on 2 processes, SIGKILL to the whole process group after a checkpoint, then --resume with
@@ -171,23 +194,10 @@ def test_two_processes_killed_then_resumed_on_one_continue_exactly(tmp_path):
             "train.accelerator=cpu"]
     single = training.train(load_config(DEFAULT_CONFIG, [*base, f"train.out_dir={tmp_path / 'one'}"]),
                             progress=False)
-    proc = sffn(["train", *as_flags(base), "--devices", "2", "--strategy", "ddp", "--out", tmp_path / "two",
-                 "--no-progress"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-                env={"OMP_NUM_THREADS": "1"})
-    deadline, found = time.monotonic() + 300, []
-    while time.monotonic() < deadline and proc.poll() is None and not found:
-        found = list((tmp_path / "two").glob("*/checkpoints/last.ckpt"))
-        time.sleep(0.01)
-    assert proc.poll() is None, "the run finished before it could be killed; make it longer"
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    run_dir = found[0].parents[1]
+    run_dir = ddp_killed_after_a_checkpoint(base, tmp_path / "two")
     killed_at = read_checkpoint(run_dir / "checkpoints" / "last.ckpt")["global_step"]
     assert 0 < killed_at < 40 and not (run_dir / "summary.json").exists()
-    resumed = sffn(["train", "--resume", run_dir, "--devices", "1", "--strategy", "auto", "--no-progress"],
-                   stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    _, err = resumed.communicate(timeout=300)
-    assert resumed.returncode == 0, err.decode()[-2000:]
+    resume_on_one_process(run_dir)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["step"] == 40 and summary["tokens_seen"] == single.tokens_seen
     assert summary["val_loss"] == pytest.approx(single.val_loss, abs=2e-4)
@@ -386,25 +396,12 @@ def test_memory_on_two_processes_killed_then_resumed_on_one_continues_the_stream
             "train.accelerator=cpu"]
     single = training.train(load_config(DEFAULT_CONFIG, [*base, f"train.out_dir={tmp_path / 'one'}"]),
                             progress=False)
-    proc = sffn(["train", *as_flags(base), "--devices", "2", "--strategy", "ddp", "--out", tmp_path / "two",
-                 "--no-progress"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-                env={"OMP_NUM_THREADS": "1"})
-    deadline, found = time.monotonic() + 300, []
-    while time.monotonic() < deadline and proc.poll() is None and not found:
-        found = list((tmp_path / "two").glob("*/checkpoints/last.ckpt"))
-        time.sleep(0.01)
-    assert proc.poll() is None, "the run finished before it could be killed; make it longer"
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    run_dir = found[0].parents[1]
+    run_dir = ddp_killed_after_a_checkpoint(base, tmp_path / "two")
     checkpoint = read_checkpoint(run_dir / "checkpoints" / "last.ckpt")
     killed_at = checkpoint["global_step"]
     assert 0 < killed_at < 40
     assert [tuple(m.shape) for m in checkpoint["sffn"]["memory"]] == [(4, 32, 32)]  # 2 ranks × 2 rows, 1 segment
-    resumed = sffn(["train", "--resume", run_dir, "--devices", "1", "--strategy", "auto", "--no-progress"],
-                   stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    _, err = resumed.communicate(timeout=300)
-    assert resumed.returncode == 0, err.decode()[-2000:]
+    resume_on_one_process(run_dir)
     one, two = logged(single.run_dir), logged(run_dir)
     assert json.loads((run_dir / "summary.json").read_text())["val_loss"] == pytest.approx(single.val_loss, abs=2e-4)
     for step, loss in one["train/loss"].items():

@@ -51,6 +51,7 @@ def test_state_and_communication_bounds_by_hand():
     m = tm.training_memory(config, 64)
     assert m.state_bytes == 16 * m.params and m.allreduce_bytes == 8 * m.params
     tokens = 8 * config.data.seq_len // 2  # per device
+    assert m.tokens == tokens
     assert m.all_to_all_bytes == 4 * 2 * 32 * 2 * tokens * 2  # 4·K·d_model·2 bytes·tokens·layers
     dense = dataclasses.replace(config, model=dataclasses.replace(
         config.model, ffn=dataclasses.replace(config.model.ffn, kind="dense")))

@@ -52,6 +52,7 @@ class TrainingMemory:
     """Per device and optimizer step, in bytes (parameters: a count)."""
 
     params: int
+    tokens: int  # per device and step
     state_bytes: int
     activation_bytes: int
     fixed_bytes: int
@@ -83,6 +84,7 @@ def training_memory(config: Config, vocab_size: int) -> TrainingMemory:
     activation_size = _activation_dtype(config.train.precision).itemsize
     return TrainingMemory(
         params=params,
+        tokens=tokens,
         state_bytes=STATE_BYTES_PER_PARAM * params,
         activation_bytes=round(saved.per_token * tokens),
         fixed_bytes=round(saved.constant),

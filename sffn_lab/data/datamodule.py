@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
-from sffn_lab.config import DataConfig
+from sffn_lab.config import Config, DataConfig
 from sffn_lab.data.corpora import Corpus, load_corpus
 from sffn_lab.errors import UserError
 
@@ -146,6 +146,12 @@ class LMDataModule(L.LightningDataModule):
                 f"{len(self.corpus.splits['train']):,}. Use a smaller batch, a shorter window or a longer corpus."
             )
         self.unigram_entropy_bits = self.corpus.unigram_entropy_bits()
+
+    @classmethod
+    def of(cls, config: Config) -> LMDataModule:
+        """The data module a run of ``config`` trains and evaluates on (streams for a model with memory)."""
+        return cls(config.data, seed=config.train.seed, streams=config.model.memory_segments > 0,
+                   eval_stride=config.eval.stride)
 
     vocab_size = property(lambda self: self.corpus.vocab_size)
     unit = property(lambda self: self.corpus.unit)

@@ -19,10 +19,15 @@ from sffn_lab.layers.ffn_output import FFNOutput
 from sffn_lab.models.output import LMOutput
 
 
+def _angles(length: int, dim: int, device=None) -> torch.Tensor:
+    """position × frequency angles [length, dim / 2], frequencies 10000^(−2i/dim) (RoPE's and Transformer-XL's)."""
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, dim, 2, device=device).float() / dim))
+    return torch.outer(torch.arange(length, device=device).float(), inv_freq)
+
+
 def rope_tables(seq_len: int, head_dim: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin tables [seq_len, head_dim / 2] for rotary position embeddings (base 10000)."""
-    inv_freq = 1.0 / (10000 ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim))
-    angles = torch.outer(torch.arange(seq_len, device=device).float(), inv_freq)
+    angles = _angles(seq_len, head_dim, device)
     return angles.cos(), angles.sin()
 
 
@@ -35,8 +40,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 def relative_sinusoids(length: int, d_model: int, device=None) -> torch.Tensor:
     """Transformer-XL's sinusoidal embedding of the offsets 0 … length − 1: [length, d_model] (sin | cos)."""
-    inv_freq = 1.0 / (10000 ** (torch.arange(0, d_model, 2, device=device).float() / d_model))
-    angles = torch.outer(torch.arange(length, device=device).float(), inv_freq)
+    angles = _angles(length, d_model, device)
     return torch.cat([angles.sin(), angles.cos()], dim=-1)
 
 
@@ -75,7 +79,7 @@ class CausalSelfAttention(nn.Module):
                 B, L, 2, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         p = self.dropout if self.training else 0.0
         if self.relative:
-            bias = self.relative_scores(q, positions, L) / math.sqrt(self.head_dim)
+            bias = self.relative_scores(q, positions) / math.sqrt(self.head_dim)
             q = q + self.content_bias[:, None, :].to(q.dtype)  # q, k, v in one dtype: the fused kernels take them
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=p)
         else:
@@ -86,10 +90,11 @@ class CausalSelfAttention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, dropout_p=p)
         return self.proj(y.transpose(1, 2).reshape(B, S, inner))
 
-    def relative_scores(self, q: torch.Tensor, sinusoids: torch.Tensor, L: int) -> torch.Tensor:
+    def relative_scores(self, q: torch.Tensor, sinusoids: torch.Tensor) -> torch.Tensor:
         """(q_i + v)·W_r R[i − j] for query i (position M + i) and key j; −inf where j is in i's future.
-        q [B, H, S, Dh], sinusoids [L, D] (offsets 0 … L − 1) → [B, H, S, L]."""
+        q [B, H, S, Dh], sinusoids [L, D] (offsets 0 … L − 1, L = M + S keys) → [B, H, S, L]."""
         B, H, S, Dh = q.shape
+        L = sinusoids.shape[0]
         r = self.pos_proj(sinusoids.to(q.dtype)).view(L, H, Dh)
         by_offset = torch.einsum("bhsd,lhd->bhsl", q + self.position_bias[:, None, :].to(q.dtype), r)  # [B, H, S, L]
         offset = torch.arange(L - S, L, device=q.device)[:, None] - torch.arange(L, device=q.device)[None, :]
