@@ -24,20 +24,34 @@ def counts_per_id(ids: torch.Tensor, n: int) -> torch.Tensor:
 
 @dataclass
 class Tiles:
-    """Row tiles of at most ``block_m`` sorted pairs that never straddle two experts.
+    """Row tiles of at most ``height`` sorted pairs that never straddle two experts.
 
-    ``expert``, ``start``, ``end`` [n]: tile i covers the sorted rows start[i] : min(start[i] + block_m,
-    end[i]) of expert[i]; end[i] is the end of that expert's rows (start < end only for real tiles).
-    n = ⌈P / block_m⌉ + E is an upper bound fixed by the shapes alone, so a kernel grid of n programs
-    needs no host sync; programs past the last real tile find start ≥ end and exit.
+    ``table`` long [3, n]: tile i covers the sorted rows start[i] : min(start[i] + height, end[i]) of
+    expert[i] (rows 0, 1, 2 of the table: expert, start, end); end[i] is the end of that expert's rows, so
+    start < end only for real tiles. n = ⌈P / height⌉ + E is an upper bound fixed by the shapes alone, so a
+    kernel grid of n programs needs no host sync; programs past the last real tile find start ≥ end and
+    exit. An expert's tiles are consecutive: ``first`` long [E + 1], expert e's tiles are
+    first[e] : first[e + 1] (none for an expert without rows).
     """
 
-    expert: torch.Tensor
-    start: torch.Tensor
-    end: torch.Tensor
+    height: int
+    table: torch.Tensor
+    first: torch.Tensor
 
     def __len__(self) -> int:
-        return self.expert.shape[0]
+        return self.table.shape[1]
+
+    @property
+    def expert(self) -> torch.Tensor:
+        return self.table[0]
+
+    @property
+    def start(self) -> torch.Tensor:
+        return self.table[1]
+
+    @property
+    def end(self) -> torch.Tensor:
+        return self.table[2]
 
 
 @dataclass
@@ -88,21 +102,29 @@ class RoutingPlan:
         """offsets[1:] as int32 [E]: the ``offs`` of ``torch._grouped_mm``."""
         return self.offsets[1:].to(torch.int32)
 
-    def tiles(self, block_m: int) -> Tiles:
-        """The row tiles of ``block_m`` rows (computed once per plan and tile height)."""
-        if block_m not in self._tiles:
-            self._tiles[block_m] = self._make_tiles(block_m)
-        return self._tiles[block_m]
+    def tiles(self, height: int) -> Tiles:
+        """The row tiles of ``height`` rows (computed once per plan and tile height)."""
+        if height not in self._tiles:
+            self._tiles[height] = self._make_tiles(height)
+        return self._tiles[height]
 
-    def _make_tiles(self, block_m: int) -> Tiles:
+    def expert_spans(self) -> Tiles:
+        """One tile per expert holding all its rows (an empty one for an expert without rows): E tiles."""
+        E = self.n_experts
+        experts = torch.arange(E + 1, device=self.counts.device)
+        table = torch.stack([experts[:-1], self.offsets[:-1], self.offsets[1:]])
+        return Tiles(max(self.pairs.shape[0], 1), table, experts)
+
+    def _make_tiles(self, height: int) -> Tiles:
         E = self.n_experts
         P = self.pairs.shape[0]
         device = self.counts.device
-        per_expert = (self.counts + block_m - 1) // block_m  # tiles of each expert [E]
-        last = torch.cumsum(per_expert, 0)  # one past each expert's last tile
-        tile = torch.arange(-(-P // block_m) + E, device=device)
-        expert = torch.searchsorted(last, tile, right=True).clamp_max(E - 1)
-        within = tile - (last - per_expert)[expert]
+        per_expert = (self.counts + height - 1) // height  # tiles of each expert [E]
+        first = torch.zeros(E + 1, dtype=torch.long, device=device)
+        first[1:] = torch.cumsum(per_expert, 0)
+        tile = torch.arange(-(-P // height) + E, device=device)
+        expert = torch.searchsorted(first[1:], tile, right=True).clamp_max(E - 1)
+        within = tile - first[expert]
         end = self.offsets[expert + 1]
-        start = torch.minimum(self.offsets[expert] + within * block_m, end)  # past the last tile: start = end
-        return Tiles(expert, start, end)
+        start = torch.minimum(self.offsets[expert] + within * height, end)  # past the last tile: start = end
+        return Tiles(height, torch.stack([expert, start, end]), first)

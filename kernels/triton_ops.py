@@ -15,15 +15,18 @@ Shapes: T tokens, K experts per token, P = T·K pairs, E experts, D model width,
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 
 from sffn_lab.kernels.precision import KERNEL_DTYPES, autocast_off
 from sffn_lab.kernels.routing_plan import RoutingPlan
-from sffn_lab.kernels.triton_gather_matmul import INTERPRETED, gather_matmul_kernel
-from sffn_lab.kernels.triton_weight_grad import weight_grad_kernel
+from sffn_lab.kernels.triton_gather_matmul import INTERPRETED, TILE_HEIGHTS, gather_matmul_kernel
+from sffn_lab.kernels.triton_weight_grad import sum_spans_kernel, weight_grad_kernel
 
-BLOCK_M = 16 if INTERPRETED else 64  # rows per tile; tiles never straddle two experts
+MIN_SPAN_ROWS = 256  # the shortest row chunk of a split weight gradient
+SUM_BLOCK = 1024  # elements per program of the span sums
 
 
 def _check(name: str, t: torch.Tensor, dims: int) -> None:
@@ -42,6 +45,11 @@ def _product_flags(dtype: torch.dtype) -> dict[str, bool]:
     }
 
 
+def _rows_hint(rows: int) -> int:
+    """Mean rows per expert or span as a power of two: an autotune key that stays put as T varies a little."""
+    return triton.next_power_of_2(max(rows, 1))
+
+
 def gather_matmul(a, weight, src, dst, plan: RoutingPlan, transpose_w: bool = False, scale=None):
     """out[dst[r]] = scale[r] · a[src[r]] @ W[e(r)] (W[e]ᵀ if transpose_w) over the P sorted rows r → [P, N].
 
@@ -57,42 +65,76 @@ def gather_matmul(a, weight, src, dst, plan: RoutingPlan, transpose_w: bool = Fa
         raise ValueError(f"a has {a.shape[1]} columns but the expert weights expect {K_in}")
     stride_wk, stride_wn = (weight.stride(2), weight.stride(1)) if transpose_w else (weight.stride(1), weight.stride(2))
     out = a.new_empty(dst.shape[0], N)
-    tiles = plan.tiles(BLOCK_M)
+    small, large = (plan.tiles(height) for height in TILE_HEIGHTS)
 
     def grid(meta):
-        return (len(tiles), triton.cdiv(N, meta["BLOCK_N"]))
+        tiles = large if meta["BLOCK_M"] == large.height else small
+        return (len(tiles) * triton.cdiv(N, meta["BLOCK_N"]),)
 
     with torch.cuda.device_of(a):
         gather_matmul_kernel[grid](
             a, weight, out, src, dst, scale if scale is not None else out,
-            tiles.expert, tiles.start, tiles.end,
-            N, K_in,
+            small.table, len(small), large.table, len(large),
+            N, K_in, _rows_hint(dst.shape[0] // plan.n_experts),
             a.stride(0), a.stride(1),
             weight.stride(0), stride_wk, stride_wn,
             out.stride(0), out.stride(1),
-            HAS_SCALE=scale is not None, BLOCK_M=BLOCK_M, **_product_flags(a.dtype),
+            HAS_SCALE=scale is not None, LARGE_M=large.height, **_product_flags(a.dtype),
         )
     return out
 
 
-def weight_grad(a, b, src_a, src_b, plan: RoutingPlan, shape, scale=None) -> torch.Tensor:
-    """dW[e] = Σ_{r of e} a[src_a[r]]ᵀ (scale[r] · b[src_b[r]]) → [E, I, J] (fp32 sums, a's dtype)."""
+@functools.cache
+def _multiprocessors(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def split_span_rows(P: int, E: int, d_in: int, J: int, device: torch.device) -> int | None:
+    """Rows per chunk when the weight gradient should split each expert's rows, else None (one span per expert).
+
+    One span per expert gives E · ⌈I/128⌉ · ⌈J/128⌉ programs at the largest blocks; with fewer than four per
+    multiprocessor, each expert's rows are cut into enough chunks (a power of two of rows, at least
+    MIN_SPAN_ROWS) to reach that. Off CUDA (the interpreter runs programs one by one) never.
+    """
+    if device.type != "cuda":
+        return None
+    wanted = 4 * _multiprocessors(device.index if device.index is not None else torch.cuda.current_device())
+    programs = E * triton.cdiv(d_in, 128) * triton.cdiv(J, 128)
+    if programs >= wanted:
+        return None
+    rows = max(MIN_SPAN_ROWS, triton.next_power_of_2(triton.cdiv(P, E * triton.cdiv(wanted, programs))))
+    return rows if rows < P // E else None
+
+
+def weight_grad(a, b, src_a, src_b, plan: RoutingPlan, shape, scale=None, span_rows: int | None = None):
+    """dW[e] = Σ_{r of e} a[src_a[r]]ᵀ (scale[r] · b[src_b[r]]) → [E, I, J] (fp32 sums, a's dtype).
+
+    ``span_rows``: cut each expert's rows into chunks of that many and sum the chunks' fp32 partial sums
+    afterwards (None: one span per expert, or ``split_span_rows``'s choice for the GPU).
+    """
     E, d_in, J = shape
-    out = torch.empty(shape, dtype=a.dtype, device=a.device)  # the kernel writes every tile, empty experts 0
+    P = src_a.shape[0]
+    if span_rows is None:
+        span_rows = split_span_rows(P, E, d_in, J, a.device)
+    spans = plan.expert_spans() if span_rows is None else plan.tiles(span_rows)
+    grad = torch.empty(shape, dtype=a.dtype, device=a.device)  # every element is written, empty experts 0
+    out = grad if span_rows is None else torch.empty((len(spans), d_in, J), dtype=torch.float32, device=a.device)
 
     def grid(meta):
-        return (E, triton.cdiv(d_in, meta["BLOCK_I"]), triton.cdiv(J, meta["BLOCK_J"]))
+        return (triton.cdiv(d_in, meta["BLOCK_I"]) * triton.cdiv(J, meta["BLOCK_J"]), len(spans))
 
     with torch.cuda.device_of(a):
         weight_grad_kernel[grid](
-            a, b, out, src_a, src_b, scale if scale is not None else out, plan.offsets,
-            d_in, J,
+            a, b, out, src_a, src_b, scale if scale is not None else out, spans.table, len(spans), spans.height,
+            d_in, J, _rows_hint(min(spans.height, P // E)),
             a.stride(0), a.stride(1),
             b.stride(0), b.stride(1),
             out.stride(0), out.stride(1), out.stride(2),
             HAS_SCALE=scale is not None, **_product_flags(a.dtype),
         )
-    return out
+        if span_rows is not None:
+            sum_spans_kernel[(triton.cdiv(d_in * J, SUM_BLOCK), E)](out, grad, spans.first, d_in * J, BLOCK=SUM_BLOCK)
+    return grad
 
 
 def up_forward(x, weight, plan: RoutingPlan) -> torch.Tensor:

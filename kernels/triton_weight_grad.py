@@ -1,10 +1,17 @@
-"""Triton kernel: per-expert weight gradient from gathered rows.
+"""Triton kernels: per-expert weight gradient from gathered rows.
 
     dW[e] = Σ_{r in expert e} (scale[r] ·) a[src_a[r]]ᵀ ⊗ b[src_b[r]]        dW [E, I, J]
 
-One program computes an I-block × J-block tile of one expert's gradient, looping over that
-expert's rows (``offsets[e] : offsets[e + 1]`` of the sorted order) BLOCK_R at a time; an expert
-with no rows gets zeros. Accumulation is fp32; IEEE and UPCAST as in ``triton_gather_matmul``.
+One program computes an I-block × J-block tile of the sum over one span of sorted rows, BLOCK_R rows at a
+time, and writes it to ``out[span]``. Two ways to cut the rows into spans (``RoutingPlan.tiles``):
+
+- one span per expert (``expert_spans``): ``out`` is dW itself; an expert with no rows gets zeros;
+- row chunks of at most ``span_rows`` rows within one expert, when there are too few experts to fill the
+  GPU: ``out`` is fp32 partial sums [spans, I, J], and ``sum_spans_kernel`` adds each expert's chunks in
+  order (deterministic, no atomics) into dW.
+
+A span's programs (every I × J block) are adjacent in launch order, so its gathered rows are read from L2.
+Accumulation is fp32; IEEE and UPCAST as in ``triton_gather_matmul``.
 """
 
 from __future__ import annotations
@@ -15,40 +22,57 @@ import triton.language as tl
 from sffn_lab.kernels.triton_gather_matmul import INTERPRETED
 
 
-def configs() -> list[triton.Config]:
-    if INTERPRETED:
+def configs(interpreted: bool = INTERPRETED) -> list[triton.Config]:
+    """The autotuned configs; the interpreter gets one small tile."""
+    if interpreted:
         return [triton.Config({"BLOCK_I": 32, "BLOCK_J": 32, "BLOCK_R": 16}, num_warps=4)]
     return [
         triton.Config({"BLOCK_I": bi, "BLOCK_J": bj, "BLOCK_R": br}, num_warps=w, num_stages=s)
-        for bi, bj, br, w, s in [(64, 64, 32, 4, 3), (128, 64, 32, 8, 3), (64, 128, 32, 8, 3), (128, 128, 32, 8, 3)]
+        for bi, bj, br, w, s in [(64, 64, 32, 4, 3), (128, 64, 32, 8, 3), (64, 128, 32, 8, 3), (128, 128, 32, 8, 3),
+                                 (64, 64, 64, 4, 3)]
     ]
 
 
-@triton.autotune(configs=configs(), key=["d_in", "J"])
-@triton.jit
+def prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    """Drop blocks past the next power of two of I or J and row steps longer than a span's mean rows;
+    keeps at least the first config."""
+    i, j = triton.next_power_of_2(named_args["d_in"]), triton.next_power_of_2(named_args["J"])
+    rows = named_args["rows_hint"]
+    kept = [c for c in configs
+            if c.kwargs["BLOCK_I"] <= max(i, 64) and c.kwargs["BLOCK_J"] <= max(j, 64)
+            and c.kwargs["BLOCK_R"] <= max(rows, 32)]
+    return kept or configs[:1]
+
+
+@triton.autotune(configs=configs(), key=["d_in", "J", "rows_hint", "HAS_SCALE"],
+                 prune_configs_by={"early_config_prune": prune})
+@triton.jit(do_not_specialize=["rows_hint"])
 def weight_grad_kernel(
-    a_ptr, b_ptr, out_ptr, src_a_ptr, src_b_ptr, scale_ptr, offsets_ptr,
-    d_in, J,
+    a_ptr, b_ptr, out_ptr, src_a_ptr, src_b_ptr, scale_ptr, spans_ptr, n_spans, span_rows,
+    d_in, J, rows_hint,
     stride_am, stride_ai,
     stride_bm, stride_bj,
-    stride_oe, stride_oi, stride_oj,
+    stride_os, stride_oi, stride_oj,
     HAS_SCALE: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    expert = tl.program_id(0)
-    pid_i = tl.program_id(1)
-    pid_j = tl.program_id(2)
-    start = tl.load(offsets_ptr + expert)
-    end = tl.load(offsets_ptr + expert + 1)
+    """Span table long [3, n_spans] (expert, start, end; a span is start : min(start + span_rows, end));
+    ``rows_hint`` (mean rows per span, a power of two) only keys the autotuner and its pruning."""
+    n_j_blocks = tl.cdiv(J, BLOCK_J)
+    pid_i = tl.program_id(0) // n_j_blocks
+    pid_j = tl.program_id(0) % n_j_blocks
+    span = tl.program_id(1)
+    start = tl.load(spans_ptr + n_spans + span)
+    stop = tl.minimum(start + span_rows, tl.load(spans_ptr + 2 * n_spans + span))
     i = pid_i * BLOCK_I + tl.arange(0, BLOCK_I)
     j = pid_j * BLOCK_J + tl.arange(0, BLOCK_J)
     i_ok = i < d_in
     j_ok = j < J
 
     acc = tl.zeros((BLOCK_I, BLOCK_J), dtype=tl.float32)
-    for r0 in range(start, end, BLOCK_R):
+    for r0 in range(start, stop, BLOCK_R):
         rows = r0 + tl.arange(0, BLOCK_R)
-        row_ok = rows < end
+        row_ok = rows < stop
         src_a = tl.load(src_a_ptr + rows, mask=row_ok, other=0)
         src_b = tl.load(src_b_ptr + rows, mask=row_ok, other=0)
         a = tl.load(a_ptr + src_a[:, None] * stride_am + i[None, :] * stride_ai,
@@ -65,5 +89,18 @@ def weight_grad_kernel(
         else:
             acc += tl.dot(tl.trans(a), b)
 
-    tl.store(out_ptr + expert * stride_oe + i[:, None] * stride_oi + j[None, :] * stride_oj,
+    tl.store(out_ptr + span.to(tl.int64) * stride_os + i[:, None] * stride_oi + j[None, :] * stride_oj,
              acc.to(out_ptr.dtype.element_ty), mask=i_ok[:, None] & j_ok[None, :])
+
+
+@triton.jit
+def sum_spans_kernel(partial_ptr, out_ptr, first_ptr, size, BLOCK: tl.constexpr):
+    """out[e, :] = Σ_{s in first[e] : first[e + 1]} partial[s, :] in span order (fp32 sums, out's dtype; zeros
+    for an expert without spans). partial fp32 [spans, size], out [E, size], first long [E + 1]."""
+    expert = tl.program_id(1)
+    cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = cols < size
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for s in range(tl.load(first_ptr + expert), tl.load(first_ptr + expert + 1)):
+        acc += tl.load(partial_ptr + s * size + cols, mask=ok, other=0.0)
+    tl.store(out_ptr + expert.to(tl.int64) * size + cols, acc.to(out_ptr.dtype.element_ty), mask=ok)

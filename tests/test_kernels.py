@@ -91,16 +91,19 @@ def test_autocast_computes_in_its_dtype_and_gives_fp32_parameters_fp32_gradients
 
 
 def test_routing_plan_tiles_cover_every_pair_once_within_one_expert(device, seed):
-    T, K, E, block_m = 45, 3, 6, 8
+    T, K, E, height = 45, 3, 6, 8
     plan = RoutingPlan.of(skewed_routing(T, K, E, device, empty=(2,)), E)
-    tiles = plan.tiles(block_m)
-    assert len(tiles) == -(-T * K // block_m) + E  # fixed by the shapes: no host sync to size a grid
-    covered = torch.zeros(T * K, dtype=torch.long)
-    for e, start, end in zip(tiles.expert.tolist(), tiles.start.tolist(), tiles.end.tolist(), strict=True):
-        if start < end:
-            assert plan.offsets[e] <= start and end == plan.offsets[e + 1]  # never straddles two experts
-            covered[start : min(start + block_m, end)] += 1
-    assert covered.eq(1).all()
+    for tiles, spans in ((plan.tiles(height), False), (plan.expert_spans(), True)):
+        assert len(tiles) == (E if spans else -(-T * K // height) + E)  # fixed by the shapes: no host sync
+        covered = torch.zeros(T * K, dtype=torch.long)
+        for i, (e, start, end) in enumerate(zip(*tiles.table.tolist(), strict=True)):
+            if start < end:
+                assert plan.offsets[e] <= start and end == plan.offsets[e + 1]  # never straddles two experts
+                assert tiles.first[e] <= i < tiles.first[e + 1]  # an expert's tiles are consecutive
+                covered[start : min(start + tiles.height, end)] += 1
+        assert covered.eq(1).all()
+        per_expert = tiles.first.diff()
+        assert per_expert.sum() <= len(tiles) and per_expert[2] == (1 if spans else 0)  # expert 2: no rows
     assert plan.indices.reshape(-1)[plan.pairs].diff().ge(0).all()  # pairs in expert order
 
 
@@ -150,3 +153,84 @@ def test_a_strided_weight_view_gives_the_contiguous_weights_results(backend, dev
     torch.testing.assert_close(x1.grad, x2.grad, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(full.grad[:, 5:].transpose(1, 2), contiguous.grad, atol=1e-5, rtol=1e-5)
     assert full.grad[:, :5].abs().sum() == 0  # rows outside the slice get no gradient
+
+
+def _gpu_config_pairs():
+    """Every GPU config of both kernels, paired (the shorter list cycles), each with a dtype."""
+    from sffn_lab.kernels import triton_gather_matmul, triton_weight_grad
+
+    gather, grads = triton_gather_matmul.configs(interpreted=False), triton_weight_grad.configs(interpreted=False)
+    n = max(len(gather), len(grads))
+    pairs = [(gather[i % len(gather)], grads[i % len(grads)], DTYPES[i % len(DTYPES)]) for i in range(n)]
+    return [pytest.param(*pair, id="m{BLOCK_M}n{BLOCK_N}k{BLOCK_K}".format(**pair[0].kwargs)
+                         + "-i{BLOCK_I}j{BLOCK_J}r{BLOCK_R}-".format(**pair[1].kwargs) + str(pair[2])[6:])
+            for pair in pairs]
+
+
+@pytest.mark.skipif(not triton_available(), reason="no triton")
+@pytest.mark.parametrize("gather_config, grad_config, dtype", _gpu_config_pairs())
+def test_every_gpu_config_matches_float64(gather_config, grad_config, dtype, device, seed, fp32_ieee, monkeypatch):
+    """Each autotuned config of the GPU (both tile heights, the grouped launch order) against float64, run
+    alone; under the interpreter too. Experts of ~300 rows: several tiles each, the last one partial."""
+    from sffn_lab.kernels import triton_gather_matmul, triton_ops, triton_weight_grad
+
+    monkeypatch.setattr(triton_ops, "TILE_HEIGHTS", triton_gather_matmul.GPU_TILE_HEIGHTS)
+    monkeypatch.setattr(triton_gather_matmul.gather_matmul_kernel, "configs", [gather_config])
+    monkeypatch.setattr(triton_weight_grad.weight_grad_kernel, "configs", [grad_config])
+    run("triton", dtype, device, T=300, K=2, E=3, D=70, G=40)
+
+
+@pytest.mark.skipif(not triton_available(), reason="no triton")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_split_weight_gradient_matches_one_span_per_expert_and_float64(dtype, device, seed, fp32_ieee, monkeypatch):
+    """Row chunks of 1, 7 and 16 rows (chunk edges inside BLOCK_R steps, chunks of one row) give the one-span
+    sums up to fp32 reassociation, zeros for an unused expert; and the products' backward with the split
+    forced matches float64."""
+    from sffn_lab.kernels import triton_ops
+
+    T, K, E, d_in, J = 40, 2, 5, 24, 36
+    plan = RoutingPlan.of(skewed_routing(T, K, E, device, empty=(3,)), E)
+    a, b = torch.randn(T, d_in, device=device).to(dtype), torch.randn(T * K, J, device=device).to(dtype)
+    scale = torch.rand(T * K, device=device)
+    expected = torch.zeros(E, d_in, J, dtype=torch.float64, device=device)
+    expected.index_add_(0, plan.indices.reshape(-1)[plan.pairs],
+                        a.double()[plan.tokens, :, None] * (scale[:, None] * b.double()[plan.pairs])[:, None, :])
+    one_span = triton_ops.weight_grad(a, b, plan.tokens, plan.pairs, plan, (E, d_in, J), scale=scale)
+    for rows in (1, 7, 16):
+        split = triton_ops.weight_grad(a, b, plan.tokens, plan.pairs, plan, (E, d_in, J), scale=scale, span_rows=rows)
+        assert split.dtype == dtype and split[3].abs().sum() == 0
+        assert relative_error(split, expected) < TOLERANCE[dtype]
+        torch.testing.assert_close(split.float(), one_span.float(), rtol=1e-5 if dtype == torch.float32 else 1e-2,
+                                   atol=1e-5 if dtype == torch.float32 else 1e-2)
+    monkeypatch.setattr(triton_ops, "split_span_rows", lambda *shape: 5)
+    run("triton", dtype, device, T=37, K=2, E=4, D=20, G=24)
+
+
+def test_weight_gradient_splits_only_when_experts_leave_the_gpu_idle(monkeypatch):
+    """Four programs per multiprocessor wanted (132 here, an H100's count): 16 experts of D 1024 × G 128 give
+    128 programs, so their 16384 rows each are cut into 4096-row chunks (640 programs); 128 experts fill the
+    GPU alone; short experts are never cut below MIN_SPAN_ROWS."""
+    from sffn_lab.kernels import triton_ops
+
+    monkeypatch.setattr(triton_ops, "_multiprocessors", lambda index: 132)
+    gpu, cpu = torch.device("cuda", 0), torch.device("cpu")
+    assert triton_ops.split_span_rows(262144, 16, 1024, 128, gpu) == 4096
+    assert triton_ops.split_span_rows(262144, 16, 128, 1024, gpu) == 4096
+    assert triton_ops.split_span_rows(262144, 128, 1024, 128, gpu) is None
+    assert triton_ops.split_span_rows(2048, 16, 1024, 128, gpu) is None  # 128 rows per expert: nothing to cut
+    assert triton_ops.split_span_rows(262144, 16, 1024, 128, cpu) is None  # the interpreter runs programs in turn
+
+
+@pytest.mark.skipif(not triton_available(), reason="no triton")
+def test_config_pruning_keeps_blocks_the_shape_can_fill():
+    from sffn_lab.kernels import triton_gather_matmul, triton_weight_grad
+
+    gather = triton_gather_matmul.configs(interpreted=False)
+    kept = triton_gather_matmul.prune(gather, {"N": 128, "K": 1024, "rows_hint": 64})
+    assert kept and all(c.kwargs["BLOCK_N"] <= 128 and c.kwargs["BLOCK_M"] == 64 for c in kept)
+    many_rows = triton_gather_matmul.prune(gather, {"N": 1024, "K": 128, "rows_hint": 16384})
+    assert {c.kwargs["BLOCK_M"] for c in many_rows} == {64, 128} and len(many_rows) == len(gather)
+    assert triton_gather_matmul.prune(gather, {"N": 8, "K": 8, "rows_hint": 1})  # never empty
+    grads = triton_weight_grad.configs(interpreted=False)
+    kept = triton_weight_grad.prune(grads, {"d_in": 64, "J": 1024, "rows_hint": 16})
+    assert kept and all(c.kwargs["BLOCK_I"] == 64 and c.kwargs["BLOCK_R"] == 32 for c in kept)
