@@ -6,10 +6,12 @@ from __future__ import annotations
 import csv
 import math
 import os
+from contextlib import contextmanager
 
 import pytest
 import torch
 
+from sffn_lab.bench import gpu_check
 from sffn_lab.bench.baselines import gshard_moe, masked_dense_moe, python_loop_moe
 from sffn_lab.bench.gpu_check import run_gpu_check
 from sffn_lab.bench.layer_vs_dense import FLOP_MATCHED
@@ -18,6 +20,7 @@ from sffn_lab.bench.records import NOT_MEASURED_NO_GPU
 from sffn_lab.bench.scaling import BANK, LIMIT
 from sffn_lab.bench.sizes import QUICK
 from sffn_lab.config import FFN_KINDS
+from sffn_lab.kernels import triton_available
 from sffn_lab.kernels.reference import expert_down_reference, expert_up_reference
 from tests.support import run_cli
 
@@ -112,8 +115,42 @@ def test_gpu_check_passes_at_quick_sizes_on_this_machine(device):
     the Triton interpreter on the CPU."""
     lines = []
     assert run_gpu_check(lines.append, device=device.type, quick=True, speed=False), "\n".join(lines)
-    assert sum(line.startswith("PASS  ") for line in lines) == 6 + len(FFN_KINDS)
+    assert sum(line.startswith("PASS  ") for line in lines) == 6 + 2 * len(FFN_KINDS)
     assert not any(line.startswith("FAIL") for line in lines)
+
+
+@contextmanager
+def host_reads_are_errors(device):
+    """A CPU stand-in for CUDA's sync debug mode: the tensor calls that read device values on the host raise."""
+    names = ("nonzero", "item", "tolist", "__bool__", "__int__", "__float__", "__index__")
+    saved = {name: getattr(torch.Tensor, name) for name in names}
+
+    def refuse(name):
+        def call(*args, **kwargs):
+            raise RuntimeError(f"host read: Tensor.{name}")
+        return call
+
+    try:
+        for name in names:
+            setattr(torch.Tensor, name, refuse(name))
+        yield
+    finally:
+        for name, method in saved.items():
+            setattr(torch.Tensor, name, method)
+
+
+@pytest.mark.skipif(not triton_available(), reason="no triton")
+def test_host_sync_check_passes_every_layer_but_base_and_catches_base(monkeypatch):
+    """With host reads made errors (the CPU stand-in for sync debug mode), every FFN kind's layer runs its
+    Triton-path forward+backward; BASE, whose auction reads the device, is caught once not excused."""
+    monkeypatch.setattr(gpu_check, "host_syncs_are_errors", host_reads_are_errors)
+    lines = [r.line() for r in gpu_check.host_sync_checks("cpu", quick=True)]
+    assert [line for line in lines if line.startswith("FAIL")] == [], "\n".join(lines)
+    assert any("base" in line and "not checked" in line for line in lines)
+    monkeypatch.setattr(gpu_check, "SYNCING_KINDS", {})
+    failed = [line for line in (r.line() for r in gpu_check.host_sync_checks("cpu", quick=True))
+              if line.startswith("FAIL")]
+    assert len(failed) == 1 and failed[0].startswith("FAIL  base") and "host read" in failed[0]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without a GPU")

@@ -6,11 +6,13 @@
    more than 2^31 elements in T·D (64-bit index arithmetic), checked on sampled rows.
 2. Training: a few bf16-mixed steps of every FFN kind with the Triton backend, losses finite and close
    to the torch backend's.
-3. Speed: forward+backward of the σ-MoE expert bank against the FLOP-matched dense FFN (d_ff = K·G, the
+3. Host syncs: a bf16-mixed forward+backward of each FFN kind's layer under
+   ``torch.cuda.set_sync_debug_mode("error")`` (BASE excepted: its auction is data-dependent).
+4. Speed: forward+backward of the σ-MoE expert bank against the FLOP-matched dense FFN (d_ff = K·G, the
    limit) and the parameter-matched dense FFN (d_ff = N_E·G) on cuBLAS, timed with CUDA events
    (``triton.testing.do_bench``), as ratios and TFLOP/s of active FLOPs.
 
-Without CUDA it says so and passes. ``device="cpu"`` with ``quick`` sizes runs parts 1–2 under the
+Without CUDA it says so and passes. ``device="cpu"`` with ``quick`` sizes runs parts 1–3 under the
 Triton interpreter (the test suite's way of keeping this code working without a GPU).
 """
 
@@ -176,6 +178,70 @@ def bf16_training_losses(model_config, device, steps: int, backend: str, seq_len
     return losses
 
 
+# ---------------------------------------------------------------------------------------------- host syncs
+SYNCING_KINDS = {"base": "BASE's balanced assignment is an auction with data-dependent loops"}
+
+
+@contextmanager
+def host_syncs_are_errors(device) -> Iterator[None]:
+    """On CUDA, every operation that waits for the device raises inside the block; elsewhere a no-op."""
+    if torch.device(device).type != "cuda":
+        yield
+        return
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def host_sync_checks(device, quick: bool) -> Iterator[CheckResult]:
+    """One bf16-autocast forward+backward of each FFN kind's layer (Triton backend) with host syncs made errors,
+    after two warm-up steps (the autotuner times its configs, which waits for the device, on a shape's first call).
+    """
+    from sffn_lab.config import FFN_KINDS
+
+    for kind in FFN_KINDS:
+        name = f"{kind}: no host sync in the layer"
+        if kind in SYNCING_KINDS:
+            yield CheckResult(name, True, f"not checked: {SYNCING_KINDS[kind]}")
+            continue
+        step = layer_step(kind, device, quick)
+        with kernel_backend("triton"):
+            step()
+            step()
+            try:
+                with host_syncs_are_errors(device):
+                    step()
+            except RuntimeError as exc:
+                yield CheckResult(name, False, str(exc).splitlines()[0])
+            else:
+                yield CheckResult(name, True, "bf16-mixed forward+backward, sync debug mode 'error'")
+
+
+def layer_step(kind: str, device, quick: bool) -> Callable[[], None]:
+    """A bf16-autocast forward+backward of one FFN layer of ``kind`` on a fixed batch [B, S, D]."""
+    from sffn_lab.config import load_config
+    from sffn_lab.layers.factory import build_ffn
+
+    size = (["model.d_model=32", "model.ffn.d_ff=64", "model.ffn.expert_size=16"] if quick
+            else ["model.d_model=512", "model.ffn.d_ff=2048", "model.ffn.expert_size=128"])
+    batch, seq_len, vocab = (2, 16, 256) if quick else (8, 512, 256)
+    config = load_config(None, [*size, "model.ffn.n_experts=8", "model.ffn.top_k=2", f"model.ffn.kind={kind}"])
+    torch.manual_seed(0)
+    layer = build_ffn(config.model.ffn, config.model.d_model, 2, vocab).to(device)
+    x = torch.randn(batch, seq_len, config.model.d_model, device=device, requires_grad=True)
+    ids = torch.randint(0, vocab, (batch, seq_len), device=device)
+
+    def step() -> None:
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
+            out = layer(x, ids)
+        loss = out.y.float().square().mean()
+        (loss if out.aux_loss is None else loss + out.aux_loss).backward()
+
+    return step
+
+
 # ---------------------------------------------------------------------------------------------- speed
 SPEED_CASES = [(T, D, E) for T in (8192, 65536) for D in (512, 1024) for E in (16, 128)]
 
@@ -242,7 +308,7 @@ def run_gpu_check(say: Callable[[str], None], device: str = "cuda", quick: bool 
     if not triton_available():
         say("FAIL  triton: the Triton kernels cannot be imported; only the torch path was checked.")
     results = []
-    for check in (accuracy_checks(device, quick), training_checks(device, quick)):
+    for check in (accuracy_checks(device, quick), training_checks(device, quick), host_sync_checks(device, quick)):
         for result in check:
             say(result.line())
             results.append(result)
