@@ -121,7 +121,7 @@ def weight_grad(a, b, src_a, src_b, plan: RoutingPlan, shape, scale=None, span_r
     out = grad if span_rows is None else torch.empty((len(spans), d_in, J), dtype=torch.float32, device=a.device)
 
     def grid(meta):
-        return (triton.cdiv(d_in, meta["BLOCK_I"]) * triton.cdiv(J, meta["BLOCK_J"]), len(spans))
+        return (triton.cdiv(d_in, meta["BLOCK_I"]) * triton.cdiv(J, meta["BLOCK_J"]) * len(spans),)
 
     with torch.cuda.device_of(a):
         weight_grad_kernel[grid](

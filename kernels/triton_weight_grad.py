@@ -59,9 +59,10 @@ def weight_grad_kernel(
     """Span table long [3, n_spans] (expert, start, end; a span is start : min(start + span_rows, end));
     ``rows_hint`` (mean rows per span, a power of two) only keys the autotuner and its pruning."""
     n_j_blocks = tl.cdiv(J, BLOCK_J)
-    pid_i = tl.program_id(0) // n_j_blocks
+    n_blocks = tl.cdiv(d_in, BLOCK_I) * n_j_blocks
+    span = tl.program_id(0) // n_blocks
+    pid_i = tl.program_id(0) % n_blocks // n_j_blocks
     pid_j = tl.program_id(0) % n_j_blocks
-    span = tl.program_id(1)
     start = tl.load(spans_ptr + n_spans + span)
     stop = tl.minimum(start + span_rows, tl.load(spans_ptr + 2 * n_spans + span))
     i = pid_i * BLOCK_I + tl.arange(0, BLOCK_I)
