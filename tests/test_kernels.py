@@ -51,6 +51,23 @@ def test_without_gates_and_with_several_empty_experts(backend, dtype, device, se
         assert dw[[0, 3, 6]].abs().sum() == 0
 
 
+@pytest.mark.parametrize("block_rows", [1, 9, 10**9])
+def test_torch_path_blocks_of_one_several_or_all_experts(block_rows, device, seed, fp32_ieee, monkeypatch):
+    """per_expert's gather / scatter blocks: one expert each, a few consecutive experts (empty ones among
+    them), or all of them in one block."""
+    monkeypatch.setattr(torch_grouped, "BLOCK_ROWS", block_rows)
+    plan = RoutingPlan.of(skewed_routing(37, 2, 7, device, empty=(1, 3)), 7)
+    blocks = torch_grouped.blocks(plan, "per_expert")
+    assert torch.cat([b.pairs for b in blocks]).equal(plan.pairs)  # every pair once, in order
+    used = [e for e in range(7) if plan.counts[e] > 0]  # never 1 or 3
+    assert [e for b in blocks for e, _ in b.experts()] == used
+    for b in blocks[:-1]:  # each block closes at the first expert that brings it to BLOCK_ROWS rows
+        assert sum(b.counts) >= block_rows > sum(b.counts) - b.counts[-1]
+    assert len(blocks) == len(used) or block_rows != 1  # one block per expert with rows
+    assert len(blocks) == 1 or block_rows != 10**9
+    run("torch", torch.float32, device, T=37, K=2, E=7, D=20, G=24, empty=(1, 3), strategy="per_expert")
+
+
 @pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("grouped_mm", [True, False])
 def test_torch_path_strategies_with_and_without_grouped_mm(strategy, grouped_mm, device, seed, fp32_ieee, monkeypatch):
