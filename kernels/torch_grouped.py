@@ -148,10 +148,10 @@ def down_forward(h, weight, plan: RoutingPlan, gates, strategy: str) -> torch.Te
     rows = h.reshape(T * K, G)
     y = h.new_zeros(T, weight.shape[2])
     for b in blocks(plan, strategy):
-        out = block_matmul(rows.index_select(0, b.pairs), weight, b, plan)
-        if gates is not None:
-            out.mul_(gates.reshape(-1).index_select(0, b.pairs).unsqueeze(1))
-        y.index_add_(0, b.tokens, out)
+        h_b = rows.index_select(0, b.pairs)
+        if gates is not None:  # g·(h W) = (g·h) W: the gate scales the G-wide side rather than the D-wide one
+            h_b.mul_(gates.reshape(-1).index_select(0, b.pairs).unsqueeze(1))
+        y.index_add_(0, b.tokens, block_matmul(h_b, weight, b, plan))
     return y
 
 
@@ -166,7 +166,7 @@ def down_backward(grad_y, h, weight, plan: RoutingPlan, gates, strategy: str, ne
     grad_w = torch.zeros_like(weight) if need_w else None
     grad_gates = gates.new_empty(T * K) if gates is not None and need_gates else None
     for b in blocks(plan, strategy):
-        grad_out = grad_y.index_select(0, b.tokens)  # dL/d(ungated out_p), [n, D]
+        grad_out = grad_y.index_select(0, b.tokens)  # dL/d(out_p), [n, D]
         grad_pre = block_matmul(grad_out, weight.transpose(1, 2), b, plan)  # dL/d(g_p·h_p)
         h_b = rows.index_select(0, b.pairs)
         if grad_gates is not None:
@@ -175,7 +175,7 @@ def down_backward(grad_y, h, weight, plan: RoutingPlan, gates, strategy: str, ne
         if gates is not None:
             g = gates.reshape(-1).index_select(0, b.pairs).unsqueeze(1)
             grad_pre.mul_(g)
-            grad_out.mul_(g)
+            h_b.mul_(g)  # dW = (g·h)ᵀ dY, as in forward the G-wide side scaled
         if grad_h is not None:
             grad_h.index_copy_(0, b.pairs, grad_pre)
         if grad_w is not None:
