@@ -6,6 +6,10 @@
     expert_down(h [T, K, G], weight [E, G, D], plan, gates [T, K] | None) -> y [T, D]
         y[t] = Σ_k gates[t, k] · h[t, k] @ weight[indices[t, k]]
 
+With ``expert_order=True`` on both, h is [P, G] (P = T·K) in the plan's order instead, row r the pair
+plan.pairs[r]: the layout the products read and write directly, so an elementwise activation between
+them (the expert bank's) saves a scatter and a gather of h and of its gradient.
+
 Both are differentiable in every float input and follow autocast as a matmul would: under
 ``torch.autocast`` on the input's device, x / h and the weights are cast to the autocast dtype
 (their gradients flow back through the cast, so fp32 parameters get fp32 gradients) and the
@@ -74,41 +78,45 @@ def pick_backend(x: torch.Tensor, backend: str | None) -> str:
     return "triton"
 
 
-def expert_up(x: torch.Tensor, weight: torch.Tensor, plan: RoutingPlan, backend: str | None = None) -> torch.Tensor:
+def expert_up(x: torch.Tensor, weight: torch.Tensor, plan: RoutingPlan, backend: str | None = None,
+              expert_order: bool = False) -> torch.Tensor:
     x, weight = autocast_operands(x, weight)
     chosen = pick_backend(x, backend)
     if torch.compiler.is_compiling() and chosen != "reference":  # one opaque op per product: no graph break
         from sffn_lab.kernels.custom_ops import expert_up_op
 
-        return expert_up_op(x, weight, *plan.tensors(), chosen)
+        return expert_up_op(x, weight, *plan.tensors(), chosen, expert_order)
     with torch.autocast(x.device.type, enabled=False):
         if chosen == "triton":
             from sffn_lab.kernels.triton_ops import expert_up_triton
 
-            return expert_up_triton(x, weight, plan)
+            return expert_up_triton(x, weight, plan, expert_order)
         if chosen == "reference":
-            return expert_up_reference(x, weight, plan.indices)
-        return expert_up_torch(x, weight, plan)
+            h = expert_up_reference(x, weight, plan.indices)
+            return h.reshape(-1, h.shape[-1])[plan.pairs] if expert_order else h
+        return expert_up_torch(x, weight, plan, expert_order=expert_order)
 
 
 def expert_down(
     h: torch.Tensor, weight: torch.Tensor, plan: RoutingPlan, gates: torch.Tensor | None = None,
-    backend: str | None = None,
+    backend: str | None = None, expert_order: bool = False,
 ) -> torch.Tensor:
     h, weight = autocast_operands(h, weight)
     chosen = pick_backend(h, backend)
     if torch.compiler.is_compiling() and chosen != "reference":
         from sffn_lab.kernels.custom_ops import expert_down_op
 
-        return expert_down_op(h, weight, *plan.tensors(), gates, chosen)
+        return expert_down_op(h, weight, *plan.tensors(), gates, chosen, expert_order)
     with torch.autocast(h.device.type, enabled=False):
         if chosen == "triton":
             from sffn_lab.kernels.triton_ops import expert_down_triton
 
-            return expert_down_triton(h, weight, plan, gates)
+            return expert_down_triton(h, weight, plan, gates, expert_order)
         if chosen == "reference":
+            if expert_order:  # back to pairs: row pairs[r] of the result is row r of h
+                h = torch.empty_like(h).index_copy(0, plan.pairs, h).view(*plan.indices.shape, -1)
             return expert_down_reference(h, weight, plan.indices, gates)
-        return expert_down_torch(h, weight, plan, gates)
+        return expert_down_torch(h, weight, plan, gates, expert_order=expert_order)
 
 
 __all__ = ["RoutingPlan", "expert_down", "expert_up"]

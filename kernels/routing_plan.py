@@ -66,6 +66,7 @@ class RoutingPlan:
     counts: torch.Tensor
     offsets: torch.Tensor
     _host_offsets: list[int] | None = field(default=None, repr=False)
+    _sorted_rows: torch.Tensor | None = field(default=None, repr=False)
     _tiles: dict[int, Tiles] = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -97,6 +98,12 @@ class RoutingPlan:
         """Pairs per expert as Python ints [E] (from ``host_offsets``)."""
         ends = self.host_offsets()
         return [b - a for a, b in pairwise(ends)]
+
+    def sorted_rows(self) -> torch.Tensor:
+        """0 … P − 1 (long [P]): the row index of a per-pair tensor already in expert order (built once)."""
+        if self._sorted_rows is None:
+            self._sorted_rows = torch.arange(self.pairs.shape[0], device=self.pairs.device)
+        return self._sorted_rows
 
     def group_ends(self) -> torch.Tensor:
         """offsets[1:] as int32 [E]: the ``offs`` of ``torch._grouped_mm``."""

@@ -2,7 +2,10 @@
 
 The layer's ``RoutingPlan`` gives the (token, k) pairs in expert order; the pairs are processed in
 blocks: the block's input rows are gathered, multiplied by their experts' weights and written back
-(``index_copy_`` for h, gate-scaled ``index_add_`` for y). Two strategies share this code:
+(``index_copy_`` for h, ``index_add_`` for y). The hidden activations h between the two products are
+either per pair ([T, K, G]) or, with ``expert_order``, in the plan's order ([P, G], row r the pair
+plan.pairs[r]), as the expert bank keeps them: then a block's rows of h are a slice, read and written in
+place, and neither product gathers or scatters h or its gradient. Two strategies share this code:
 
 - ``per_expert`` (the default on the CPU): one matmul per expert, the gathers and scatters over blocks of
   consecutive experts of about BLOCK_ROWS rows. A block's gathered rows stay in cache (gathering all P
@@ -44,9 +47,21 @@ class Block:
 
     pairs: torch.Tensor
     tokens: torch.Tensor
+    sorted_rows: slice  # the block's positions in the plan's expert order
     first: int
     counts: list[int]
     whole: bool = False
+
+    def take(self, hidden: torch.Tensor, expert_order: bool) -> torch.Tensor:
+        """The block's rows of a per-pair tensor [P, G], in the block's order (a view in expert order)."""
+        return hidden[self.sorted_rows] if expert_order else hidden.index_select(0, self.pairs)
+
+    def put(self, hidden: torch.Tensor, rows: torch.Tensor, expert_order: bool) -> None:
+        """Write the block's rows [n, G] into a per-pair tensor [P, G]."""
+        if expert_order:
+            hidden[self.sorted_rows] = rows
+        else:
+            hidden.index_copy_(0, self.pairs, rows)
 
     def experts(self):
         """(expert, its row slice within the block) for each expert of the block with rows."""
@@ -61,14 +76,15 @@ def blocks(plan: RoutingPlan, strategy: str) -> list[Block]:
     """``per_expert``: consecutive experts in blocks of about BLOCK_ROWS rows (at least one expert each, so an
     expert of BLOCK_ROWS rows or more is a block of its own); ``grouped``: one block of all pairs."""
     if strategy == "grouped":
-        return [Block(plan.pairs, plan.tokens, 0, plan.host_counts(), whole=True)]
+        return [Block(plan.pairs, plan.tokens, slice(None), 0, plan.host_counts(), whole=True)]
     ends, counts = plan.host_offsets(), plan.host_counts()
     result, first = [], 0
     for e in range(len(counts)):
         if ends[e + 1] - ends[first] >= BLOCK_ROWS or e == len(counts) - 1:
             start, end = ends[first], ends[e + 1]
             if end > start:
-                result.append(Block(plan.pairs[start:end], plan.tokens[start:end], first, counts[first : e + 1]))
+                result.append(Block(plan.pairs[start:end], plan.tokens[start:end], slice(start, end), first,
+                                    counts[first : e + 1]))
             first = e + 1
     return result
 
@@ -118,23 +134,29 @@ def block_weight_grad(a: torch.Tensor, b: torch.Tensor, block: Block, plan: Rout
         torch.matmul(a[part].t(), b[part], out=out[e])
 
 
-def up_forward(x, weight, plan: RoutingPlan, strategy: str) -> torch.Tensor:
-    """h[t, k] = x[t] @ W[indices[t, k]];  x [T, D], W [E, D, G] → h [T, K, G]."""
+def _scaled(rows: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+    """rows [n, G] · gates [n, 1] as a new tensor of rows' dtype (products at the wider dtype, rounded once)."""
+    return torch.mul(rows, gates, out=torch.empty_like(rows))
+
+
+def up_forward(x, weight, plan: RoutingPlan, strategy: str, expert_order: bool) -> torch.Tensor:
+    """h[t, k] = x[t] @ W[indices[t, k]];  x [T, D], W [E, D, G] → h [T, K, G], or [P, G] in the plan's expert
+    order (row r: pair plan.pairs[r])."""
     T, K = plan.indices.shape
     h = x.new_empty(T * K, weight.shape[2])
     for b in blocks(plan, strategy):
-        h.index_copy_(0, b.pairs, block_matmul(x.index_select(0, b.tokens), weight, b, plan))
-    return h.view(T, K, -1)
+        b.put(h, block_matmul(x.index_select(0, b.tokens), weight, b, plan), expert_order)
+    return h if expert_order else h.view(T, K, -1)
 
 
-def up_backward(grad_h, x, weight, plan: RoutingPlan, strategy: str, need_x: bool, need_w: bool):
-    """grad_h [T, K, G] → (dL/dx [T, D] or None, dL/dW [E, D, G] or None)."""
+def up_backward(grad_h, x, weight, plan: RoutingPlan, strategy: str, expert_order: bool, need_x: bool, need_w: bool):
+    """grad_h [T, K, G] (or [P, G] in expert order) → (dL/dx [T, D] or None, dL/dW [E, D, G] or None)."""
     grad_h = grad_h.reshape(-1, grad_h.shape[-1]).to(x.dtype)
     grad_x = torch.zeros_like(x) if need_x else None
     # experts no pair used keep a zero gradient: only the grouped product writes every expert
     grad_w = torch.zeros_like(weight) if need_w else None
     for b in blocks(plan, strategy):
-        g = grad_h.index_select(0, b.pairs)
+        g = b.take(grad_h, expert_order)
         if grad_x is not None:
             grad_x.index_add_(0, b.tokens, block_matmul(g, weight.transpose(1, 2), b, plan))
         if grad_w is not None:
@@ -142,46 +164,45 @@ def up_backward(grad_h, x, weight, plan: RoutingPlan, strategy: str, need_x: boo
     return grad_x, grad_w
 
 
-def down_forward(h, weight, plan: RoutingPlan, gates, strategy: str) -> torch.Tensor:
-    """y[t] = Σ_k g[t, k] · h[t, k] @ W[indices[t, k]];  h [T, K, G], W [E, G, D], g [T, K] → y [T, D]."""
-    T, K, G = h.shape
-    rows = h.reshape(T * K, G)
-    y = h.new_zeros(T, weight.shape[2])
+def down_forward(h, weight, plan: RoutingPlan, gates, strategy: str, expert_order: bool) -> torch.Tensor:
+    """y[t] = Σ_k g[t, k] · h[t, k] @ W[indices[t, k]];  h [T, K, G] (or [P, G] in expert order), W [E, G, D],
+    g [T, K] → y [T, D]."""
+    rows = h.reshape(-1, h.shape[-1])
+    y = h.new_zeros(plan.indices.shape[0], weight.shape[2])
     for b in blocks(plan, strategy):
-        h_b = rows.index_select(0, b.pairs)
+        h_b = b.take(rows, expert_order)
         if gates is not None:  # g·(h W) = (g·h) W: the gate scales the G-wide side rather than the D-wide one
-            h_b.mul_(gates.reshape(-1).index_select(0, b.pairs).unsqueeze(1))
+            h_b = _scaled(h_b, gates.reshape(-1).index_select(0, b.pairs).unsqueeze(1))
         y.index_add_(0, b.tokens, block_matmul(h_b, weight, b, plan))
     return y
 
 
-def down_backward(grad_y, h, weight, plan: RoutingPlan, gates, strategy: str, need_h: bool, need_w: bool,
-                  need_gates: bool):
-    """grad_y [T, D] → (dL/dh [T, K, G], dL/dW [E, G, D], dL/dg [T, K]), each None where not needed."""
-    T, K, G = h.shape
-    rows = h.reshape(T * K, G)
+def down_backward(grad_y, h, weight, plan: RoutingPlan, gates, strategy: str, expert_order: bool, need_h: bool,
+                  need_w: bool, need_gates: bool):
+    """grad_y [T, D] → (dL/dh shaped as h, dL/dW [E, G, D], dL/dg [T, K]), each None where not needed."""
+    rows = h.reshape(-1, h.shape[-1])
     grad_y = grad_y.to(h.dtype)
     # every pair is written once below, so the gradients of h and of the gates need no zero fill
-    grad_h = rows.new_empty(T * K, G) if need_h else None
+    grad_h = torch.empty_like(rows) if need_h else None
     grad_w = torch.zeros_like(weight) if need_w else None
-    grad_gates = gates.new_empty(T * K) if gates is not None and need_gates else None
+    grad_gates = gates.new_empty(gates.numel()) if gates is not None and need_gates else None
     for b in blocks(plan, strategy):
         grad_out = grad_y.index_select(0, b.tokens)  # dL/d(out_p), [n, D]
         grad_pre = block_matmul(grad_out, weight.transpose(1, 2), b, plan)  # dL/d(g_p·h_p)
-        h_b = rows.index_select(0, b.pairs)
+        h_b = b.take(rows, expert_order)
         if grad_gates is not None:
             dot = (grad_pre * h_b).sum(1, dtype=torch.promote_types(h_b.dtype, torch.float32))  # ≥ fp32 sums
             grad_gates.index_copy_(0, b.pairs, dot.to(gates.dtype))
         if gates is not None:
             g = gates.reshape(-1).index_select(0, b.pairs).unsqueeze(1)
             grad_pre.mul_(g)
-            h_b.mul_(g)  # dW = (g·h)ᵀ dY, as in forward the G-wide side scaled
+            h_b = _scaled(h_b, g)  # dW = (g·h)ᵀ dY, as in forward the G-wide side scaled
         if grad_h is not None:
-            grad_h.index_copy_(0, b.pairs, grad_pre)
+            b.put(grad_h, grad_pre, expert_order)
         if grad_w is not None:
             block_weight_grad(h_b, grad_out, b, plan, grad_w)
-    grad_h = grad_h.view(T, K, G) if grad_h is not None else None
-    grad_gates = grad_gates.view(T, K) if grad_gates is not None else None
+    grad_h = grad_h.view(h.shape) if grad_h is not None else None
+    grad_gates = grad_gates.view(gates.shape) if grad_gates is not None else None
     return grad_h, grad_w, grad_gates
 
 
@@ -189,41 +210,43 @@ class ExpertUp(torch.autograd.Function):
     """``up_forward`` with ``up_backward``; only the layer's inputs are kept for backward."""
 
     @staticmethod
-    def forward(ctx, x, weight, plan: RoutingPlan, strategy):
+    def forward(ctx, x, weight, plan: RoutingPlan, strategy, expert_order):
         ctx.save_for_backward(x, weight)
-        ctx.plan, ctx.strategy = plan, strategy
-        return up_forward(x, weight, plan, strategy)
+        ctx.plan, ctx.strategy, ctx.expert_order = plan, strategy, expert_order
+        return up_forward(x, weight, plan, strategy, expert_order)
 
     @staticmethod
     @autocast_off
     def backward(ctx, grad_h):
         x, weight = ctx.saved_tensors
         need = ctx.needs_input_grad
-        return (*up_backward(grad_h, x, weight, ctx.plan, ctx.strategy, need[0], need[1]), None, None)
+        grads = up_backward(grad_h, x, weight, ctx.plan, ctx.strategy, ctx.expert_order, need[0], need[1])
+        return (*grads, None, None, None)
 
 
 class ExpertDown(torch.autograd.Function):
     """``down_forward`` with ``down_backward``; only the layer's inputs are kept for backward."""
 
     @staticmethod
-    def forward(ctx, h, weight, plan: RoutingPlan, gates, strategy):
+    def forward(ctx, h, weight, plan: RoutingPlan, gates, strategy, expert_order):
         ctx.save_for_backward(h, weight, gates)
-        ctx.plan, ctx.strategy = plan, strategy
-        return down_forward(h, weight, plan, gates, strategy)
+        ctx.plan, ctx.strategy, ctx.expert_order = plan, strategy, expert_order
+        return down_forward(h, weight, plan, gates, strategy, expert_order)
 
     @staticmethod
     @autocast_off
     def backward(ctx, grad_y):
         h, weight, gates = ctx.saved_tensors
         need = ctx.needs_input_grad
-        grad_h, grad_w, grad_gates = down_backward(grad_y, h, weight, ctx.plan, gates, ctx.strategy, need[0],
-                                                   need[1], need[3])
-        return grad_h, grad_w, None, grad_gates, None
+        grad_h, grad_w, grad_gates = down_backward(grad_y, h, weight, ctx.plan, gates, ctx.strategy, ctx.expert_order,
+                                                   need[0], need[1], need[3])
+        return grad_h, grad_w, None, grad_gates, None, None
 
 
-def expert_up_torch(x, weight, plan: RoutingPlan, strategy: str | None = None) -> torch.Tensor:
-    return ExpertUp.apply(x, weight, plan, pick_strategy(x, strategy))
+def expert_up_torch(x, weight, plan: RoutingPlan, strategy: str | None = None, expert_order: bool = False):
+    return ExpertUp.apply(x, weight, plan, pick_strategy(x, strategy), expert_order)
 
 
-def expert_down_torch(h, weight, plan: RoutingPlan, gates=None, strategy: str | None = None) -> torch.Tensor:
-    return ExpertDown.apply(h, weight, plan, gates, pick_strategy(h, strategy))
+def expert_down_torch(h, weight, plan: RoutingPlan, gates=None, strategy: str | None = None,
+                      expert_order: bool = False) -> torch.Tensor:
+    return ExpertDown.apply(h, weight, plan, gates, pick_strategy(h, strategy), expert_order)

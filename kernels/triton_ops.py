@@ -137,23 +137,30 @@ def weight_grad(a, b, src_a, src_b, plan: RoutingPlan, shape, scale=None, span_r
     return grad
 
 
-def up_forward(x, weight, plan: RoutingPlan) -> torch.Tensor:
-    """h[t, k] = x[t] @ W[indices[t, k]];  x [T, D], W [E, D, G] → h [T, K, G]."""
+def hidden_rows(plan: RoutingPlan, expert_order: bool) -> torch.Tensor:
+    """Where sorted pair r's row of h lives: row r itself in expert order, else row pairs[r] (long [P])."""
+    return plan.sorted_rows() if expert_order else plan.pairs
+
+
+def up_forward(x, weight, plan: RoutingPlan, expert_order: bool) -> torch.Tensor:
+    """h[t, k] = x[t] @ W[indices[t, k]];  x [T, D], W [E, D, G] → h [T, K, G], or [P, G] in expert order."""
     T, K = plan.indices.shape
-    return gather_matmul(x.contiguous(), weight, plan.tokens, plan.pairs, plan).view(T, K, -1)
+    h = gather_matmul(x.contiguous(), weight, plan.tokens, hidden_rows(plan, expert_order), plan)
+    return h if expert_order else h.view(T, K, -1)
 
 
-def up_backward(grad_h, x, weight, plan: RoutingPlan, need_x: bool, need_w: bool):
-    """grad_h [T, K, G] → (dL/dx [T, D] or None, dL/dW [E, D, G] or None)."""
+def up_backward(grad_h, x, weight, plan: RoutingPlan, expert_order: bool, need_x: bool, need_w: bool):
+    """grad_h shaped as h → (dL/dx [T, D] or None, dL/dW [E, D, G] or None)."""
     x = x.contiguous()
     T = x.shape[0]
     grad_h = grad_h.reshape(-1, grad_h.shape[-1]).contiguous()
+    hidden = hidden_rows(plan, expert_order)
     grad_x = grad_w = None
     if need_x:
-        per_pair = gather_matmul(grad_h, weight, plan.pairs, plan.pairs, plan, transpose_w=True)
+        per_pair = gather_matmul(grad_h, weight, hidden, plan.pairs, plan, transpose_w=True)
         grad_x = per_pair.view(T, -1, x.shape[1]).sum(1)  # pair p = t·K + k
     if need_w:
-        grad_w = weight_grad(x, grad_h, plan.tokens, plan.pairs, plan, weight.shape)
+        grad_w = weight_grad(x, grad_h, plan.tokens, hidden, plan, weight.shape)
     return grad_x, grad_w
 
 
@@ -162,30 +169,31 @@ def sorted_gates(gates, plan: RoutingPlan):
     return gates.reshape(-1)[plan.pairs].contiguous() if gates is not None else None
 
 
-def down_forward(h, weight, plan: RoutingPlan, gates_sorted) -> torch.Tensor:
-    """y[t] = Σ_k g[t, k] · h[t, k] @ W[indices[t, k]];  h [T, K, G], W [E, G, D], ``sorted_gates(g)`` → y [T, D]."""
-    T, K, G = h.shape
-    rows = h.reshape(T * K, G).contiguous()
-    per_pair = gather_matmul(rows, weight, plan.pairs, plan.pairs, plan, scale=gates_sorted)
+def down_forward(h, weight, plan: RoutingPlan, gates_sorted, expert_order: bool) -> torch.Tensor:
+    """y[t] = Σ_k g[t, k] · h[t, k] @ W[indices[t, k]];  h [T, K, G] (or [P, G] in expert order), W [E, G, D],
+    ``sorted_gates(g)`` → y [T, D]."""
+    T, K = plan.indices.shape
+    rows = h.reshape(T * K, -1).contiguous()
+    per_pair = gather_matmul(rows, weight, hidden_rows(plan, expert_order), plan.pairs, plan, scale=gates_sorted)
     return per_pair.view(T, K, -1).sum(1)
 
 
-def down_backward(grad_y, h, weight, plan: RoutingPlan, gates, gates_sorted, need_h: bool, need_w: bool,
-                  need_gates: bool):
-    """grad_y [T, D] → (dL/dh [T, K, G], dL/dW [E, G, D], dL/dg [T, K]), each None where not needed."""
-    T, K, G = h.shape
-    rows = h.reshape(T * K, G).contiguous()
-    flat_gates = gates.reshape(-1) if gates is not None else None
-    grad_y = grad_y.contiguous()
-    ungated = gather_matmul(grad_y, weight, plan.tokens, plan.pairs, plan, transpose_w=True)
+def down_backward(grad_y, h, weight, plan: RoutingPlan, gates, gates_sorted, expert_order: bool, need_h: bool,
+                  need_w: bool, need_gates: bool):
+    """grad_y [T, D] → (dL/dh shaped as h, dL/dW [E, G, D], dL/dg [T, K]), each None where not needed."""
+    rows = h.reshape(-1, h.shape[-1]).contiguous()
+    hidden = hidden_rows(plan, expert_order)
+    ungated = gather_matmul(grad_y.contiguous(), weight, plan.tokens, hidden, plan, transpose_w=True)  # h's rows
+    row_gates = None if gates is None else gates_sorted if expert_order else gates.reshape(-1)  # in h's row order
     grad_h = grad_w = grad_gates = None
-    if flat_gates is not None and need_gates:
-        grad_gates = (ungated.float() * rows.float()).sum(1).to(flat_gates.dtype).view(T, K)
+    if row_gates is not None and need_gates:
+        dot = (ungated.float() * rows.float()).sum(1).to(gates.dtype)
+        grad_gates = (torch.empty_like(dot).index_copy_(0, plan.pairs, dot) if expert_order else dot).view(gates.shape)
     if need_h:
-        gated = ungated * flat_gates[:, None] if flat_gates is not None else ungated
-        grad_h = gated.to(rows.dtype).view(T, K, G)
+        gated = ungated * row_gates[:, None] if row_gates is not None else ungated
+        grad_h = gated.to(rows.dtype).view(h.shape)
     if need_w:
-        grad_w = weight_grad(rows, grad_y, plan.pairs, plan.tokens, plan, weight.shape, scale=gates_sorted)
+        grad_w = weight_grad(rows, grad_y, hidden, plan.tokens, plan, weight.shape, scale=gates_sorted)
     return grad_h, grad_w, grad_gates
 
 
@@ -193,42 +201,42 @@ class TritonExpertUp(torch.autograd.Function):
     """``up_forward`` with ``up_backward``; only the layer's inputs are kept for backward."""
 
     @staticmethod
-    def forward(ctx, x, weight, plan: RoutingPlan):
+    def forward(ctx, x, weight, plan: RoutingPlan, expert_order: bool):
         ctx.save_for_backward(x, weight)
-        ctx.plan = plan
-        return up_forward(x, weight, plan)
+        ctx.plan, ctx.expert_order = plan, expert_order
+        return up_forward(x, weight, plan, expert_order)
 
     @staticmethod
     @autocast_off
     def backward(ctx, grad_h):
         x, weight = ctx.saved_tensors
         need = ctx.needs_input_grad
-        return (*up_backward(grad_h, x, weight, ctx.plan, need[0], need[1]), None)
+        return (*up_backward(grad_h, x, weight, ctx.plan, ctx.expert_order, need[0], need[1]), None, None)
 
 
 class TritonExpertDown(torch.autograd.Function):
     """``down_forward`` with ``down_backward``; the layer's inputs and the sorted gates are kept for backward."""
 
     @staticmethod
-    def forward(ctx, h, weight, plan: RoutingPlan, gates):
+    def forward(ctx, h, weight, plan: RoutingPlan, gates, expert_order: bool):
         gates_sorted = sorted_gates(gates, plan)  # gathered once, read by forward and backward
         ctx.save_for_backward(h, weight, gates, gates_sorted)
-        ctx.plan = plan
-        return down_forward(h, weight, plan, gates_sorted)
+        ctx.plan, ctx.expert_order = plan, expert_order
+        return down_forward(h, weight, plan, gates_sorted, expert_order)
 
     @staticmethod
     @autocast_off
     def backward(ctx, grad_y):
         h, weight, gates, gates_sorted = ctx.saved_tensors
         need = ctx.needs_input_grad
-        grad_h, grad_w, grad_gates = down_backward(grad_y, h, weight, ctx.plan, gates, gates_sorted, need[0],
-                                                   need[1], need[3])
-        return grad_h, grad_w, None, grad_gates
+        grad_h, grad_w, grad_gates = down_backward(grad_y, h, weight, ctx.plan, gates, gates_sorted, ctx.expert_order,
+                                                   need[0], need[1], need[3])
+        return grad_h, grad_w, None, grad_gates, None
 
 
-def expert_up_triton(x: torch.Tensor, weight: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
-    return TritonExpertUp.apply(x, weight, plan)
+def expert_up_triton(x: torch.Tensor, weight: torch.Tensor, plan: RoutingPlan, expert_order: bool = False):
+    return TritonExpertUp.apply(x, weight, plan, expert_order)
 
 
-def expert_down_triton(h, weight, plan: RoutingPlan, gates=None) -> torch.Tensor:
-    return TritonExpertDown.apply(h, weight, plan, gates)
+def expert_down_triton(h, weight, plan: RoutingPlan, gates=None, expert_order: bool = False) -> torch.Tensor:
+    return TritonExpertDown.apply(h, weight, plan, gates, expert_order)

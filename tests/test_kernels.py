@@ -24,9 +24,10 @@ BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(not triton_
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
-def run(backend, dtype, device, T, K, E, D, G, gated=True, empty=(1,), strategy=None) -> dict[str, torch.Tensor]:
+def run(backend, dtype, device, T, K, E, D, G, gated=True, empty=(1,), strategy=None,
+        expert_order=False) -> dict[str, torch.Tensor]:
     """Forward and every gradient against float64 within TOLERANCE[dtype]; returns the outputs by name."""
-    result = compare_with_float64(backend, dtype, device, T, K, E, D, G, gated, empty, strategy)
+    result = compare_with_float64(backend, dtype, device, T, K, E, D, G, gated, empty, strategy, expert_order)
     for name, value in result.outputs.items():
         expected_dtype = torch.float32 if name == "dgates" else dtype
         assert value.dtype == expected_dtype and value.device.type == device.type, f"{name}: {value.dtype}"
@@ -36,17 +37,23 @@ def run(backend, dtype, device, T, K, E, D, G, gated=True, empty=(1,), strategy=
     return result.outputs
 
 
+ORDERS = [pytest.param(False, id="h_per_pair"), pytest.param(True, id="h_in_expert_order")]
+
+
+@pytest.mark.parametrize("expert_order", ORDERS)
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("T, K, E, D, G", [(37, 2, 5, 20, 24), (50, 1, 3, 33, 17), (16, 3, 4, 40, 8)])
-def test_matches_float64_reference(backend, dtype, T, K, E, D, G, device, seed, fp32_ieee):
-    run(backend, dtype, device, T, K, E, D, G)
+def test_matches_float64_reference(backend, dtype, T, K, E, D, G, expert_order, device, seed, fp32_ieee):
+    run(backend, dtype, device, T, K, E, D, G, expert_order=expert_order)
 
 
+@pytest.mark.parametrize("expert_order", ORDERS)
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_without_gates_and_with_several_empty_experts(backend, dtype, device, seed, fp32_ieee):
-    got = run(backend, dtype, device, T=29, K=2, E=7, D=18, G=20, gated=False, empty=(0, 3, 6))
+def test_without_gates_and_with_several_empty_experts(backend, dtype, expert_order, device, seed, fp32_ieee):
+    got = run(backend, dtype, device, T=29, K=2, E=7, D=18, G=20, gated=False, empty=(0, 3, 6),
+              expert_order=expert_order)
     for dw in (got["dkeys"], got["dvalues"]):  # experts no token used get exactly zero weight gradients
         assert dw[[0, 3, 6]].abs().sum() == 0
 
@@ -65,7 +72,9 @@ def test_torch_path_blocks_of_one_several_or_all_experts(block_rows, device, see
         assert sum(b.counts) >= block_rows > sum(b.counts) - b.counts[-1]
     assert len(blocks) == len(used) or block_rows != 1  # one block per expert with rows
     assert len(blocks) == 1 or block_rows != 10**9
-    run("torch", torch.float32, device, T=37, K=2, E=7, D=20, G=24, empty=(1, 3), strategy="per_expert")
+    for expert_order in (False, True):
+        run("torch", torch.float32, device, T=37, K=2, E=7, D=20, G=24, empty=(1, 3), strategy="per_expert",
+            expert_order=expert_order)
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
@@ -77,7 +86,9 @@ def test_torch_path_strategies_with_and_without_grouped_mm(strategy, grouped_mm,
             pytest.skip(f"torch._grouped_mm does not take fp32 {device.type} tensors in this torch")
     else:
         monkeypatch.setattr(torch_grouped, "use_grouped_mm", lambda *tensors: False)
-    run("torch", torch.float32, device, T=37, K=2, E=5, D=20, G=24, empty=(1, 3), strategy=strategy)
+    for expert_order in (False, True):
+        run("torch", torch.float32, device, T=37, K=2, E=5, D=20, G=24, empty=(1, 3), strategy=strategy,
+            expert_order=expert_order)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -144,13 +155,21 @@ def test_auto_backend_picks_only_what_can_run_the_input():
 
 
 def test_backends_agree_with_each_other(device, seed, fp32_ieee):
+    """Every backend gives the same h per pair, and in expert order the same rows permuted by the plan; the
+    down product reads either layout to the same y."""
     x, w = torch.randn(40, 16, device=device), torch.randn(6, 16, 12, device=device)
+    w_down, gates = torch.randn(6, 12, 16, device=device), torch.rand(40, 2, device=device)
     plan = RoutingPlan.of(skewed_routing(40, 2, 6, device), 6)
-    results = [expert_up(x, w, plan, backend=b) for b in ("torch", "reference")]
-    if triton_available():
-        results.append(expert_up(x, w, plan, backend="triton"))
-    for r in results[1:]:
-        torch.testing.assert_close(r, results[0], atol=1e-5, rtol=1e-5)
+    backends = ["torch", "reference"] + (["triton"] if triton_available() else [])
+    expected = expert_up(x, w, plan, backend="reference")
+    expected_y = expert_down(expected, w_down, plan, gates, backend="reference")
+    for b in backends:
+        per_pair = expert_up(x, w, plan, backend=b)
+        in_order = expert_up(x, w, plan, backend=b, expert_order=True)
+        torch.testing.assert_close(per_pair, expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(in_order, expected.reshape(-1, 12)[plan.pairs], atol=1e-5, rtol=1e-5)
+        y = expert_down(in_order, w_down, plan, gates, backend=b, expert_order=True)
+        torch.testing.assert_close(y, expected_y, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -194,7 +213,8 @@ def test_every_gpu_config_matches_float64(gather_config, grad_config, dtype, dev
     monkeypatch.setattr(triton_ops, "TILE_HEIGHTS", triton_gather_matmul.GPU_TILE_HEIGHTS)
     monkeypatch.setattr(triton_gather_matmul.gather_matmul_kernel, "configs", [gather_config])
     monkeypatch.setattr(triton_weight_grad.weight_grad_kernel, "configs", [grad_config])
-    run("triton", dtype, device, T=300, K=2, E=3, D=70, G=40)
+    for expert_order in (False, True):
+        run("triton", dtype, device, T=300, K=2, E=3, D=70, G=40, expert_order=expert_order)
 
 
 @pytest.mark.skipif(not triton_available(), reason="no triton")
@@ -220,7 +240,7 @@ def test_split_weight_gradient_matches_one_span_per_expert_and_float64(dtype, de
         torch.testing.assert_close(split.float(), one_span.float(), rtol=1e-5 if dtype == torch.float32 else 1e-2,
                                    atol=1e-5 if dtype == torch.float32 else 1e-2)
     monkeypatch.setattr(triton_ops, "split_span_rows", lambda *shape: 5)
-    run("triton", dtype, device, T=37, K=2, E=4, D=20, G=24)
+    run("triton", dtype, device, T=37, K=2, E=4, D=20, G=24, expert_order=True)
 
 
 def test_weight_gradient_splits_only_when_experts_leave_the_gpu_idle(monkeypatch):

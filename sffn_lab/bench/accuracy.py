@@ -44,10 +44,11 @@ class Comparison:
 
 def compare_with_float64(
     backend: str, dtype: torch.dtype, device, T: int, K: int, E: int, D: int, G: int, gated: bool = True,
-    empty: tuple[int, ...] = (1,), strategy: str | None = None,
+    empty: tuple[int, ...] = (1,), strategy: str | None = None, expert_order: bool = False,
 ) -> Comparison:
     """up → relu → down and backward of Σ y·dy through ``backend`` (or the torch path's ``strategy``),
-    with x and the weights in ``dtype`` and fp32 gates (as routing gives them under mixed precision)."""
+    with x and the weights in ``dtype`` and fp32 gates (as routing gives them under mixed precision); h
+    between the products per pair or, ``expert_order``, in the plan's order (compared per pair)."""
     x = torch.randn(T, D, device=device).to(dtype)
     keys = (torch.randn(E, D, G, device=device) * D**-0.5).to(dtype)
     values = (torch.randn(E, G, D, device=device) * G**-0.5).to(dtype)
@@ -55,20 +56,24 @@ def compare_with_float64(
     plan = RoutingPlan.of(skewed_routing(T, K, E, device, empty), E)
     dy = torch.randn(T, D, device=device)
 
-    def forward_backward(up, down, tensors) -> dict[str, torch.Tensor]:
+    def forward_backward(up, down, tensors, expert_order=False) -> dict[str, torch.Tensor]:
         leaves = [t.detach().clone().requires_grad_(True) if t is not None else None for t in tensors]
         h = up(leaves[0], leaves[1], plan)
         y = down(torch.relu(h), leaves[2], plan, leaves[3])
         (y * dy.to(y.dtype)).sum().backward()
         grads = {name: t.grad for name, t in zip(OUTPUTS[2:], leaves, strict=True) if t is not None}
+        if expert_order:  # row r is pair pairs[r]
+            h = torch.empty_like(h).index_copy_(0, plan.pairs, h.detach()).view(T, K, G)
         return {"h": h.detach(), "y": y.detach(), **grads}
 
     if strategy is not None:
-        got = forward_backward(lambda *a: expert_up_torch(*a, strategy=strategy),
-                               lambda *a: expert_down_torch(*a, strategy=strategy), [x, keys, values, gates])
+        got = forward_backward(lambda *a: expert_up_torch(*a, strategy=strategy, expert_order=expert_order),
+                               lambda *a: expert_down_torch(*a, strategy=strategy, expert_order=expert_order),
+                               [x, keys, values, gates], expert_order)
     else:
-        got = forward_backward(lambda *a: expert_up(*a, backend=backend),
-                               lambda *a: expert_down(*a, backend=backend), [x, keys, values, gates])
+        got = forward_backward(lambda *a: expert_up(*a, backend=backend, expert_order=expert_order),
+                               lambda *a: expert_down(*a, backend=backend, expert_order=expert_order),
+                               [x, keys, values, gates], expert_order)
     ref = forward_backward(lambda a, w, p: expert_up_reference(a, w, p.indices),
                            lambda a, w, p, g: expert_down_reference(a, w, p.indices, g),
                            [t.double() if t is not None else None for t in (x, keys, values, gates)])

@@ -269,9 +269,9 @@ def speed_row(T: int, D: int, E: int, G: int, K: int, dtype: torch.dtype) -> Spe
 
     def moe(backend: str) -> Callable[[], None]:
         def step() -> None:
-            plan = RoutingPlan.of(indices, E)  # once per layer, as the expert bank does
-            h = expert_up(x, keys, plan, backend)
-            expert_down(torch.relu(h), values, plan, gates, backend).backward(dy)
+            plan = RoutingPlan.of(indices, E)  # once per layer, as the expert bank does, h in its expert order
+            h = expert_up(x, keys, plan, backend, expert_order=True)
+            expert_down(torch.relu(h), values, plan, gates, backend, expert_order=True).backward(dy)
         return step
 
     def dense(d_ff: int) -> Callable[[], None]:

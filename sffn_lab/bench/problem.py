@@ -66,13 +66,15 @@ def dense_ffn_fwd_bwd(tokens: int, d_model: int, d_ff: int, device="cpu") -> Cal
 
 
 def sparse_moe(backend: str | None = None, strategy: str | None = None) -> Callable[..., torch.Tensor]:
-    """The expert bank's computation through ``sffn_lab.kernels`` (backend), or its torch path (strategy)."""
+    """The expert bank's computation through ``sffn_lab.kernels`` (backend), or its torch path (strategy), with h
+    in expert order between the products as the bank keeps it."""
 
     def moe(x, keys, values, indices, gates):
         plan = RoutingPlan.of(indices, keys.shape[0])  # once per layer, as the expert bank does
         if strategy is not None:
-            return expert_down_torch(torch.relu(expert_up_torch(x, keys, plan, strategy)), values, plan,
-                                     gates, strategy)
-        return expert_down(torch.relu(expert_up(x, keys, plan, backend)), values, plan, gates, backend)
+            h = expert_up_torch(x, keys, plan, strategy, expert_order=True)
+            return expert_down_torch(torch.relu(h), values, plan, gates, strategy, expert_order=True)
+        h = expert_up(x, keys, plan, backend, expert_order=True)
+        return expert_down(torch.relu(h), values, plan, gates, backend, expert_order=True)
 
     return moe

@@ -48,5 +48,5 @@ class ExpertBank(nn.Module):
 
     def forward(self, x: torch.Tensor, plan: RoutingPlan, gates: torch.Tensor | None) -> torch.Tensor:
         """x [T, D], the plan of indices [T, K], gates [T, K] or None → y [T, D]."""
-        hidden = self.dropout(self.activation(expert_up(x, self.keys, plan)))
-        return expert_down(hidden, self.values, plan, gates)
+        hidden = self.dropout(self.activation(expert_up(x, self.keys, plan, expert_order=True)))  # [P, G]
+        return expert_down(hidden, self.values, plan, gates, expert_order=True)
