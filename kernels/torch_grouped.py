@@ -43,14 +43,14 @@ BLOCK_ROWS = 4096  # the per_expert strategy gathers and scatters consecutive ex
 @dataclass
 class Block:
     """The sorted pairs of consecutive experts ``first`` … ``first + len(counts) − 1`` (``counts``: rows of each,
-    host ints); ``whole`` when the block is every pair of the plan (the grouped strategy)."""
+    host ints), or of every expert (``counts`` None: the grouped strategy's one block, whose counts are read
+    from the plan only where a split needs them, a host sync on CUDA)."""
 
     pairs: torch.Tensor
     tokens: torch.Tensor
     sorted_rows: slice  # the block's positions in the plan's expert order
     first: int
-    counts: list[int]
-    whole: bool = False
+    counts: list[int] | None
 
     def take(self, hidden: torch.Tensor, expert_order: bool) -> torch.Tensor:
         """The block's rows of a per-pair tensor [P, G], in the block's order (a view in expert order)."""
@@ -63,10 +63,10 @@ class Block:
         else:
             hidden.index_copy_(0, self.pairs, rows)
 
-    def experts(self):
+    def experts(self, plan: RoutingPlan):
         """(expert, its row slice within the block) for each expert of the block with rows."""
         start = 0
-        for e, n in enumerate(self.counts, start=self.first):
+        for e, n in enumerate(self.counts if self.counts is not None else plan.host_counts(), start=self.first):
             if n:
                 yield e, slice(start, start + n)
             start += n
@@ -76,7 +76,7 @@ def blocks(plan: RoutingPlan, strategy: str) -> list[Block]:
     """``per_expert``: consecutive experts in blocks of about BLOCK_ROWS rows (at least one expert each, so an
     expert of BLOCK_ROWS rows or more is a block of its own); ``grouped``: one block of all pairs."""
     if strategy == "grouped":
-        return [Block(plan.pairs, plan.tokens, slice(None), 0, plan.host_counts(), whole=True)]
+        return [Block(plan.pairs, plan.tokens, slice(None), 0, None)]
     ends, counts = plan.host_offsets(), plan.host_counts()
     result, first = [], 0
     for e in range(len(counts)):
@@ -115,22 +115,22 @@ def use_grouped_mm(*tensors: torch.Tensor) -> bool:
 
 def block_matmul(rows: torch.Tensor, weight: torch.Tensor, block: Block, plan: RoutingPlan) -> torch.Tensor:
     """rows [n, I] of the block in expert order, weight [E, I, O] → rows_e @ W[e] per expert, [n, O]."""
-    if block.whole and use_grouped_mm(rows, weight):
+    if block.counts is None and use_grouped_mm(rows, weight):
         return torch._grouped_mm(rows, weight, offs=plan.group_ends())
-    if len(block.counts) == 1:
+    if block.counts is not None and len(block.counts) == 1:
         return rows @ weight[block.first]
     out = rows.new_empty(rows.shape[0], weight.shape[2])
-    for e, part in block.experts():
+    for e, part in block.experts(plan):
         torch.matmul(rows[part], weight[e], out=out[part])
     return out
 
 
 def block_weight_grad(a: torch.Tensor, b: torch.Tensor, block: Block, plan: RoutingPlan, out: torch.Tensor) -> None:
     """a [n, I], b [n, O] in expert order → out[e] = a_eᵀ @ b_e in out [E, I, O] (experts without rows untouched)."""
-    if block.whole and use_grouped_mm(a.t(), b):
+    if block.counts is None and use_grouped_mm(a.t(), b):
         out.copy_(torch._grouped_mm(a.t(), b, offs=plan.group_ends()))
         return
-    for e, part in block.experts():
+    for e, part in block.experts(plan):
         torch.matmul(a[part].t(), b[part], out=out[e])
 
 
