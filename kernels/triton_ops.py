@@ -4,11 +4,13 @@ Precision policy: every kernel accumulates in fp32 and writes the input dtype. f
 use the tensor cores' native products; fp32 inputs follow ``torch.get_float32_matmul_precision()``
 as cuBLAS matmuls do ("highest": IEEE fp32 products, "high" / "medium": TF32). The gates (fp32
 routing under mixed precision) are read as fp32 and their gradient keeps their dtype. The K outputs
-of a token are written to a [T·K, D] buffer and summed in PyTorch rather than with atomic adds, so
-results are deterministic.
+of a token are written to a [T·K, D] buffer and summed in PyTorch rather than with atomic adds, and a
+split weight gradient's chunks are summed in order by a second kernel, so results are deterministic.
 
 Kernels launch under the input's CUDA device, on grids whose size depends on the shapes only (the
-plan's tile bound), so no launch waits for the host.
+plan's tile bounds), so no launch waits for the host. h between the products is per pair or, with
+``expert_order``, in the plan's order: the kernels then read and write its rows through the identity
+index ``plan.sorted_rows()`` instead of ``plan.pairs``.
 
 Shapes: T tokens, K experts per token, P = T·K pairs, E experts, D model width, G expert width.
 """
