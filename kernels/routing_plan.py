@@ -41,18 +41,6 @@ class Tiles:
     def __len__(self) -> int:
         return self.table.shape[1]
 
-    @property
-    def expert(self) -> torch.Tensor:
-        return self.table[0]
-
-    @property
-    def start(self) -> torch.Tensor:
-        return self.table[1]
-
-    @property
-    def end(self) -> torch.Tensor:
-        return self.table[2]
-
 
 @dataclass
 class RoutingPlan:

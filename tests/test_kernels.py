@@ -138,7 +138,7 @@ def test_routing_plan_tiles_cover_every_pair_once_within_one_expert(device, seed
 def test_routing_plan_tensors_live_on_the_routing_device(device, seed):
     plan = RoutingPlan.of(skewed_routing(20, 2, 4, device), 4)
     tiles = plan.tiles(16)
-    for t in (plan.pairs, plan.tokens, plan.counts, plan.offsets, plan.group_ends(), tiles.expert, tiles.start):
+    for t in (plan.pairs, plan.tokens, plan.counts, plan.offsets, plan.group_ends(), tiles.table, tiles.first):
         assert t.device == device
 
 
