@@ -54,6 +54,7 @@ def prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[trit
 
 @triton.autotune(configs=configs(), key=["N", "K", "stride_wk", "stride_wn", "rows_hint", "HAS_SCALE"],
                  prune_configs_by={"early_config_prune": prune})
+@triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
 @triton.jit(do_not_specialize=["rows_hint"])
 def gather_matmul_kernel(
     a_ptr, w_ptr, out_ptr, src_ptr, dst_ptr, scale_ptr,
@@ -64,6 +65,7 @@ def gather_matmul_kernel(
     stride_om, stride_on,
     HAS_SCALE: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, LARGE_M: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    EVEN_K: tl.constexpr,
 ):
     """Tile tables long [3, n_*_tiles] (expert, start, end); ``rows_hint`` (mean rows per expert, a power of
     two) only keys the autotuner and its pruning."""
@@ -90,23 +92,29 @@ def gather_matmul_kernel(
     rows = start + tl.arange(0, BLOCK_M)
     row_ok = rows < end
     src = tl.load(src_ptr + rows, mask=row_ok, other=0)
+    ks = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + src[:, None] * stride_am + ks[None, :] * stride_ak  # gathered rows: one pointer each
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N
+    w_ptrs = w_ptr + expert * stride_we + ks[:, None] * stride_wk + cols[None, :] * stride_wn
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        k_ok = ks < K
-        a = tl.load(a_ptr + src[:, None] * stride_am + ks[None, :] * stride_ak,
-                    mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        w = tl.load(w_ptr + expert * stride_we + ks[:, None] * stride_wk + cols[None, :] * stride_wn,
-                    mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        if EVEN_K:
+            a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
+            w = tl.load(w_ptrs, mask=col_ok[None, :], other=0.0)
+        else:
+            k_ok = k0 + ks < K
+            a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
         if UPCAST:
             acc += tl.dot(a.to(tl.float32), w.to(tl.float32), input_precision="ieee")
         elif IEEE:
             acc += tl.dot(a, w, input_precision="ieee")
         else:
             acc += tl.dot(a, w)
+        a_ptrs += BLOCK_K * stride_ak
+        w_ptrs += BLOCK_K * stride_wk
     if HAS_SCALE:
         scale = tl.load(scale_ptr + rows, mask=row_ok, other=0.0)
         acc = acc * scale[:, None].to(tl.float32)

@@ -43,7 +43,8 @@ ORDERS = [pytest.param(False, id="h_per_pair"), pytest.param(True, id="h_in_expe
 @pytest.mark.parametrize("expert_order", ORDERS)
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("T, K, E, D, G", [(37, 2, 5, 20, 24), (50, 1, 3, 33, 17), (16, 3, 4, 40, 8)])
+@pytest.mark.parametrize("T, K, E, D, G",
+                         [(37, 2, 5, 20, 24), (50, 1, 3, 33, 17), (16, 3, 4, 40, 8), (30, 2, 4, 64, 32)])
 def test_matches_float64_reference(backend, dtype, T, K, E, D, G, expert_order, device, seed, fp32_ieee):
     run(backend, dtype, device, T, K, E, D, G, expert_order=expert_order)
 
@@ -207,7 +208,8 @@ def _gpu_config_pairs():
 @pytest.mark.parametrize("gather_config, grad_config, dtype", _gpu_config_pairs())
 def test_every_gpu_config_matches_float64(gather_config, grad_config, dtype, device, seed, fp32_ieee, monkeypatch):
     """Each autotuned config of the GPU (both tile heights, the grouped launch order) against float64, run
-    alone; under the interpreter too. Experts of ~300 rows: several tiles each, the last one partial."""
+    alone; under the interpreter too. Experts of ~300 rows: several tiles each, the last one partial; widths
+    off and on the BLOCK_K multiples (the masked and the unmasked reduction loop)."""
     from sffn_lab.kernels import triton_gather_matmul, triton_ops, triton_weight_grad
 
     monkeypatch.setattr(triton_ops, "TILE_HEIGHTS", triton_gather_matmul.GPU_TILE_HEIGHTS)
@@ -215,6 +217,7 @@ def test_every_gpu_config_matches_float64(gather_config, grad_config, dtype, dev
     monkeypatch.setattr(triton_weight_grad.weight_grad_kernel, "configs", [grad_config])
     for expert_order in (False, True):
         run("triton", dtype, device, T=300, K=2, E=3, D=70, G=40, expert_order=expert_order)
+    run("triton", dtype, device, T=150, K=2, E=3, D=128, G=64, expert_order=True)  # K a multiple of BLOCK_K
 
 
 @pytest.mark.skipif(not triton_available(), reason="no triton")
