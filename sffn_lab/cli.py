@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import sys
 from enum import Enum
 from pathlib import Path
@@ -429,8 +430,15 @@ def bench(
         False, "--gpu-check", help="The GPU acceptance check instead: kernels vs float64, bf16 training of "
         "every kind, speed vs cuBLAS dense. One PASS/FAIL line each; exit 1 on a failure."
     ),
+    kernel_resources: bool = typer.Option(
+        False, "--kernel-resources", help="Instead: compile every Triton config for a Hopper GPU (sm_90a; no GPU "
+        "needed) and list ptxas's registers, spills and shared memory; writes OUT/kernel_resources.md."
+    ),
 ) -> None:
     """Speed and activation memory of σ-MoE vs dense and vs other MoE implementations, on 2 threads."""
+    if kernel_resources:
+        _print_kernel_resources(out)
+        return
     if gpu_check:
         from sffn_lab.bench.gpu_check import run_gpu_check
 
@@ -464,6 +472,31 @@ def bench(
     console.print(table)
     console.print(f"memory: {METHOD}", soft_wrap=True)
     console.print(f"wrote {out / 'bench.csv'}, environment.json, scaling.png and ratios.png", soft_wrap=True)
+
+
+def _print_kernel_resources(out: Path) -> None:
+    from sffn_lab.bench.kernel_resources import HOPPER_SHARED_BYTES, markdown, resources
+    from sffn_lab.kernels import triton_available, triton_import_error
+
+    if not triton_available():
+        raise UserError(f"the Triton kernels cannot be compiled here: {triton_import_error()}")
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise UserError("--kernel-resources compiles the kernels for a GPU: run it without TRITON_INTERPRET=1.")
+    rows = []
+    table = Table(title="Triton configs compiled for sm_90a (ptxas -v)")
+    for column in ("kernel", "config", "dtype", "registers", "spill bytes", "shared KB"):
+        table.add_column(column)
+    with console.status("compiling every config…"):
+        for r in resources():
+            rows.append(r)
+            spill = f"[red]{r.spill_bytes}[/]" if r.spill_bytes else "0"
+            shared = f"{r.shared_bytes / 1024:.0f}" + ("" if r.fits() else " [red](over the GPU's)[/]")
+            table.add_row(r.kernel, r.config, r.dtype, str(r.registers), spill, shared)
+    console.print(table)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "kernel_resources.md").write_text(markdown(rows))
+    console.print(f"shared memory limit per program {HOPPER_SHARED_BYTES / 1024:.0f} KB; wrote "
+                  f"{out / 'kernel_resources.md'}", soft_wrap=True)
 
 
 def _print_report(*sweep_dirs: Path, out: Path | None = None, baseline: str | None = None,
