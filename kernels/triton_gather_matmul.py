@@ -32,7 +32,7 @@ def configs(interpreted: bool = INTERPRETED) -> list[triton.Config]:
     """The autotuned configs; the interpreter gets one small tile (it cannot tune, and is slow).
 
     Chosen with ``sffn bench --kernel-resources`` (ptxas on sm_90a, no GPU needed): every config here
-    compiles without register spills in bf16 and fp16; 128 × 128 tiles spilled 44–712 bytes per thread at
+    compiles without register spills in bf16 and fp16; 128 × 128 tiles spilled 44–1720 bytes per thread at
     4, 8 and 16 warps and are left out. Which of these is fastest is the autotuner's to measure.
     """
     if interpreted:
