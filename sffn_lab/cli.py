@@ -261,6 +261,7 @@ def _print_memory(grids: list[str], overrides: list[str], markdown: Path | None)
     from sffn_lab.ablation import is_grid, load_grid, planned_vocab_size
     from sffn_lab.analysis.training_memory import training_memory
     from sffn_lab.config import load_config
+    from sffn_lab.markdown import markdown_table
 
     columns = ("run", "params", "state GB", "activations GB", "fixed GB", "total GB", "tokens/device",
                "DP all-reduce GB", "EP all-to-all GB")
@@ -289,8 +290,7 @@ def _print_memory(grids: list[str], overrides: list[str], markdown: Path | None)
             table.add_row(*row)
             rows.append(row)
         console.print(table)
-        sections.append("\n".join([f"**{title}**", "", "| " + " | ".join(columns) + " |",
-                                    "|" + "---|" * len(columns), *("| " + " | ".join(r) + " |" for r in rows)]))
+        sections.append("\n".join([f"**{title}**", "", *markdown_table(columns, rows)]))
     if markdown:
         command = "sffn variants --memory " + " ".join(f"--grid {g}" for g in grids)
         command += "".join(f" --set {o}" for o in overrides)

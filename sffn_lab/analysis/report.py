@@ -20,6 +20,7 @@ from pathlib import Path
 from sffn_lab.analysis.compare import Difference, difference
 from sffn_lab.analysis.curves import X_COLUMNS, line_styles, read_metrics, validation_curve, value_at
 from sffn_lab.errors import UserError
+from sffn_lab.markdown import markdown_table
 from sffn_lab.run_dir import EVERY_TOKEN
 
 RUN_DIR = re.compile(r"^(?P<name>.+)-s(?P<seed>\d+)$")
@@ -230,8 +231,7 @@ def write_report(*sweep_dirs: Path, out: Path | None = None, baseline: str | Non
     out.mkdir(parents=True, exist_ok=True)
     rows = summarize_sweep(*sweep_dirs, baseline=baseline, budget=budget)
     stem = "results" if budget == "final" else f"results_{budget}"
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(row_cells(r)) + " |" for r in rows]
+    lines = markdown_table(COLUMNS, (row_cells(r) for r in rows))
     notes = ["★ best mean validation metric among the runs scored on every token.",
              "Δ: run − baseline, lower is better; 95% interval paired by seed when both ran the same seeds "
              "(t on the per-seed differences), Welch's otherwise; the verdict is 'better' or 'worse' only "
@@ -245,8 +245,7 @@ def write_report(*sweep_dirs: Path, out: Path | None = None, baseline: str | Non
     if budget == "final" and any(LR_MARK in name for name in collect(*sweep_dirs)):
         best = at_best_learning_rates(*sweep_dirs, baseline=baseline)
         notes += ["", "Each variant at its own best learning rate (chosen on validation, scored on test):", "",
-                  "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-        notes += ["| " + " | ".join(row_cells(r)) + " |" for r in best]
+                  *markdown_table(COLUMNS, (row_cells(r) for r in best))]
     (out / f"{stem}.md").write_text("\n".join(lines) + "\n\n" + "\n".join(notes) + "\n")
     with (out / f"{stem}.csv").open("w", newline="") as f:
         writer = csv.writer(f)

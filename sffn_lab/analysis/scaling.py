@@ -21,6 +21,7 @@ from scipy.optimize import curve_fit
 from sffn_lab.analysis.curves import TRAIN_FLOPS_PER_FORWARD
 from sffn_lab.analysis.report import collect, summarize_sweep
 from sffn_lab.errors import UserError
+from sffn_lab.markdown import markdown_table
 
 AXES = {"active_params": "active parameters", "train_flops": "training FLOPs"}
 MIN_POINTS = 4
@@ -126,12 +127,10 @@ def write_scaling_report(*sweep_dirs: Path, out: Path) -> dict[str, dict[str, Po
     label = "validation perplexity" if rows[0].metric == "val/ppl" else "validation bits per token"
     out.mkdir(parents=True, exist_ok=True)
     fits = plot_scaling(points, out / "scaling.png", label)
-    lines = ["| variant | against | sizes | b (exponent) | a | c (offset) |", "|---|---|---|---|---|---|"]
-    for axis, by_variant in fits.items():
-        for variant, law in by_variant.items():
-            n = len({getattr(p, axis) for p in points if p.variant == variant})
-            lines.append(f"| {variant} | {AXES[axis]} | {n} | {law.b:.3f} ± {law.b_err:.3f} | {law.a:.4g} "
-                         f"| {law.c:.4f} |")
+    cells = [(variant, AXES[axis], str(len({getattr(p, axis) for p in points if p.variant == variant})),
+              f"{law.b:.3f} ± {law.b_err:.3f}", f"{law.a:.4g}", f"{law.c:.4f}")
+             for axis, by_variant in fits.items() for variant, law in by_variant.items()]
+    lines = markdown_table(("variant", "against", "sizes", "b (exponent)", "a", "c (offset)"), cells)
     lines.append("")
     lines.append(f"L = c + a·x^(−b) per variant, least squares; ± one standard error. Variants with fewer than "
                  f"{MIN_POINTS} sizes are drawn but not fitted.")

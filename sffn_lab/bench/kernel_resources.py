@@ -4,8 +4,8 @@ spilled to local memory, and shared memory.
 
 These are static facts about the generated code, not timings: a config that spills, or needs more shared
 memory than the GPU has, is slow or does not launch whatever the autotuner measures. Triton's compiler and
-ptxas both ship in the triton wheel; the kernels are compiled from their source even where the process
-runs them under the interpreter.
+ptxas both ship in the triton wheel. A process that runs the kernels under the interpreter cannot compile
+them (``TRITON_INTERPRET=1`` decorates them for the interpreter).
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+from sffn_lab.markdown import markdown_table
 
 HOPPER_CAPABILITY = 90
 HOPPER_SHARED_BYTES = 232_448  # the most shared memory one H100 / H200 program may use (227 KB)
@@ -36,14 +38,13 @@ class Resources:
 
 
 def _jit_function(kernel):
-    """The kernel's JITFunction under its autotune / heuristics wrappers (rebuilt from the Python source when
-    the process decorated it for the interpreter)."""
+    """The kernel's JITFunction under its autotune / heuristics wrappers."""
     from triton.runtime.jit import JITFunction
 
     fn = kernel
-    while not isinstance(fn, JITFunction) and hasattr(fn, "fn"):
+    while not isinstance(fn, JITFunction):
         fn = fn.fn
-    return fn if isinstance(fn, JITFunction) else JITFunction(fn)
+    return fn
 
 
 def compile_for_hopper(kernel, pointers: dict[str, str], constants: dict, num_warps: int, num_stages: int
@@ -98,8 +99,7 @@ def resources(dtypes: tuple[str, ...] = DTYPES) -> Iterator[Resources]:
 
 
 def markdown(rows: list[Resources]) -> str:
-    lines = ["| kernel | config | dtype | registers / thread | spill stores (bytes) | shared memory (KB) |",
-             "|---|---|---|---|---|---|"]
-    lines += [f"| {r.kernel} | {r.config} | {r.dtype} | {r.registers} | {r.spill_bytes} | {r.shared_bytes / 1024:.0f} |"
-              for r in rows]
-    return "\n".join(lines) + "\n"
+    cells = [(r.kernel, r.config, r.dtype, str(r.registers), str(r.spill_bytes), f"{r.shared_bytes / 1024:.0f}")
+             for r in rows]
+    columns = ("kernel", "config", "dtype", "registers / thread", "spill stores (bytes)", "shared memory (KB)")
+    return "\n".join(markdown_table(columns, cells)) + "\n"

@@ -45,6 +45,14 @@ def encode_in_pieces(encode: Callable[[str], list[int]], text: str, chars: int =
     return np.concatenate(ids) if ids else np.zeros(0, dtype=np.int32)
 
 
+class SplitEncoder:
+    """What the three tokenizers share: a whole split encoded piece by piece with their own ``encode``."""
+
+    def encode_text(self, text: str) -> np.ndarray:
+        """A whole split → int32 ids [n]."""
+        return encode_in_pieces(self.encode, text)
+
+
 MAX_SENTENCE_CHARS = 4096
 
 
@@ -60,7 +68,7 @@ def training_sentences(text: str) -> Iterator[str]:
         yield line
 
 
-class SentencePieceTokenizer:
+class SentencePieceTokenizer(SplitEncoder):
     """A SentencePiece BPE model with digits split, as the σ-MoE authors train theirs (model_type "bpe",
     split_digits); unlike theirs, no normalisation (their NFKC would change the text and so its bytes), every
     character of the training text a piece, bytes for the rest, "\\n" a piece of its own. ``model`` is the
@@ -105,12 +113,8 @@ class SentencePieceTokenizer:
     def decode(self, ids: list[int]) -> str:
         return self.processor.decode([int(i) for i in ids])
 
-    def encode_text(self, text: str) -> np.ndarray:
-        """A whole split → int32 ids [n]."""
-        return encode_in_pieces(self.encode, text)
 
-
-class ByteLevelBPETokenizer:
+class ByteLevelBPETokenizer(SplitEncoder):
     """Byte-level BPE (HuggingFace ``tokenizers``): GPT-2's pre-tokenization, merges learned on a training text
     on top of the 256 bytes. ``model`` is the tokenizer's JSON."""
 
@@ -136,10 +140,6 @@ class ByteLevelBPETokenizer:
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode([int(i) for i in ids])
 
-    def encode_text(self, text: str) -> np.ndarray:
-        """A whole split → int32 ids [n]."""
-        return encode_in_pieces(self.encode, text)
-
 
 GPT2_URL = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/"
 GPT2_FILES = {  # file → sha256, as tiktoken pins them (tiktoken_ext/openai_public.py)
@@ -154,7 +154,7 @@ def gpt2_files_help(folder: Path) -> str:
             f"access, download them elsewhere and place both in '{folder}'.")
 
 
-class GPT2Tokenizer:
+class GPT2Tokenizer(SplitEncoder):
     """The published GPT-2 BPE (50,257 tokens) through tiktoken, built from OpenAI's ``vocab.bpe`` (merges) and
     ``encoder.json`` (token ids) in ``folder``. Text is encoded as ordinary text: "<|endoftext|>" in it is not the
     special token."""
@@ -173,10 +173,6 @@ class GPT2Tokenizer:
 
     def decode(self, ids: list[int]) -> str:
         return self.encoding.decode([int(i) for i in ids])
-
-    def encode_text(self, text: str) -> np.ndarray:
-        """A whole split → int32 ids [n]."""
-        return encode_in_pieces(self.encode, text)
 
 
 def data_gym_bytes() -> dict[str, int]:

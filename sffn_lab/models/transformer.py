@@ -70,7 +70,7 @@ class CausalSelfAttention(nn.Module):
         B, S, _ = x.shape
         L = context.shape[1]  # M + S keys
         inner = self.n_heads * self.head_dim
-        if context is x:  # no memory: one fused product
+        if L == S:  # no memory (x is the context): one fused product
             q, k, v = self.qkv(x).view(B, S, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         else:  # queries of the S new positions, keys and values of all M + S
             q = F.linear(x, self.qkv.weight[:inner], self.qkv.bias[:inner]).view(B, S, self.n_heads, self.head_dim)
@@ -121,11 +121,12 @@ class Block(nn.Module):
         self.ffn = build_ffn(cfg.ffn, cfg.d_model, cfg.n_layers, vocab_size)
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, token_ids, positions, memory: torch.Tensor | None = None) -> tuple[torch.Tensor, FFNOutput]:
-        """x [B, S, D]; memory [B, M, D]: this layer's inputs at the M cached positions (no gradient)."""
-        h = self.ln_attn(x)
-        context = h if memory is None else torch.cat([self.ln_attn(memory), h], dim=1)
-        x = x + self.dropout(self.attn(h, context, positions))
+    def forward(self, inputs, token_ids, positions) -> tuple[torch.Tensor, FFNOutput]:
+        """inputs [B, M + S, D]: this layer's inputs at the M cached positions (no gradient), then at the S
+        positions of token_ids [B, S] → the new residual stream [B, S, D] and the FFN's output."""
+        S = token_ids.shape[1]
+        context = self.ln_attn(inputs)
+        x = inputs[:, -S:] + self.dropout(self.attn(context[:, -S:], context, positions))
         out = self.ffn(self.ln_ffn(x), token_ids)
         return x + self.dropout(out.y), out
 
@@ -181,10 +182,9 @@ class TransformerLM(nn.Module):
         x = self.drop(x)
         layer_stats, new_memory = [], []
         for i, block in enumerate(self.blocks):
-            layer_memory = memory[i] if memory else None
+            inputs = torch.cat([memory[i].to(x.dtype), x], dim=1) if memory else x  # [B, M + S, D]
             if self.memory_len:
-                cached = x if layer_memory is None else torch.cat([layer_memory.to(x.dtype), x], dim=1)
-                new_memory.append(cached[:, -self.memory_len:].detach())
-            x, out = block(x, tokens, positions, layer_memory)
+                new_memory.append(inputs[:, -self.memory_len:].detach())
+            x, out = block(inputs, tokens, positions)
             layer_stats.append(out)
         return LMOutput(self.head(self.ln_out(x)), layer_stats, memory=new_memory or None)
