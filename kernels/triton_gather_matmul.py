@@ -31,9 +31,10 @@ TILE_HEIGHTS = (16, 32) if INTERPRETED else GPU_TILE_HEIGHTS
 def configs(interpreted: bool = INTERPRETED) -> list[triton.Config]:
     """The autotuned configs; the interpreter gets one small tile (it cannot tune, and is slow).
 
-    Chosen with ``sffn bench --kernel-resources`` (ptxas on sm_90a, no GPU needed): every config here
-    compiles without register spills in bf16 and fp16; 128 × 128 tiles spilled 44–1720 bytes per thread at
-    4, 8 and 16 warps and are left out. Which of these is fastest is the autotuner's to measure.
+    Chosen with ``sffn bench --kernel-resources`` (sm_90a, the real call's specialisation, no GPU needed):
+    in bf16 and fp16 every config loads its tiles through 16-byte ``cp.async`` and none spills registers;
+    128 × 128 tiles spilled 44–1720 bytes per thread at 4, 8 and 16 warps and are left out. Which of these
+    is fastest is the autotuner's to measure.
     """
     if interpreted:
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}, num_warps=4)]
@@ -95,24 +96,25 @@ def gather_matmul_kernel(
 
     rows = start + tl.arange(0, BLOCK_M)
     row_ok = rows < end
-    # Rows past the tile's end and columns past N read a valid row or column instead (their results are
-    # never stored), so the loads in the reduction loop need no row or column masks.
+    # Rows past the tile's end read a valid row instead (their results are never stored), so the gathered
+    # rows need no row mask. Columns past N are masked, not clamped: a clamp would hide from the compiler
+    # that a row of the weight tile is contiguous, and its loads would be scalar.
     src = tl.load(src_ptr + tl.minimum(rows, end - 1))
     ks = tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + src[:, None] * stride_am + ks[None, :] * stride_ak  # gathered rows: one pointer each
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N
-    w_ptrs = w_ptr + expert * stride_we + ks[:, None] * stride_wk + tl.minimum(cols, N - 1)[None, :] * stride_wn
+    w_ptrs = w_ptr + expert * stride_we + ks[:, None] * stride_wk + cols[None, :] * stride_wn
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         if EVEN_K:
             a = tl.load(a_ptrs)
-            w = tl.load(w_ptrs)
+            w = tl.load(w_ptrs, mask=col_ok[None, :], other=0.0)
         else:
             k_ok = k0 + ks < K
             a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
-            w = tl.load(w_ptrs, mask=k_ok[:, None], other=0.0)
+            w = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
         if UPCAST:
             acc += tl.dot(a.to(tl.float32), w.to(tl.float32), input_precision="ieee")
         elif IEEE:

@@ -431,13 +431,15 @@ def bench(
         "every kind, speed vs cuBLAS dense. One PASS/FAIL line each; exit 1 on a failure."
     ),
     kernel_resources: bool = typer.Option(
-        False, "--kernel-resources", help="Instead: compile every Triton config for a Hopper GPU (sm_90a; no GPU "
-        "needed) and list ptxas's registers, spills and shared memory; writes OUT/kernel_resources.md."
+        False, "--kernel-resources", help="Instead: compile every config of every Triton launch of a layer's "
+        "training step for a Hopper GPU (sm_90a; no GPU needed) with the real call's specialisation, and list the "
+        "main loop's load widths, pipeline depth, registers, spills, shared memory; writes OUT/kernel_resources.md. "
+        "With --quick: bf16 and fp16 of the 16-byte-aligned layer only."
     ),
 ) -> None:
     """Speed and activation memory of σ-MoE vs dense and vs other MoE implementations, on 2 threads."""
     if kernel_resources:
-        _print_kernel_resources(out)
+        _print_kernel_resources(out, quick)
         return
     if gpu_check:
         from sffn_lab.bench.gpu_check import run_gpu_check
@@ -474,25 +476,42 @@ def bench(
     console.print(f"wrote {out / 'bench.csv'}, environment.json, scaling.png and ratios.png", soft_wrap=True)
 
 
-def _print_kernel_resources(out: Path) -> None:
-    from sffn_lab.bench.kernel_resources import HOPPER_SHARED_BYTES, markdown, resources
+def _print_kernel_resources(out: Path, quick: bool) -> None:
+    from sffn_lab.bench.kernel_resources import (
+        COLUMNS,
+        DTYPES,
+        HOPPER_SHARED_BYTES,
+        PAPER_LAYER,
+        UNALIGNED_LAYER,
+        cells,
+        markdown,
+        resources,
+    )
     from sffn_lab.kernels import triton_available, triton_import_error
 
     if not triton_available():
         raise UserError(f"the Triton kernels cannot be compiled here: {triton_import_error()}")
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise UserError("--kernel-resources compiles the kernels for a GPU: run it without TRITON_INTERPRET=1.")
+    layers = (PAPER_LAYER,) if quick else (PAPER_LAYER, UNALIGNED_LAYER)
+    dtypes = ("bf16", "fp16") if quick else tuple(DTYPES)
     rows = []
-    table = Table(title="Triton configs compiled for sm_90a (ptxas -v)")
-    for column in ("kernel", "config", "dtype", "registers", "spill bytes", "shared KB"):
+    table = Table(title="Each launch of a layer's training step, every config, compiled for sm_90a")
+    for column in COLUMNS:
         table.add_column(column)
     with console.status("compiling every config…"):
-        for r in resources():
+        for r in resources(dtypes, layers):
             rows.append(r)
-            spill = f"[red]{r.spill_bytes}[/]" if r.spill_bytes else "0"
-            shared = f"{r.shared_bytes / 1024:.0f}" + ("" if r.fits() else " [red](over the GPU's)[/]")
-            table.add_row(r.kernel, r.config, r.dtype, str(r.registers), spill, shared)
+            scalar = r.tile_bytes > 0 and not r.tiles_vectorised()
+            table.add_row(*cells(r), style="red" if scalar or r.spill_bytes or not r.fits() else None)
     console.print(table)
+    for layer in layers:
+        for dtype in dtypes:
+            mine = [r for r in rows if r.layer == layer.name and r.dtype == dtype]
+            scalar = sum(r.tile_bytes > 0 and not r.tiles_vectorised() for r in mine)
+            spilling = sum(r.spill_bytes > 0 for r in mine)
+            console.print(f"{layer.name} {dtype}: {len(mine)} compiled, {scalar} with tile loads narrower than "
+                          f"16 bytes, {spilling} spilling, {sum(not r.fits() for r in mine)} over the shared memory")
     out.mkdir(parents=True, exist_ok=True)
     (out / "kernel_resources.md").write_text(markdown(rows))
     console.print(f"shared memory limit per program {HOPPER_SHARED_BYTES / 1024:.0f} KB; wrote "

@@ -157,31 +157,3 @@ def test_host_sync_check_passes_every_layer_but_base_and_catches_base(monkeypatc
 def test_gpu_check_without_a_gpu_says_so_and_exits_0(capsys):
     code, out, _ = run_cli(["bench", "--gpu-check"], capsys)
     assert code == 0 and "no CUDA GPU on this machine" in out
-
-
-@pytest.mark.skipif(not triton_available(), reason="no triton")
-def test_kernel_resources_compiles_every_gpu_config_for_hopper(tmp_path):
-    """``sffn bench --kernel-resources`` (a process without the interpreter): every config of both kernels in
-    bf16, fp16 and fp32 compiles for sm_90a through ptxas, each within the GPU's shared memory."""
-    import subprocess
-    import sys
-
-    from sffn_lab.bench.kernel_resources import HOPPER_SHARED_BYTES
-    from sffn_lab.kernels import triton_gather_matmul, triton_weight_grad
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-m", "sffn_lab", "bench", "--kernel-resources", "--out", str(tmp_path)],
-                          env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout + done.stderr
-    rows = [line.split("|")[1:-1] for line in (tmp_path / "kernel_resources.md").read_text().splitlines()[2:]]
-    configs = triton_gather_matmul.configs(interpreted=False) + triton_weight_grad.configs(interpreted=False)
-    assert len(rows) == 3 * len(configs)
-    for kernel, config, dtype, registers, spills, shared_kb in rows:
-        assert 0 < int(registers) <= 255 and int(spills) >= 0
-        assert float(shared_kb) * 1024 <= HOPPER_SHARED_BYTES, f"{kernel} {config} {dtype}: {shared_kb} KB"
-
-
-def test_kernel_resources_refuses_the_interpreter(capsys, monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    code, out, err = run_cli(["bench", "--kernel-resources"], capsys)
-    assert code == 2 and "without TRITON_INTERPRET=1" in out + err
