@@ -430,6 +430,9 @@ def bench(
         False, "--gpu-check", help="The GPU acceptance check instead: kernels vs float64, bf16 training of "
         "every kind, speed vs cuBLAS dense. One PASS/FAIL line each; exit 1 on a failure."
     ),
+    dry_run: bool = typer.Option(False, "--dry-run", help="With --gpu-check: print its parts, Triton compiles, "
+                                 "autotune timings and estimated time, and run nothing (no GPU needed)."),
+    full: bool = typer.Option(False, "--full", help="With --gpu-check: fp32 speed rows too (bf16 only by default)."),
     kernel_resources: bool = typer.Option(
         False, "--kernel-resources", help="Instead: compile every config of every Triton launch of a layer's "
         "training step for a Hopper GPU (sm_90a; no GPU needed) with the real call's specialisation, and list the "
@@ -442,11 +445,10 @@ def bench(
         _print_kernel_resources(out, quick)
         return
     if gpu_check:
-        from sffn_lab.bench.gpu_check import run_gpu_check
-
-        if not run_gpu_check(lambda line: console.print(line, soft_wrap=True, highlight=False)):
-            raise typer.Exit(1)
+        _gpu_check(out, dry_run, full)
         return
+    if dry_run or full:
+        raise UserError("--dry-run and --full belong to --gpu-check.")
     if repeats is not None and repeats < 1:
         raise UserError("--repeats must be at least 1.")
     from sffn_lab.bench import run_bench
@@ -474,6 +476,20 @@ def bench(
     console.print(table)
     console.print(f"memory: {METHOD}", soft_wrap=True)
     console.print(f"wrote {out / 'bench.csv'}, environment.json, scaling.png and ratios.png", soft_wrap=True)
+
+
+def _gpu_check(out: Path, dry_run: bool, full: bool) -> None:
+    from sffn_lab.bench.gpu_check import describe_plan, plan, run_gpu_check
+
+    def say(line: str) -> None:
+        console.print(line, soft_wrap=True, highlight=False, markup=False)
+
+    if dry_run:
+        for line in describe_plan(plan("cuda", full=full)):
+            say(line)
+        return
+    if not run_gpu_check(say, full=full, out=out):
+        raise typer.Exit(1)
 
 
 def _print_kernel_resources(out: Path, quick: bool) -> None:

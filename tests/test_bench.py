@@ -4,6 +4,7 @@ its memory measure."""
 from __future__ import annotations
 
 import csv
+import json
 import math
 import os
 from contextlib import contextmanager
@@ -110,13 +111,66 @@ def test_environment_records_the_allocator_settings_the_timings_depend_on(monkey
     assert environment()["allocator_env"] == {"MALLOC_MMAP_MAX_": "0"}
 
 
-def test_gpu_check_passes_at_quick_sizes_on_this_machine(device):
-    """The acceptance check's accuracy and training parts, at toy sizes: on CUDA where there is one, else under
-    the Triton interpreter on the CPU."""
+def test_gpu_check_passes_at_quick_sizes_on_this_machine(device, tmp_path):
+    """The acceptance check's parts at toy sizes (on CUDA where there is one, else under the Triton interpreter),
+    every result written to gpu_check.json / .md as soon as it is known, one PASS line per part."""
+    written = []
+
+    def say(line: str) -> None:
+        lines.append(line)
+        if (tmp_path / "gpu_check.json").exists():
+            written.append(len(json.loads((tmp_path / "gpu_check.json").read_text())["results"]))
+
     lines = []
-    assert run_gpu_check(lines.append, device=device.type, quick=True, speed=False), "\n".join(lines)
-    assert sum(line.startswith("PASS  ") for line in lines) == 6 + 2 * len(FFN_KINDS)
-    assert not any(line.startswith("FAIL") for line in lines)
+    assert run_gpu_check(say, device=device.type, quick=True, speed=False, out=tmp_path), "\n".join(lines)
+    saved = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert [p["name"] for p in saved["parts"]] == ["configs", "precisions", "edges", "training", "host syncs"]
+    n_backends = 2  # triton and torch
+    expected = 2 + n_backends * len(gpu_check.PRECISIONS) + (n_backends + 1) + n_backends + 2 * len(FFN_KINDS)
+    assert len(saved["results"]) == expected and all(r["passed"] for r in saved["results"])
+    assert written == sorted(written) and written[-1] == expected  # the file grew with the results
+    assert [line for line in lines if line.startswith("PASS  part")] == [f"PASS  part {p['name']}"
+                                                                        for p in saved["parts"]]
+    assert "| configs |" in (tmp_path / "gpu_check.md").read_text()
+
+
+@pytest.mark.skipif(not triton_available(), reason="no triton")
+def test_gpu_check_fails_a_wrong_kernel_and_goes_on_after_a_crash(device, monkeypatch):
+    """Gates 25% too large make the configs part fail; a part that raises ends in a FAIL line and the next part runs."""
+    from sffn_lab.kernels import triton_ops
+
+    true_sorted_gates = triton_ops.sorted_gates
+    monkeypatch.setattr(triton_ops, "sorted_gates", lambda gates, plan: true_sorted_gates(gates * 1.25, plan))
+    results = list(gpu_check.config_checks(device.type, quick=True))
+    assert results and not any(r.passed for r in results)
+
+    def crash():
+        raise RuntimeError("kernel launch failed")
+        yield
+
+    monkeypatch.setattr(gpu_check, "plan", lambda *a: [
+        gpu_check.Part("first", "crashes", 0, 0, 0, crash),
+        gpu_check.Part("second", "passes", 0, 0, 0, lambda: iter([gpu_check.CheckResult("second", "ok", True, "")])),
+    ])
+    lines = []
+    assert not run_gpu_check(lines.append, device=device.type, quick=True, speed=False)
+    assert "FAIL  first stopped: RuntimeError: kernel launch failed" in lines
+    assert "PASS  part second" in lines and "FAIL  part first" in lines
+
+
+def test_gpu_check_dry_run_prints_the_plan_without_a_gpu(capsys):
+    """Parts, compiles and autotune timings counted from the GPU config lists, and an estimate within budget."""
+    code, out, _ = run_cli(["bench", "--gpu-check", "--dry-run"], capsys)
+    assert code == 0
+    names = [line.split(":")[0] for line in out.splitlines()]
+    assert names == ["configs", "precisions", "edges", "large", "training", "host syncs", "speed", "total"]
+    parts = gpu_check.plan("cuda")
+    gather, grad = gpu_check.gpu_configs()
+    assert parts[0].compiles == 2 * (4 * len(gather) + 2 * len(grad) + 1)
+    assert parts[-1].timings > 0 and all(p.timings == 0 for p in parts[:-1])
+    assert sum(p.estimate_s() for p in parts) <= gpu_check.BUDGET_S
+    full = gpu_check.plan("cuda", full=True)
+    assert full[-1].timings == 2 * parts[-1].timings
 
 
 @contextmanager

@@ -45,21 +45,29 @@ class Comparison:
 def compare_with_float64(
     backend: str, dtype: torch.dtype, device, T: int, K: int, E: int, D: int, G: int, gated: bool = True,
     empty: tuple[int, ...] = (1,), strategy: str | None = None, expert_order: bool = False,
+    autocast: torch.dtype | None = None, indices: torch.Tensor | None = None,
 ) -> Comparison:
     """up → relu → down and backward of Σ y·dy through ``backend`` (or the torch path's ``strategy``),
     with x and the weights in ``dtype`` and fp32 gates (as routing gives them under mixed precision); h
-    between the products per pair or, ``expert_order``, in the plan's order (compared per pair)."""
+    between the products per pair or, ``expert_order``, in the plan's order (compared per pair).
+
+    ``autocast``: the forward runs under ``torch.autocast`` in that dtype (x and the weights fp32 parameters,
+    as mixed-precision training holds them; the float64 reference gets them rounded to the autocast dtype).
+    ``indices`` [T, K]: this routing instead of ``skewed_routing``'s.
+    """
+    rounded = autocast or dtype
     x = torch.randn(T, D, device=device).to(dtype)
     keys = (torch.randn(E, D, G, device=device) * D**-0.5).to(dtype)
     values = (torch.randn(E, G, D, device=device) * G**-0.5).to(dtype)
     gates = torch.rand(T, K, device=device) if gated else None
-    plan = RoutingPlan.of(skewed_routing(T, K, E, device, empty), E)
+    plan = RoutingPlan.of(skewed_routing(T, K, E, device, empty) if indices is None else indices.to(device), E)
     dy = torch.randn(T, D, device=device)
 
-    def forward_backward(up, down, tensors, expert_order=False) -> dict[str, torch.Tensor]:
+    def forward_backward(up, down, tensors, expert_order=False, autocast=None) -> dict[str, torch.Tensor]:
         leaves = [t.detach().clone().requires_grad_(True) if t is not None else None for t in tensors]
-        h = up(leaves[0], leaves[1], plan)
-        y = down(torch.relu(h), leaves[2], plan, leaves[3])
+        with torch.autocast(torch.device(device).type, dtype=autocast, enabled=autocast is not None):
+            h = up(leaves[0], leaves[1], plan)
+            y = down(torch.relu(h), leaves[2], plan, leaves[3])
         (y * dy.to(y.dtype)).sum().backward()
         grads = {name: t.grad for name, t in zip(OUTPUTS[2:], leaves, strict=True) if t is not None}
         if expert_order:  # row r is pair pairs[r]
@@ -69,19 +77,24 @@ def compare_with_float64(
     if strategy is not None:
         got = forward_backward(lambda *a: expert_up_torch(*a, strategy=strategy, expert_order=expert_order),
                                lambda *a: expert_down_torch(*a, strategy=strategy, expert_order=expert_order),
-                               [x, keys, values, gates], expert_order)
+                               [x, keys, values, gates], expert_order, autocast)
     else:
         got = forward_backward(lambda *a: expert_up(*a, backend=backend, expert_order=expert_order),
                                lambda *a: expert_down(*a, backend=backend, expert_order=expert_order),
-                               [x, keys, values, gates], expert_order)
+                               [x, keys, values, gates], expert_order, autocast)
+    rounded_inputs = [t.to(rounded).double() for t in (x, keys, values)]
     ref = forward_backward(lambda a, w, p: expert_up_reference(a, w, p.indices),
                            lambda a, w, p, g: expert_down_reference(a, w, p.indices, g),
-                           [t.double() if t is not None else None for t in (x, keys, values, gates)])
+                           [*rounded_inputs, gates.double() if gates is not None else None])
     errors = {name: relative_error(got[name], ref[name]) for name in got}
     return Comparison(got, errors)
 
 
 def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
-    """max |got − want| / max(|want|, 1), in float64."""
+    """max |got − want| / max(|want|, 1), in float64 (0 for empty tensors: T = 0 tokens)."""
+    if got.shape != want.shape:
+        raise ValueError(f"shapes differ: {tuple(got.shape)} vs {tuple(want.shape)}")
+    if want.numel() == 0:
+        return 0.0
     want = want.double()
     return float((got.double() - want).abs().max() / want.abs().max().clamp_min(1.0))

@@ -1,43 +1,62 @@
-"""``sffn bench --gpu-check``: the GPU acceptance check, one PASS / FAIL line per check.
+"""``sffn bench --gpu-check``: the GPU acceptance check, in parts, each ending with one PASS / FAIL line.
 
-1. Accuracy: forward and every gradient (x, keys, values, gates) of the Triton kernels and of the torch
-   path against float64 on the GPU, in fp32 / bf16 / fp16, on shapes off the block multiples with
-   skewed routing and an empty expert (whose weight gradients must be exactly zero); and one case with
-   more than 2^31 elements in T·D (64-bit index arithmetic), checked on sampled rows.
-2. Training: a few bf16-mixed steps of every FFN kind with the Triton backend, losses finite and close
-   to the torch backend's.
-3. Host syncs: a bf16-mixed forward+backward of each FFN kind's layer under
-   ``torch.cuda.set_sync_debug_mode("error")`` (BASE excepted: its auction is data-dependent).
-4. Speed: forward+backward of the σ-MoE expert bank against the FLOP-matched dense FFN (d_ff = K·G, the
-   limit) and the parameter-matched dense FFN (d_ff = N_E·G) on cuBLAS, timed with CUDA events
-   (``triton.testing.do_bench``), as ratios and TFLOP/s of active FLOPs.
+1. configs: every autotuned config of both Triton kernels, each pinned alone, on the model's call path (h in
+   the plan's order, fp32 gates, bf16 autocast over fp32 parameters) against float64: once with K a multiple
+   of every BLOCK_K (D 512, G 128: EVEN_K) and the weight gradient as the GPU splits it, once off the block
+   multiples (D 520, G 136) with one span per expert; skewed routing with an empty expert.
+2. precisions: the same call path in every training precision (bf16-mixed, 16-mixed, 32-true with IEEE and
+   with TF32 products, bf16-true), Triton and torch backends, against float64.
+3. edges: T = 0 tokens through every backend, and every token on one expert.
+4. large: more than 2^31 elements in T·D (64-bit index arithmetic), the weight gradients included.
+5. training: a few bf16-mixed steps of every FFN kind, Triton backend against the torch backend.
+6. host syncs: a bf16-mixed forward+backward of each FFN kind's layer under
+   ``torch.cuda.set_sync_debug_mode("error")`` (BASE excepted: its assignment is data-dependent).
+7. speed: forward+backward of the σ-MoE expert bank (autotuned) against the FLOP-matched dense FFN
+   (d_ff = K·G: the limit) and the parameter-matched one (d_ff = N_E·G) on cuBLAS, CUDA-event timed; bf16 rows
+   (``full``: fp32 too).
 
-Without CUDA it says so and passes. ``device="cpu"`` with ``quick`` sizes runs parts 1–3 under the
-Triton interpreter (the test suite's way of keeping this code working without a GPU).
+Parts 1–6 pin one config per kernel (part 1 each in turn), so they compile but never autotune; only the speed
+part times configs. ``plan`` counts each part's Triton compiles and autotune timings from the config lists and
+the pruning rules and estimates its time before anything runs (``--dry-run`` prints it without a GPU); each
+result is written to ``gpu_check.json`` and ``gpu_check.md`` as soon as it is known, so a run cut short still
+leaves what it measured. Without CUDA it says so and passes. ``device="cpu"`` with ``quick`` sizes runs parts
+1–3 and 5–6 under the Triton interpreter (the test suite's way of keeping this code working without a GPU).
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 
 from sffn_lab.bench.accuracy import TOLERANCE, compare_with_float64, relative_error
 from sffn_lab.kernels import RoutingPlan, expert_down, expert_up, triton_available
 from sffn_lab.kernels.precision import fp32_matmul_precision
+from sffn_lab.markdown import markdown_table
 
-DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Training agreement: the first loss is the same model and batch through two kernels (bf16 rounding only);
 # later losses also carry the differences of earlier updates.
 FIRST_LOSS_TOL, LAST_LOSS_TOL = 0.01, 0.05
+# TF32 keeps 10 mantissa bits, as fp16 does, and accumulates in fp32: fp16's products' error, with 2× room
+# for the longer exponent's larger values. An assumption until a GPU run measures it.
+TF32_TOLERANCE = 1e-2
+# The estimate's unit costs, assumed until a GPU run measures them (the check prints what it measured):
+# one Triton compile for sm_90 (0.3 s on the 2-core Xeon VM for sm_90a, ptxas included; a GPU host loads
+# the module too), one autotune timing (triton's do_bench: 25 ms warm-up, 100 ms of repetitions).
+COMPILE_S, TIMING_S = 0.5, 0.15
+BUDGET_S = 240  # the default check must fit four minutes on one H100 from a cold Triton cache
 
 
 @dataclass
 class CheckResult:
+    part: str
     name: str
     passed: bool
     detail: str
@@ -57,6 +76,7 @@ class SpeedRow:
     flop_matched_ms: float
     param_matched_ms: float
     tflops: float
+    part: str = "speed"
 
     def line(self) -> str:
         return (f"speed  {self.case} {self.dtype}: σ-MoE (Triton) {self.moe_ms:.3f} ms = "
@@ -66,58 +86,90 @@ class SpeedRow:
                 f"{self.tflops:.1f} TFLOP/s active")
 
 
-# ---------------------------------------------------------------------------------------------- accuracy
-def accuracy_checks(device, quick: bool) -> Iterator[CheckResult]:
-    T, K, E, D, G = (45, 2, 5, 40, 24) if quick else (3001, 4, 16, 520, 136)  # off the tile multiples
-    backends = ["triton", "torch"] if triton_available() else ["torch"]
-    for backend in backends:
-        for dtype in DTYPES:
-            with fp32_matmul_precision("highest"):
-                result = compare_with_float64(backend, dtype, device, T, K, E, D, G, empty=(1,))
-            empty_zero = all(bool(result.outputs[n][1].eq(0).all()) for n in ("dkeys", "dvalues"))
-            worst = max(result.errors, key=result.errors.get)
-            yield CheckResult(
-                f"{backend} {str(dtype).removeprefix('torch.')} vs float64 (T {T}, K {K}, N_E {E}, D {D}, G {G})",
-                result.worst() < TOLERANCE[dtype] and empty_zero,
-                f"worst error {result.errors[worst]:.2e} in {worst} (tolerance {TOLERANCE[dtype]:.0e}); "
-                f"empty expert's weight gradients {'exactly zero' if empty_zero else 'NOT zero'}",
-            )
-    if not quick and triton_available():
-        yield large_index_check(device)
+@dataclass
+class Part:
+    """One part of the check: what it runs, its Triton compiles and autotune timings (counted before it runs),
+    an estimate of its seconds, and what it measured."""
+
+    name: str
+    what: str
+    compiles: int
+    timings: int
+    run_s: float  # the part's own work besides compiling and autotuning (an estimate)
+    results: Callable[[], Iterator[CheckResult | SpeedRow]]
+    measured: dict = field(default_factory=dict)
+
+    def estimate_s(self) -> float:
+        return self.compiles * COMPILE_S + self.timings * TIMING_S + self.run_s
 
 
-def large_index_check(device, T: int = 2_200_000, D: int = 1024, K: int = 1, E: int = 4, G: int = 16,
-                      samples: int = 2048) -> CheckResult:
-    """T·D > 2^31 elements in bf16: h, y and dx of sampled rows (the highest tokens included) vs float64."""
-    x = torch.randn(T, D, device=device, dtype=torch.bfloat16).requires_grad_(True)
-    keys = (torch.randn(E, D, G, device=device) * D**-0.5).bfloat16()
-    values = (torch.randn(E, G, D, device=device) * G**-0.5).bfloat16()
-    plan = RoutingPlan.of(torch.randint(0, E, (T, K), device=device), E)
-    h = expert_up(x, keys, plan, backend="triton")
-    y = expert_down(torch.relu(h), values, plan, None, backend="triton")
-    dy = torch.randn(samples, D, device=device, dtype=torch.bfloat16)
-    rows = torch.cat([torch.randint(0, T, (samples - 16,), device=device), torch.arange(T - 16, T, device=device)])
-    grad_y = torch.zeros_like(y)
-    grad_y[rows] = dy  # rows drawn twice get the later dy; the reference below uses what was stored
-    y.backward(grad_y)
-    idx = plan.indices[rows]
-    x64, k64, v64 = x.detach()[rows].double(), keys.double(), values.double()
-    h64 = torch.einsum("td,tkdg->tkg", x64, k64[idx])
-    y64 = torch.einsum("tkg,tkgd->td", torch.relu(h64), v64[idx])
-    # dx of the sampled rows: dy → relu' → keysᵀ (a row's gradient depends on its own dy only); relu' is
-    # taken from the kernel's h, so that a bf16 h rounded across zero does not count as an error
-    dh64 = torch.einsum("td,tkgd->tkg", grad_y[rows].double(), v64[idx]) * (h.detach()[rows] > 0)
-    dx64 = torch.einsum("tkg,tkdg->td", dh64, k64[idx])
-    errors = {"h": relative_error(h.detach()[rows], h64), "y": relative_error(y.detach()[rows], y64),
-              "dx": relative_error(x.grad[rows], dx64)}
-    worst = max(errors, key=errors.get)
-    del x, h, y, grad_y
-    torch.cuda.empty_cache()
-    return CheckResult(
-        f"triton bf16, {T * D:,} elements in T·D (> 2^31), sampled rows vs float64",
-        errors[worst] < TOLERANCE[torch.bfloat16],
-        f"worst error {errors[worst]:.2e} in {worst} (tolerance {TOLERANCE[torch.bfloat16]:.0e})",
-    )
+# ---------------------------------------------------------------------------------------------- shapes
+@dataclass(frozen=True)
+class Shape:
+    T: int
+    K: int
+    E: int
+    D: int
+    G: int
+
+    def __str__(self) -> str:
+        return f"T {self.T}, K {self.K}, N_E {self.E}, D {self.D}, G {self.G}"
+
+
+def accuracy_shapes(quick: bool) -> tuple[Shape, Shape]:
+    """(K a multiple of every BLOCK_K, K off the block multiples); several tiles per expert, a partial last one."""
+    if quick:
+        return Shape(45, 2, 5, 64, 32), Shape(45, 2, 5, 40, 24)
+    return Shape(3001, 4, 16, 512, 128), Shape(3001, 4, 16, 520, 136)
+
+
+# ---------------------------------------------------------------------------------------------- pinning
+def _autotuned_kernels():
+    from sffn_lab.kernels import triton_gather_matmul, triton_weight_grad
+
+    return triton_gather_matmul.gather_matmul_kernel, triton_weight_grad.weight_grad_kernel
+
+
+def gpu_configs() -> tuple[list, list]:
+    """The config lists of the gathered matmul and of the weight gradient on a GPU (what a plan counts, also
+    where the interpreter runs one config)."""
+    from sffn_lab.kernels import triton_gather_matmul, triton_weight_grad
+
+    return triton_gather_matmul.configs(interpreted=False), triton_weight_grad.configs(interpreted=False)
+
+
+@contextmanager
+def pinned_configs(gather_index: int = 0, grad_index: int = 0) -> Iterator[str]:
+    """Both autotuners hold one config each inside the block (so they launch it without timing anything);
+    yields its name."""
+    kernels = _autotuned_kernels()
+    saved = [k.configs for k in kernels]
+    chosen = [saved[0][gather_index % len(saved[0])], saved[1][grad_index % len(saved[1])]]
+    try:
+        for kernel, config in zip(kernels, chosen, strict=True):
+            kernel.configs = [config]
+        yield " / ".join(_config_name(c) for c in chosen)
+    finally:
+        for kernel, configs in zip(kernels, saved, strict=True):
+            kernel.configs = configs
+
+
+def _config_name(config) -> str:
+    sizes = " ".join(f"{k.removeprefix('BLOCK_')}{v}" for k, v in config.kwargs.items() if k.startswith("BLOCK_"))
+    return f"{sizes} w{config.num_warps}"
+
+
+@contextmanager
+def whole_spans() -> Iterator[None]:
+    """The weight gradient keeps one span per expert inside the block, whatever the GPU's size would choose."""
+    from sffn_lab.kernels import triton_ops
+
+    saved = triton_ops.split_span_rows
+    triton_ops.split_span_rows = lambda *args: None
+    try:
+        yield
+    finally:
+        triton_ops.split_span_rows = saved
 
 
 @contextmanager
@@ -133,7 +185,123 @@ def kernel_backend(backend: str) -> Iterator[None]:
             os.environ["SFFN_KERNEL"] = before
 
 
-# ---------------------------------------------------------------------------------------------- training
+# ---------------------------------------------------------------------------------------------- 1. configs
+def config_checks(device, quick: bool) -> Iterator[CheckResult]:
+    """Every config of each kernel pinned in turn (the shorter list wraps), bf16 autocast model path, both shapes."""
+    even, odd = accuracy_shapes(quick)
+    n_gather, n_grad = (len(k.configs) for k in _autotuned_kernels())
+    for i in range(max(n_gather, n_grad)):
+        for shape, spans in ((even, "as the GPU splits it"), (odd, "one span per expert")):
+            with pinned_configs(i, i) as name, (whole_spans() if shape is odd else nullcontext()):
+                result = compare_with_float64("triton", torch.float32, device, shape.T, shape.K, shape.E, shape.D,
+                                              shape.G, expert_order=True, autocast=torch.bfloat16)
+            yield _accuracy_result("configs", f"config {name}, {shape}, weight gradient {spans}", result,
+                                   TOLERANCE[torch.bfloat16])
+
+
+def _accuracy_result(part: str, name: str, result, tolerance: float, empty_expert: int | None = 1) -> CheckResult:
+    empty_zero = empty_expert is None or all(bool(result.outputs[n][empty_expert].eq(0).all())
+                                             for n in ("dkeys", "dvalues"))
+    worst = max(result.errors, key=result.errors.get)
+    return CheckResult(
+        part, name, result.worst() < tolerance and empty_zero,
+        f"worst error {result.errors[worst]:.2e} in {worst} (tolerance {tolerance:.0e})"
+        + ("" if empty_expert is None else
+           f"; empty expert's weight gradients {'exactly zero' if empty_zero else 'NOT zero'}"),
+    )
+
+
+# ---------------------------------------------------------------------------------------------- 2. precisions
+# name → (parameter dtype, autocast dtype or None, float32 matmul precision, tolerance)
+PRECISIONS = {
+    "bf16-mixed": (torch.float32, torch.bfloat16, "highest", TOLERANCE[torch.bfloat16]),
+    "16-mixed": (torch.float32, torch.float16, "highest", TOLERANCE[torch.float16]),
+    "32-true (IEEE)": (torch.float32, None, "highest", TOLERANCE[torch.float32]),
+    "32-true (TF32)": (torch.float32, None, "high", TF32_TOLERANCE),
+    "bf16-true": (torch.bfloat16, None, "highest", TOLERANCE[torch.bfloat16]),
+}
+
+
+def backends() -> list[str]:
+    return ["triton", "torch"] if triton_available() else ["torch"]
+
+
+def precision_checks(device, quick: bool) -> Iterator[CheckResult]:
+    _, shape = accuracy_shapes(quick)
+    for backend in backends():
+        for precision, (dtype, autocast, matmul, tolerance) in PRECISIONS.items():
+            with pinned_configs(), fp32_matmul_precision(matmul):
+                result = compare_with_float64(backend, dtype, device, shape.T, shape.K, shape.E, shape.D, shape.G,
+                                              expert_order=True, autocast=autocast)
+            yield _accuracy_result("precisions", f"{backend} {precision} vs float64 ({shape})", result, tolerance)
+
+
+# ---------------------------------------------------------------------------------------------- 3. edges
+def edge_checks(device, quick: bool) -> Iterator[CheckResult]:
+    shape, _ = accuracy_shapes(quick)
+    no_tokens = torch.empty(0, shape.K, dtype=torch.long)
+    for backend in [*backends(), "reference"]:
+        with pinned_configs():
+            result = compare_with_float64(backend, torch.float32, device, 0, shape.K, shape.E, shape.D, shape.G,
+                                          expert_order=True, autocast=torch.bfloat16, indices=no_tokens)
+        shapes_ok = result.outputs["y"].shape == (0, shape.D) and result.outputs["dx"].shape == (0, shape.D)
+        zero = all(bool(result.outputs[n].eq(0).all()) for n in ("dkeys", "dvalues"))
+        yield CheckResult("edges", f"{backend}: T = 0 tokens, forward and backward", shapes_ok and zero,
+                          f"y {tuple(result.outputs['y'].shape)}, weight gradients "
+                          f"{'all zero' if zero else 'NOT zero'}")
+    one_expert = torch.full((shape.T, 1), shape.E - 1, dtype=torch.long)
+    for backend in backends():
+        with pinned_configs():
+            result = compare_with_float64(backend, torch.float32, device, shape.T, 1, shape.E, shape.D, shape.G,
+                                          expert_order=True, autocast=torch.bfloat16, indices=one_expert)
+        yield _accuracy_result("edges", f"{backend}: all {shape.T} tokens on one expert, bf16-mixed", result,
+                               TOLERANCE[torch.bfloat16], empty_expert=0)
+
+
+# ---------------------------------------------------------------------------------------------- 4. large
+def large_index_check(device, T: int = 2_200_000, D: int = 1024, K: int = 1, E: int = 4, G: int = 16,
+                      samples: int = 2048) -> CheckResult:
+    """T·D > 2^31 elements in bf16: h, y and dx of sampled rows (the highest tokens included) and both weight
+    gradients vs float64. Only the sampled rows get an output gradient, so every gradient is a sum over them."""
+    x = torch.randn(T, D, device=device, dtype=torch.bfloat16).requires_grad_(True)
+    keys = (torch.randn(E, D, G, device=device) * D**-0.5).bfloat16().requires_grad_(True)
+    values = (torch.randn(E, G, D, device=device) * G**-0.5).bfloat16().requires_grad_(True)
+    plan = RoutingPlan.of(torch.randint(0, E, (T, K), device=device), E)
+    with pinned_configs():
+        h = expert_up(x, keys, plan, backend="triton")
+        y = expert_down(torch.relu(h), values, plan, None, backend="triton")
+        rows = torch.cat([torch.randint(0, T - 16, (samples - 16,), device=device),
+                          torch.arange(T - 16, T, device=device)]).unique()
+        grad_y = torch.zeros_like(y)
+        grad_y[rows] = torch.randn(rows.shape[0], D, device=device, dtype=torch.bfloat16)
+        y.backward(grad_y)
+    idx = plan.indices[rows]
+    x64, k64, v64, dy64 = x.detach()[rows].double(), keys.detach().double(), values.detach().double(), \
+        grad_y[rows].double()
+    h64 = torch.einsum("td,tkdg->tkg", x64, k64[idx])
+    y64 = torch.einsum("tkg,tkgd->td", torch.relu(h64), v64[idx])
+    # relu' is taken from the kernel's h, so that a bf16 h rounded across zero does not count as an error
+    relu_kernel = (h.detach()[rows] > 0).double()
+    dh64 = torch.einsum("td,tkgd->tkg", dy64, v64[idx]) * relu_kernel
+    dx64 = torch.einsum("tkg,tkdg->td", dh64, k64[idx])
+    dkeys64 = torch.zeros_like(k64).index_put_((idx,), torch.einsum("td,tkg->tkdg", x64, dh64), accumulate=True)
+    hidden64 = torch.relu(h.detach()[rows].double())  # the kernel's h, as its backward reads it
+    dvalues64 = torch.zeros_like(v64).index_put_((idx,), torch.einsum("tkg,td->tkgd", hidden64, dy64),
+                                                 accumulate=True)
+    errors = {"h": relative_error(h.detach()[rows], h64), "y": relative_error(y.detach()[rows], y64),
+              "dx": relative_error(x.grad[rows], dx64), "dkeys": relative_error(keys.grad, dkeys64),
+              "dvalues": relative_error(values.grad, dvalues64)}
+    worst = max(errors, key=errors.get)
+    del x, h, y, grad_y
+    torch.cuda.empty_cache()
+    return CheckResult(
+        "large", f"triton bf16, {T * D:,} elements in T·D (> 2^31), {rows.shape[0]} sampled rows and both weight "
+        "gradients vs float64", errors[worst] < TOLERANCE[torch.bfloat16],
+        f"worst error {errors[worst]:.2e} in {worst} (tolerance {TOLERANCE[torch.bfloat16]:.0e})",
+    )
+
+
+# ---------------------------------------------------------------------------------------------- 5. training
 def training_checks(device, quick: bool) -> Iterator[CheckResult]:
     from sffn_lab.config import FFN_KINDS, load_config
 
@@ -143,13 +311,14 @@ def training_checks(device, quick: bool) -> Iterator[CheckResult]:
     for kind in FFN_KINDS:
         config = load_config(None, [*size, "model.n_layers=2", "model.ffn.n_experts=8", "model.ffn.top_k=2",
                                     f"model.ffn.kind={kind}"])
-        losses = {backend: bf16_training_losses(config.model, device, steps, backend, seq_len=seq_len, batch=batch)
-                  for backend in ("triton", "torch")}
+        with pinned_configs():
+            losses = {backend: bf16_training_losses(config.model, device, steps, backend, seq_len=seq_len,
+                                                    batch=batch) for backend in ("triton", "torch")}
         first = abs(losses["triton"][0] - losses["torch"][0])
         last = abs(losses["triton"][-1] - losses["torch"][-1])
         finite = all(math.isfinite(v) for ls in losses.values() for v in ls)
         yield CheckResult(
-            f"{kind}: {steps} bf16-mixed training steps, Triton vs torch backend",
+            "training", f"{kind}: {steps} bf16-mixed training steps, Triton vs torch backend",
             finite and first < FIRST_LOSS_TOL and last < LAST_LOSS_TOL,
             f"losses {fmt(losses['triton'])} vs {fmt(losses['torch'])}; |Δ| first {first:.1e} "
             f"(< {FIRST_LOSS_TOL}), last {last:.1e} (< {LAST_LOSS_TOL})",
@@ -178,7 +347,7 @@ def bf16_training_losses(model_config, device, steps: int, backend: str, seq_len
     return losses
 
 
-# ---------------------------------------------------------------------------------------------- host syncs
+# ---------------------------------------------------------------------------------------------- 6. host syncs
 SYNCING_KINDS = {"base": "BASE's balanced assignment is an auction with data-dependent loops"}
 
 
@@ -196,27 +365,26 @@ def host_syncs_are_errors(device) -> Iterator[None]:
 
 
 def host_sync_checks(device, quick: bool) -> Iterator[CheckResult]:
-    """One bf16-autocast forward+backward of each FFN kind's layer (Triton backend) with host syncs made errors,
-    after two warm-up steps (the autotuner times its configs, which waits for the device, on a shape's first call).
-    """
+    """One bf16-autocast forward+backward of each FFN kind's layer (Triton backend, one pinned config, so nothing
+    is timed) with host syncs made errors, after two warm-up steps (compiles)."""
     from sffn_lab.config import FFN_KINDS
 
     for kind in FFN_KINDS:
         name = f"{kind}: no host sync in the layer"
         if kind in SYNCING_KINDS:
-            yield CheckResult(name, True, f"not checked: {SYNCING_KINDS[kind]}")
+            yield CheckResult("host syncs", name, True, f"not checked: {SYNCING_KINDS[kind]}")
             continue
         step = layer_step(kind, device, quick)
-        with kernel_backend("triton"):
+        with kernel_backend("triton"), pinned_configs():
             step()
             step()
             try:
                 with host_syncs_are_errors(device):
                     step()
             except RuntimeError as exc:
-                yield CheckResult(name, False, str(exc).splitlines()[0])
+                yield CheckResult("host syncs", name, False, str(exc).splitlines()[0])
             else:
-                yield CheckResult(name, True, "bf16-mixed forward+backward, sync debug mode 'error'")
+                yield CheckResult("host syncs", name, True, "bf16-mixed forward+backward, sync debug mode 'error'")
 
 
 def layer_step(kind: str, device, quick: bool) -> Callable[[], None]:
@@ -242,14 +410,19 @@ def layer_step(kind: str, device, quick: bool) -> Callable[[], None]:
     return step
 
 
-# ---------------------------------------------------------------------------------------------- speed
+# ---------------------------------------------------------------------------------------------- 7. speed
 SPEED_CASES = [(T, D, E) for T in (8192, 65536) for D in (512, 1024) for E in (16, 128)]
+SPEED_G, SPEED_K = 128, 4
 
 
-def speed_rows(G: int = 128, K: int = 4) -> Iterator[SpeedRow]:
+def speed_dtypes(full: bool) -> tuple[torch.dtype, ...]:
+    return (torch.bfloat16, torch.float32) if full else (torch.bfloat16,)
+
+
+def speed_rows(full: bool) -> Iterator[SpeedRow]:
     for T, D, E in SPEED_CASES:
-        for dtype in (torch.bfloat16, torch.float32):
-            yield speed_row(T, D, E, G, K, dtype)
+        for dtype in speed_dtypes(full):
+            yield speed_row(T, D, E, SPEED_G, SPEED_K, dtype)
             torch.cuda.empty_cache()
 
 
@@ -294,30 +467,207 @@ def speed_row(T: int, D: int, E: int, G: int, K: int, dtype: torch.dtype) -> Spe
     )
 
 
+def speed_timings(full: bool) -> int:
+    """Autotune timings of the speed part: the configs each launch's autotuner keeps after pruning, for every
+    distinct tuning key (per case and dtype: four gathered-matmul launches, two weight gradients)."""
+    from sffn_lab.kernels import triton_gather_matmul, triton_weight_grad
+    from sffn_lab.kernels.triton_ops import _rows_hint
+
+    gather, grad = gpu_configs()
+    total = 0
+    for T, D, E in SPEED_CASES:
+        rows = _rows_hint(T * SPEED_K // E)
+        for N, K_in in ((SPEED_G, D), (D, SPEED_G), (SPEED_G, D), (D, SPEED_G)):  # up, down, dh, dx
+            total += len(triton_gather_matmul.prune(gather, {"N": N, "K": K_in, "rows_hint": rows}))
+        for d_in, J in ((D, SPEED_G), (SPEED_G, D)):  # up dW, down dW
+            total += len(triton_weight_grad.prune(grad, {"d_in": d_in, "J": J, "rows_hint": rows}))
+    return total * len(speed_dtypes(full))
+
+
+# ---------------------------------------------------------------------------------------------- the plan
+LAUNCHES = 4 + 2 + 1  # a layer step's launch kinds: four gathered products, two weight gradients, the span sums
+
+
+def plan(device="cuda", quick: bool = False, full: bool = False) -> list[Part]:
+    """The parts in order, with the Triton compiles and autotune timings each will add (compiles: the distinct
+    specialisations it launches that no earlier part compiled, times the configs it runs; none where the
+    interpreter runs the kernels) and an estimate of its time."""
+    from sffn_lab.config import FFN_KINDS
+
+    on_gpu = torch.device(device).type == "cuda"
+    if not triton_available():
+        n_gather = n_grad = 0
+    elif on_gpu:
+        n_gather, n_grad = (len(c) for c in gpu_configs())
+    else:
+        n_gather, n_grad = (len(k.configs) for k in _autotuned_kernels())
+    launches = LAUNCHES if on_gpu else 0
+    bank_kinds = len(FFN_KINDS) - 3  # dense, Top-K and PKM do not use the expert bank
+    parts = [
+        Part("configs", "every config of both kernels alone, bf16 model path, EVEN_K and not, vs float64",
+             on_gpu * 2 * (4 * n_gather + 2 * n_grad + 1), 0, 2 * max(n_gather, n_grad) * 0.3,
+             lambda: config_checks(device, quick)),
+        Part("precisions", f"{', '.join(PRECISIONS)}; Triton and torch backends vs float64",
+             (len(PRECISIONS) - 1) * launches, 0, 2 * len(PRECISIONS) * 0.3,
+             lambda: precision_checks(device, quick)),
+        Part("edges", "T = 0 through every backend; every token on one expert", 2 * launches, 0, 2,
+             lambda: edge_checks(device, quick)),
+    ]
+    if on_gpu and not quick:
+        parts.append(Part("large", "> 2^31 elements in T·D, both weight gradients", LAUNCHES, 0, 15,
+                          lambda: iter([large_index_check(device)])))
+    parts += [
+        Part("training", "bf16-mixed steps of every FFN kind, Triton vs torch", 2 * launches, 0,
+             len(FFN_KINDS) * 1.5, lambda: training_checks(device, quick)),
+        Part("host syncs", "every FFN kind's layer under sync debug mode 'error'", 2 * launches, 0,
+             bank_kinds * 0.5, lambda: host_sync_checks(device, quick)),
+    ]
+    if on_gpu and not quick:
+        cases = len(SPEED_CASES) * len(speed_dtypes(full))
+        # bf16 specialisations are compiled by then, but the whole-span weight gradients (large N_E) are new
+        # in every config; fp32 (``full``) compiles every launch's configs anew
+        new_compiles = 2 * n_grad + (full and (4 * n_gather + 4 * n_grad + 1))
+        parts.append(Part("speed", f"σ-MoE bank vs dense on cuBLAS, {cases} rows", new_compiles,
+                          speed_timings(full), cases * 1.5, lambda: speed_rows(full)))
+    return parts
+
+
+def describe_plan(parts: list[Part]) -> list[str]:
+    lines = [f"{p.name}: {p.what}; {p.compiles} compiles, {p.timings} autotune timings, ~{p.estimate_s():.0f} s"
+             for p in parts]
+    total = sum(p.estimate_s() for p in parts)
+    lines.append(f"total: {sum(p.compiles for p in parts)} compiles, {sum(p.timings for p in parts)} autotune "
+                 f"timings, estimated {total:.0f} s ({COMPILE_S} s a compile, {TIMING_S} s a timing: assumed) "
+                 f"against a budget of {BUDGET_S} s")
+    return lines
+
+
+# ---------------------------------------------------------------------------------------------- records
+@contextmanager
+def counting_compiles() -> Iterator[list[int]]:
+    """Counts Triton compiles (or disk-cache loads) inside the block: the returned list holds the count."""
+    if not triton_available():
+        yield [0]
+        return
+    from triton import knobs
+
+    count = [0]
+    before = knobs.runtime.jit_cache_hook
+
+    def hook(*args, **kwargs):
+        count[0] += 1
+        return before(*args, **kwargs) if before is not None else None
+
+    knobs.runtime.jit_cache_hook = hook
+    try:
+        yield count
+    finally:
+        knobs.runtime.jit_cache_hook = before
+
+
+class Record:
+    """The check's results as they arrive, rewritten to OUT/gpu_check.json and gpu_check.md after each one."""
+
+    def __init__(self, out: Path | None, header: dict):
+        self.out, self.header, self.results, self.parts = out, header, [], []
+        if out is not None:
+            out.mkdir(parents=True, exist_ok=True)
+
+    def add(self, result: CheckResult | SpeedRow) -> None:
+        self.results.append(result)
+        self.write()
+
+    def finish_part(self, part: Part) -> None:
+        self.parts.append(part)
+        self.write()
+
+    def write(self) -> None:
+        if self.out is None:
+            return
+        data = {**self.header, "parts": [{"name": p.name, "estimate_s": round(p.estimate_s(), 1),
+                                          "compiles_planned": p.compiles, "timings_planned": p.timings,
+                                          **p.measured} for p in self.parts],
+                "results": [asdict(r) for r in self.results]}
+        _write_atomically(self.out / "gpu_check.json", json.dumps(data, indent=1, ensure_ascii=False))
+        _write_atomically(self.out / "gpu_check.md", self.markdown())
+
+    def markdown(self) -> str:
+        lines = [f"# GPU check: {self.header.get('device', '')}", "",
+                 ", ".join(f"{k} {v}" for k, v in self.header.items() if k != "device"), ""]
+        checks = [r for r in self.results if isinstance(r, CheckResult)]
+        lines += markdown_table(("part", "check", "result", "detail"),
+                                [(r.part, r.name, "PASS" if r.passed else "FAIL", r.detail) for r in checks])
+        speed = [r for r in self.results if isinstance(r, SpeedRow)]
+        if speed:
+            lines += ["", *markdown_table(
+                ("case", "dtype", "σ-MoE Triton ms", "÷ FLOP-matched dense", "÷ parameter-matched dense",
+                 "torch path ms", "TFLOP/s active"),
+                [(r.case, r.dtype, f"{r.moe_ms:.3f}", f"{r.moe_ms / r.flop_matched_ms:.2f}×",
+                  f"{r.moe_ms / r.param_matched_ms:.2f}×", f"{r.torch_path_ms:.3f}", f"{r.tflops:.1f}")
+                 for r in speed])]
+        if self.parts:
+            lines += ["", *markdown_table(
+                ("part", "seconds", "estimated", "compiles", "planned", "autotune timings planned"),
+                [(p.name, f"{p.measured.get('seconds', 0):.1f}", f"{p.estimate_s():.0f}",
+                  str(p.measured.get("compiles", "")), str(p.compiles), str(p.timings)) for p in self.parts])]
+        return "\n".join(lines) + "\n"
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    partial = path.with_suffix(path.suffix + ".partial")
+    partial.write_text(text)
+    partial.replace(path)
+
+
 # ---------------------------------------------------------------------------------------------- driver
-def run_gpu_check(say: Callable[[str], None], device: str = "cuda", quick: bool = False,
-                  speed: bool = True) -> bool:
-    """Run every check, calling ``say`` with one line each; True when all passed (or there is no GPU)."""
+def run_gpu_check(say: Callable[[str], None], device: str = "cuda", quick: bool = False, speed: bool = True,
+                  full: bool = False, out: Path | None = None) -> bool:
+    """Run every part, calling ``say`` with each line as it comes; True when all passed (or there is no GPU)."""
     if device == "cuda" and not torch.cuda.is_available():
-        say("no CUDA GPU on this machine: nothing to check (the kernels are tested on the CPU by the test suite).")
+        say("no CUDA GPU on this machine: nothing to check (the kernels are tested on the CPU by the test suite; "
+            "--dry-run prints the plan).")
         return True
+    header = {"torch": torch.__version__, "triton": triton_version()}
     if device == "cuda":
         props = torch.cuda.get_device_properties(0)
-        say(f"device: {props.name}, {props.total_memory / 2**30:.0f} GiB, torch {torch.__version__}, "
-            f"triton {triton_version()}")
+        header["device"] = f"{props.name}, {props.total_memory / 2**30:.0f} GiB, compute capability " \
+                           f"{props.major}.{props.minor}"
+    parts = [p for p in plan(device, quick, full) if speed or p.name != "speed"]
+    say(f"device: {header.get('device', device)}, torch {header['torch']}, triton {header['triton']}")
+    for line in describe_plan(parts):
+        say(f"plan  {line}")
     if not triton_available():
-        say("FAIL  triton: the Triton kernels cannot be imported; only the torch path was checked.")
-    results = []
-    for check in (accuracy_checks(device, quick), training_checks(device, quick), host_sync_checks(device, quick)):
-        for result in check:
-            say(result.line())
-            results.append(result)
-    if speed and device == "cuda" and triton_available():
-        for row in speed_rows():
-            say(row.line())
-    passed = triton_available() and all(r.passed for r in results)
-    say(f"{'PASS' if passed else 'FAIL'}: {sum(r.passed for r in results)} of {len(results)} checks passed")
+        say("FAIL  triton: the Triton kernels cannot be imported; only the torch path is checked.")
+    record = Record(out, header)
+    verdicts = {}
+    for part in parts:
+        start = time.perf_counter()
+        passed = True
+        with counting_compiles() as compiles:
+            for result in _results_or_failure(part):
+                say(result.line())
+                record.add(result)
+                passed &= getattr(result, "passed", True)
+        part.measured = {"seconds": round(time.perf_counter() - start, 1), "compiles": compiles[0]}
+        record.finish_part(part)
+        verdicts[part.name] = passed
+        say(f"part {part.name}: {'PASS' if passed else 'FAIL'} in {part.measured['seconds']:.0f} s "
+            f"(estimated {part.estimate_s():.0f}), {compiles[0]} compiles (planned {part.compiles})")
+    for name, passed in verdicts.items():
+        say(f"{'PASS' if passed else 'FAIL'}  part {name}")
+    passed = triton_available() and all(verdicts.values())
+    say(f"{'PASS' if passed else 'FAIL'}: {sum(verdicts.values())} of {len(verdicts)} parts passed"
+        + (f"; wrote {out / 'gpu_check.json'} and gpu_check.md" if out is not None else ""))
     return passed
+
+
+def _results_or_failure(part: Part) -> Iterator[CheckResult | SpeedRow]:
+    """The part's results; an exception ends the part with a FAIL result naming it, and the check goes on."""
+    try:
+        yield from part.results()
+    except Exception as exc:  # a crash in one part must not lose the parts after it
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        yield CheckResult(part.name, f"{part.name} stopped", False, f"{type(exc).__name__}: {message}")
 
 
 def triton_version() -> str:
@@ -328,4 +678,4 @@ def triton_version() -> str:
     return triton.__version__
 
 
-__all__ = ["CheckResult", "SpeedRow", "run_gpu_check"]
+__all__ = ["CheckResult", "Part", "SpeedRow", "describe_plan", "plan", "run_gpu_check"]
