@@ -103,13 +103,6 @@ class RoutingPlan:
             self._tiles[height] = self._make_tiles(height)
         return self._tiles[height]
 
-    def expert_spans(self) -> Tiles:
-        """One tile per expert holding all its rows (an empty one for an expert without rows): E tiles."""
-        E = self.n_experts
-        experts = torch.arange(E + 1, device=self.counts.device)
-        table = torch.stack([experts[:-1], self.offsets[:-1], self.offsets[1:]])
-        return Tiles(max(self.pairs.shape[0], 1), table, experts)
-
     def _make_tiles(self, height: int) -> Tiles:
         E = self.n_experts
         P = self.pairs.shape[0]

@@ -5,7 +5,7 @@ use the tensor cores' native products; fp32 inputs follow ``torch.get_float32_ma
 as cuBLAS matmuls do ("highest": IEEE fp32 products, "high" / "medium": TF32). The gates (fp32
 routing under mixed precision) are read as fp32 and their gradient keeps their dtype. The K outputs
 of a token are written to a [T·K, D] buffer and summed in PyTorch rather than with atomic adds, and a
-split weight gradient's chunks are summed in order by a second kernel, so results are deterministic.
+weight gradient's spans of one expert are summed in order by a second kernel, so results are deterministic.
 
 Kernels launch under the input's CUDA device, on grids whose size depends on the shapes only (the
 plan's tile bounds), so no launch waits for the host. h between the products is per pair or, with
@@ -27,7 +27,7 @@ from sffn_lab.kernels.routing_plan import RoutingPlan
 from sffn_lab.kernels.triton_gather_matmul import INTERPRETED, TILE_HEIGHTS, gather_matmul_kernel
 from sffn_lab.kernels.triton_weight_grad import sum_spans_kernel, weight_grad_kernel
 
-MIN_SPAN_ROWS = 256  # the shortest row chunk of a split weight gradient
+MIN_SPAN_ROWS = 256  # the shortest span of rows one weight-gradient program sums on a GPU
 SUM_BLOCK = 1024  # elements per program of the span sums
 
 
@@ -91,51 +91,56 @@ def _multiprocessors(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def split_span_rows(P: int, E: int, d_in: int, J: int, device: torch.device) -> int | None:
-    """Rows per chunk when the weight gradient should split each expert's rows, else None (one span per expert).
+SPAN_MEAN_ROWS = 4  # an expert with up to this many times the mean rows per expert keeps one weight-gradient span
 
-    One span per expert gives E · ⌈I/128⌉ · ⌈J/128⌉ programs at the largest blocks; with fewer than four per
-    multiprocessor, each expert's rows are cut into enough chunks (a power of two of rows, at least
-    MIN_SPAN_ROWS) to reach that. Off CUDA (the interpreter runs programs one by one) never.
+
+def rows_per_span(P: int, E: int, d_in: int, J: int, device: torch.device) -> int:
+    """The most rows one weight-gradient program sums: each expert's rows are cut into spans of this many.
+
+    On CUDA, SPAN_MEAN_ROWS times the mean rows per expert (a power of two, at least MIN_SPAN_ROWS): balanced
+    experts keep one span each and write dW directly, and a much busier expert is cut, so the slowest program
+    walks no more rows than that whatever the routing (the shapes alone decide: no host sync). When the experts
+    would give fewer than four programs per multiprocessor at the largest blocks (E · ⌈I/128⌉ · ⌈J/128⌉), the
+    spans are shortened to reach that. Off CUDA (the interpreter runs programs one by one): every expert one span.
     """
     if device.type != "cuda":
-        return None
+        return max(P, 1)
+    rows = SPAN_MEAN_ROWS * triton.next_power_of_2(max(triton.cdiv(P, E), 1))
     wanted = 4 * _multiprocessors(device.index if device.index is not None else torch.cuda.current_device())
     programs = E * triton.cdiv(d_in, 128) * triton.cdiv(J, 128)
-    if programs >= wanted:
-        return None
-    rows = max(MIN_SPAN_ROWS, triton.next_power_of_2(triton.cdiv(P, E * triton.cdiv(wanted, programs))))
-    return rows if rows < P // E else None
+    if programs < wanted:
+        rows = min(rows, triton.next_power_of_2(max(triton.cdiv(P, E * triton.cdiv(wanted, programs)), 1)))
+    return max(MIN_SPAN_ROWS, rows)
 
 
 def weight_grad(a, b, src_a, src_b, plan: RoutingPlan, shape, scale=None, span_rows: int | None = None):
     """dW[e] = Σ_{r of e} a[src_a[r]]ᵀ (scale[r] · b[src_b[r]]) → [E, I, J] (fp32 sums, a's dtype).
 
-    ``span_rows``: cut each expert's rows into chunks of that many and sum the chunks' fp32 partial sums
-    afterwards (None: one span per expert, or ``split_span_rows``'s choice for the GPU).
+    ``span_rows``: cut each expert's rows into spans of at most that many (None: ``rows_per_span``'s choice);
+    an expert of several spans gets its fp32 partial sums added in span order.
     """
     E, d_in, J = shape
     P = src_a.shape[0]
     if span_rows is None:
-        span_rows = split_span_rows(P, E, d_in, J, a.device)
-    spans = plan.expert_spans() if span_rows is None else plan.tiles(span_rows)
-    grad = torch.empty(shape, dtype=a.dtype, device=a.device)  # every element is written, empty experts 0
-    out = grad if span_rows is None else torch.empty((len(spans), d_in, J), dtype=torch.float32, device=a.device)
+        span_rows = rows_per_span(P, E, d_in, J, a.device)
+    spans = plan.tiles(span_rows)
+    grad = torch.empty(shape, dtype=a.dtype, device=a.device)  # written by single spans and by the span sums
+    # partial sums only where an expert can have several spans (allocated, touched only for those spans)
+    partial = grad if span_rows >= P else torch.empty((len(spans), d_in, J), dtype=torch.float32, device=a.device)
 
     def grid(meta):
         return (triton.cdiv(d_in, meta["BLOCK_I"]) * triton.cdiv(J, meta["BLOCK_J"]) * len(spans),)
 
     with torch.cuda.device_of(a):
         weight_grad_kernel[grid](
-            a, b, out, src_a, src_b, scale if scale is not None else out, spans.table, len(spans), spans.height,
-            d_in, J, _rows_hint(min(spans.height, P // E)),
+            a, b, grad, partial, src_a, src_b, scale if scale is not None else grad, spans.table, spans.first,
+            len(spans), spans.height, d_in, J, _rows_hint(min(spans.height, P // E)),
             a.stride(0), a.stride(1),
             b.stride(0), b.stride(1),
-            out.stride(0), out.stride(1), out.stride(2),
+            grad.stride(0), grad.stride(1), grad.stride(2),
             HAS_SCALE=scale is not None, **_product_flags(a.dtype),
         )
-        if span_rows is not None:
-            sum_spans_kernel[(triton.cdiv(d_in * J, SUM_BLOCK), E)](out, grad, spans.first, d_in * J, BLOCK=SUM_BLOCK)
+        sum_spans_kernel[(triton.cdiv(d_in * J, SUM_BLOCK), E)](partial, grad, spans.first, d_in * J, BLOCK=SUM_BLOCK)
     return grad
 
 

@@ -120,10 +120,11 @@ def test_autocast_computes_in_its_dtype_and_gives_fp32_parameters_fp32_gradients
 
 
 def test_routing_plan_tiles_cover_every_pair_once_within_one_expert(device, seed):
-    T, K, E, height = 45, 3, 6, 8
+    T, K, E = 45, 3, 6
     plan = RoutingPlan.of(skewed_routing(T, K, E, device, empty=(2,)), E)
-    for tiles, spans in ((plan.tiles(height), False), (plan.expert_spans(), True)):
-        assert len(tiles) == (E if spans else -(-T * K // height) + E)  # fixed by the shapes: no host sync
+    for height in (8, T * K):  # short tiles, and one tile per expert with rows
+        tiles = plan.tiles(height)
+        assert len(tiles) == -(-T * K // height) + E  # fixed by the shapes: no host sync
         covered = torch.zeros(T * K, dtype=torch.long)
         for i, (e, start, end) in enumerate(zip(*tiles.table.tolist(), strict=True)):
             if start < end:
@@ -132,7 +133,7 @@ def test_routing_plan_tiles_cover_every_pair_once_within_one_expert(device, seed
                 covered[start : min(start + tiles.height, end)] += 1
         assert covered.eq(1).all()
         per_expert = tiles.first.diff()
-        assert per_expert.sum() <= len(tiles) and per_expert[2] == (1 if spans else 0)  # expert 2: no rows
+        assert per_expert.sum() <= len(tiles) and per_expert[2] == 0  # expert 2: no rows
     assert plan.indices.reshape(-1)[plan.pairs].diff().ge(0).all()  # pairs in expert order
 
 
@@ -223,9 +224,9 @@ def test_every_gpu_config_matches_float64(gather_config, grad_config, dtype, dev
 @pytest.mark.skipif(not triton_available(), reason="no triton")
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_split_weight_gradient_matches_one_span_per_expert_and_float64(dtype, device, seed, fp32_ieee, monkeypatch):
-    """Row chunks of 1, 7 and 16 rows (chunk edges inside BLOCK_R steps, chunks of one row) give the one-span
-    sums up to fp32 reassociation, zeros for an unused expert; and the products' backward with the split
-    forced matches float64."""
+    """Spans of 1, 7 and 16 rows on skewed routing (span edges inside BLOCK_R steps, spans of one row; experts of
+    one span written directly and experts of several summed) give the one-span sums up to fp32 reassociation,
+    zeros for an unused expert; and the products' backward with short spans forced matches float64."""
     from sffn_lab.kernels import triton_ops
 
     T, K, E, d_in, J = 40, 2, 5, 24, 36
@@ -236,29 +237,40 @@ def test_split_weight_gradient_matches_one_span_per_expert_and_float64(dtype, de
     expected.index_add_(0, plan.indices.reshape(-1)[plan.pairs],
                         a.double()[plan.tokens, :, None] * (scale[:, None] * b.double()[plan.pairs])[:, None, :])
     one_span = triton_ops.weight_grad(a, b, plan.tokens, plan.pairs, plan, (E, d_in, J), scale=scale)
+    assert plan.tiles(T * K).first.diff().le(1).all()  # the default off CUDA: one span per expert
     for rows in (1, 7, 16):
+        spans_per_expert = plan.tiles(rows).first.diff()
+        if rows == 16:
+            assert spans_per_expert.eq(1).any() and spans_per_expert.gt(1).any(), spans_per_expert  # both stores
         split = triton_ops.weight_grad(a, b, plan.tokens, plan.pairs, plan, (E, d_in, J), scale=scale, span_rows=rows)
         assert split.dtype == dtype and split[3].abs().sum() == 0
         assert relative_error(split, expected) < TOLERANCE[dtype]
         torch.testing.assert_close(split.float(), one_span.float(), rtol=1e-5 if dtype == torch.float32 else 1e-2,
                                    atol=1e-5 if dtype == torch.float32 else 1e-2)
-    monkeypatch.setattr(triton_ops, "split_span_rows", lambda *shape: 5)
+    monkeypatch.setattr(triton_ops, "rows_per_span", lambda *shape: 5)
     run("triton", dtype, device, T=37, K=2, E=4, D=20, G=24, expert_order=True)
 
 
-def test_weight_gradient_splits_only_when_experts_leave_the_gpu_idle(monkeypatch):
+def test_weight_gradient_spans_bound_the_busiest_program(monkeypatch):
     """Four programs per multiprocessor wanted (132 here, an H100's count): 16 experts of D 1024 × G 128 give
-    128 programs, so their 16384 rows each are cut into 4096-row chunks (640 programs); 128 experts fill the
-    GPU alone; short experts are never cut below MIN_SPAN_ROWS."""
+    128 programs, so their 16384 rows each are cut into 4096-row spans (640 programs); 128 experts fill the GPU
+    alone and keep spans of 4× their mean rows; short experts are never cut below MIN_SPAN_ROWS. On skewed
+    routing, an expert 16× busier than the mean is cut into 4 spans while the others keep one each."""
     from sffn_lab.kernels import triton_ops
 
     monkeypatch.setattr(triton_ops, "_multiprocessors", lambda index: 132)
     gpu, cpu = torch.device("cuda", 0), torch.device("cpu")
-    assert triton_ops.split_span_rows(262144, 16, 1024, 128, gpu) == 4096
-    assert triton_ops.split_span_rows(262144, 16, 128, 1024, gpu) == 4096
-    assert triton_ops.split_span_rows(262144, 128, 1024, 128, gpu) is None
-    assert triton_ops.split_span_rows(2048, 16, 1024, 128, gpu) is None  # 128 rows per expert: nothing to cut
-    assert triton_ops.split_span_rows(262144, 16, 1024, 128, cpu) is None  # the interpreter runs programs in turn
+    assert triton_ops.rows_per_span(262144, 16, 1024, 128, gpu) == 4096
+    assert triton_ops.rows_per_span(262144, 16, 128, 1024, gpu) == 4096
+    assert triton_ops.rows_per_span(262144, 128, 1024, 128, gpu) == 4 * 2048
+    assert triton_ops.rows_per_span(2048, 16, 1024, 128, gpu) == triton_ops.MIN_SPAN_ROWS
+    assert triton_ops.rows_per_span(262144, 16, 1024, 128, cpu) == 262144  # the interpreter runs programs in turn
+    E, busy = 64, 8192
+    indices = torch.cat([torch.zeros(busy, dtype=torch.long), torch.arange(busy * 3) % (E - 1) + 1])[:, None]
+    rows = triton_ops.rows_per_span(indices.shape[0], E, 1024, 256, gpu)
+    assert rows == 4 * 512  # 4× the mean of 512 rows per expert
+    spans = RoutingPlan.of(indices, E).tiles(rows).first.diff()
+    assert spans[0] == busy // rows and spans[1:].eq(1).all()
 
 
 @pytest.mark.skipif(not triton_available(), reason="no triton")

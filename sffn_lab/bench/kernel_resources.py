@@ -123,10 +123,12 @@ PRODUCTS = {
     ("down", "gather_matmul_kernel"): "down forward",
     ("down backward", "gather_matmul_kernel"): "down dh",
     ("down backward", "weight_grad_kernel"): "down dW",
+    ("down backward", "sum_spans_kernel"): "down dW sums",
     ("up backward", "gather_matmul_kernel"): "up dx",
     ("up backward", "weight_grad_kernel"): "up dW",
+    ("up backward", "sum_spans_kernel"): "up dW sums",
     ("up dW, split", "weight_grad_kernel"): "up dW, split",
-    ("up dW, split", "sum_spans_kernel"): "span sums",
+    ("up dW, split", "sum_spans_kernel"): "up dW sums, split",
 }
 
 
@@ -143,7 +145,8 @@ class _Recorder:
 def layer_launches(layer: LayerShape, dtype: torch.dtype, precision: str = "highest") -> list[Launch]:
     """Every Triton launch of one training step of an expert bank (σ-MoE's path: h in expert order, fp32 gates
     under mixed precision), captured from the wrappers on CPU tensors under the float32 matmul ``precision``;
-    the weight gradient both whole and split into row chunks (with the span sums), as the GPU picks by its size."""
+    the weight gradient (with its span sums) both with one span per expert and cut into spans of MIN_SPAN_ROWS
+    rows, as the GPU may cut a busy expert's rows."""
     from sffn_lab.kernels import triton_ops
     from sffn_lab.kernels.precision import fp32_matmul_precision
     from sffn_lab.kernels.routing_plan import RoutingPlan
