@@ -451,8 +451,8 @@ def bench(
         raise UserError("--dry-run and --full belong to --gpu-check.")
     if repeats is not None and repeats < 1:
         raise UserError("--repeats must be at least 1.")
+    from sffn_lab.analysis.saved_memory import METHOD
     from sffn_lab.bench import run_bench
-    from sffn_lab.bench.memory import METHOD
     from sffn_lab.bench.targets import check_targets
 
     _warn_if_cpu_busy()

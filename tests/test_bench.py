@@ -12,11 +12,11 @@ from contextlib import contextmanager
 import pytest
 import torch
 
+from sffn_lab.analysis.saved_memory import saved_tensor_bytes
 from sffn_lab.bench import gpu_check
 from sffn_lab.bench.baselines import gshard_moe, masked_dense_moe, python_loop_moe
 from sffn_lab.bench.gpu_check import run_gpu_check
 from sffn_lab.bench.layer_vs_dense import FLOP_MATCHED
-from sffn_lab.bench.memory import saved_tensor_bytes
 from sffn_lab.bench.records import NOT_MEASURED_NO_GPU
 from sffn_lab.bench.scaling import BANK, LIMIT
 from sffn_lab.bench.sizes import QUICK

@@ -74,3 +74,12 @@ def test_no_import_cycles():
 def test_config_is_a_leaf():
     found = modules()
     assert imports_of(found["sffn_lab.config"], set(found)) <= {"sffn_lab.errors"}
+
+
+def test_analysis_does_not_import_the_benchmarks():
+    """The layers run one way: bench/ measures with analysis/, never the other way round."""
+    found = modules()
+    for name, path in found.items():
+        if name.startswith("sffn_lab.analysis"):
+            upward = {t for t in imports_of(path, set(found)) if t.startswith("sffn_lab.bench")}
+            assert not upward, f"{name} imports {sorted(upward)}"

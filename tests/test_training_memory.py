@@ -74,7 +74,7 @@ def test_memory_tables_of_a_grid(tmp_path, capsys):
 def test_the_attention_stand_in_keeps_what_a_fused_kernel_keeps():
     """Without a mask the CPU runs a fused (flash) kernel: the stand-in that measures every model as a CUDA
     fused kernel would keep its tensors saves exactly as many bytes."""
-    from sffn_lab.bench.memory import saved_tensor_bytes
+    from sffn_lab.analysis.saved_memory import saved_tensor_bytes
     from sffn_lab.models import build_model
 
     def saved(overrides, stand_in):

@@ -8,7 +8,7 @@ windows:
 - activations: the bytes autograd saves for backward, *measured* by running the toolkit's own model on this
   machine's CPU, with attention keeping what a CUDA fused kernel keeps (q, k, v, output, log-sum-exp and a
   bias, not the CPU math path's fp32 probabilities: ``_FusedAttentionSaves``)
-  (``bench.memory.saved_tensor_bytes``; autocast to the config's precision; training mode, so dropout masks
+  (``saved_memory.saved_tensor_bytes``; autocast to the config's precision; training mode, so dropout masks
   count; a model with memory with its cache full) at a few small depths and batch sizes, and extrapolated
   linearly to the config's layers and batch; a plain RoPE Transformer is measured on short windows and
   extrapolated to its window too (its attention runs a fused kernel that saves no S × S matrix, checked by a
@@ -149,7 +149,7 @@ def _measure(cfg: ModelConfig, precision: str, vocab_size: int, max_seq_len: int
              batches: tuple[int, ...]) -> list[int]:
     """Saved bytes of one training forward (model and loss) on each number of random windows of ``window``
     tokens in ``batches``, one model built for all."""
-    from sffn_lab.bench.memory import saved_tensor_bytes
+    from sffn_lab.analysis.saved_memory import saved_tensor_bytes
     from sffn_lab.lm_module import token_losses
     from sffn_lab.models import build_model
 

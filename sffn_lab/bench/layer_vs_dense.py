@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from sffn_lab.analysis.accounting import param_equal
-from sffn_lab.bench.memory import METHOD, saved_tensor_bytes
+from sffn_lab.analysis.saved_memory import METHOD, saved_tensor_bytes
 from sffn_lab.bench.records import Measurement, with_ratios
 from sffn_lab.bench.sizes import BenchSizes
 from sffn_lab.bench.timing import interleaved_medians
