@@ -13,8 +13,9 @@ place, and neither product gathers or scatters h or its gradient. Two strategies
   CPUs), and many small experts share one gather, scatter and gate multiply instead of paying each op's
   dispatch per expert (at N_E 128 one block per expert was 11–15% slower).
 - ``grouped`` (the default elsewhere): one block of all pairs and one grouped product,
-  ``torch._grouped_mm`` where it takes the operands (dtype, 16-byte alignment; group ends stay on the
-  device, so no host sync), else a split + matmul (which needs the counts on the host).
+  ``torch._grouped_mm`` where it computes them in one kernel (``grouped_mm_computes``: torch version, device
+  capability, dtype, fewer than 1024 experts on CUDA; ``_aligned``: its layout; group ends stay on the
+  device, so no host sync), else one matmul per expert (which needs the counts on the host).
 
 h, x and the weights share one dtype (the dispatcher casts them as autocast would); the gates may be
 wider (fp32 routing under mixed precision) and their gradient keeps their dtype. The autograd
@@ -26,6 +27,7 @@ Shapes: T tokens, K experts per token, P = T·K pairs, E experts, D model width,
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import torch
@@ -33,7 +35,8 @@ import torch
 from sffn_lab.kernels.precision import autocast_off
 from sffn_lab.kernels.routing_plan import RoutingPlan
 
-GROUPED_MM_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+GROUPED_MM_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what its CPU kernel takes
+CUTLASS_GROUP_LIMIT = 1024  # torch._grouped_mm's CUDA kernel takes fewer groups than this (GroupMM.cu)
 STRATEGIES = ("per_expert", "grouped")
 
 
@@ -97,25 +100,72 @@ def pick_strategy(t: torch.Tensor, strategy: str | None) -> str:
     return strategy
 
 
+def torch_release() -> tuple[int, int]:
+    """(major, minor) of the running torch, read from ``torch.__version__`` ("2.9.0a0+git…" → (2, 9))."""
+    major, minor = re.match(r"(\d+)\.(\d+)", torch.__version__).groups()
+    return int(major), int(minor)
+
+
+def grouped_mm_computes(device: torch.device, dtype: torch.dtype, groups: int) -> bool:
+    """Whether ``torch._grouped_mm`` computes ``groups`` groups of this dtype on this device in one kernel, with
+    the group ends left on the device (no host sync).
+
+    Facts relied on (aten/src/ATen/native/cuda/GroupedBlas.cpp and GroupMM.cu, pytorch/pytorch):
+    - torch < 2.8 has no ``torch._grouped_mm``; torch 2.8 registers no CPU kernel (NotImplementedError,
+      huggingface/transformers#46743) and on CUDA accepts compute capability 9.x only, raising elsewhere
+      ("only supported on CUDA devices with compute capability = 9.0", huggingface/transformers#47999,
+      pytorch/pytorch#150982).
+    - torch ≥ 2.9: the CUTLASS kernel ``bf16bf16_grouped_mm`` runs where ``_scaled_mm_allowed_device(sm90_only,
+      sm100_only)`` holds, i.e. capability major 9 or 10, and all of a, b and out are bf16; any other CUDA case
+      takes ``_grouped_mm_fallback``, a loop of mm over ``offs.cpu()`` (a host sync per call). The CPU has a
+      kernel for fp32, fp16 and bf16 (exercised by this project's tests on torch 2.13.0+cpu).
+    - The CUTLASS kernel refuses ``group_count >= 1024`` (``TORCH_CHECK(group_count < 1024, "Can't process
+      more than 1024 groups")`` in GroupMM.cu).
+    - ROCm builds take the CK kernel on gfx942/gfx950 only; not used here (the per-expert path runs instead).
+    The capability is the tensor's device's: the op runs under a device guard of its inputs, so the
+    ``getCurrentDeviceProperties()`` it checks is that device's.
+    """
+    release = torch_release()
+    if not hasattr(torch, "_grouped_mm") or release < (2, 8):
+        return False
+    if device.type == "cpu":
+        return release >= (2, 9) and dtype in GROUPED_MM_DTYPES
+    if device.type != "cuda" or torch.version.hip is not None:
+        return False
+    major, _ = torch.cuda.get_device_capability(device)
+    cutlass = major == 9 or (major == 10 and release >= (2, 9))
+    return cutlass and dtype == torch.bfloat16 and groups < CUTLASS_GROUP_LIMIT
+
+
 def _aligned(t: torch.Tensor) -> bool:
-    """Base address and every non-unit stride on 16-byte boundaries (``torch._grouped_mm``'s requirement)."""
+    """The layout ``torch._grouped_mm`` takes (``check_valid_strides_and_return_transposed`` in
+    aten/src/ATen/native/GroupedMMUtils.h): base address on 16 bytes; of the last two dimensions one has
+    stride 1 and the other a stride at least the first's size (so never 0: an expanded matrix dimension is
+    refused) and a multiple of 16 bytes; the leading (group) stride a multiple of 16 bytes."""
     size = t.element_size()
-    strides = (s for s, n in zip(t.stride(), t.shape, strict=True) if s != 1 and n > 1)
-    return t.data_ptr() % 16 == 0 and all(s * size % 16 == 0 for s in strides)
+    rows, cols = t.shape[-2:]
+    row_stride, col_stride = t.stride()[-2:]
+    if col_stride == 1:
+        major = row_stride >= max(1, cols) and row_stride * size % 16 == 0
+    elif row_stride == 1:
+        major = col_stride >= max(1, rows) and col_stride * size % 16 == 0
+    else:
+        major = False
+    return t.data_ptr() % 16 == 0 and major and all(s * size % 16 == 0 for s in t.stride()[:-2])
 
 
-def use_grouped_mm(*tensors: torch.Tensor) -> bool:
-    """Whether ``torch._grouped_mm`` takes these operands: it exists, they are aligned, and of a dtype it
-    supports on their device (CPU: fp32, fp16, bf16; CUDA: bf16)."""
-    return hasattr(torch, "_grouped_mm") and all(
-        t.dtype in (GROUPED_MM_DTYPES if t.device.type == "cpu" else (torch.bfloat16,)) and _aligned(t)
-        for t in tensors
+def use_grouped_mm(*tensors: torch.Tensor, groups: int) -> bool:
+    """Whether one ``torch._grouped_mm`` of ``groups`` groups computes these operands (2-D or 3-D, one dtype and
+    device) without a host sync: see ``grouped_mm_computes`` and ``_aligned``."""
+    first = tensors[0]
+    return grouped_mm_computes(first.device, first.dtype, groups) and all(
+        t.dtype == first.dtype and _aligned(t) for t in tensors
     )
 
 
 def block_matmul(rows: torch.Tensor, weight: torch.Tensor, block: Block, plan: RoutingPlan) -> torch.Tensor:
     """rows [n, I] of the block in expert order, weight [E, I, O] → rows_e @ W[e] per expert, [n, O]."""
-    if block.counts is None and use_grouped_mm(rows, weight):
+    if block.counts is None and use_grouped_mm(rows, weight, groups=plan.n_experts):
         return torch._grouped_mm(rows, weight, offs=plan.group_ends())
     if block.counts is not None and len(block.counts) == 1:
         return rows @ weight[block.first]
@@ -127,7 +177,7 @@ def block_matmul(rows: torch.Tensor, weight: torch.Tensor, block: Block, plan: R
 
 def block_weight_grad(a: torch.Tensor, b: torch.Tensor, block: Block, plan: RoutingPlan, out: torch.Tensor) -> None:
     """a [n, I], b [n, O] in expert order → out[e] = a_eᵀ @ b_e in out [E, I, O] (experts without rows untouched)."""
-    if block.counts is None and use_grouped_mm(a.t(), b):
+    if block.counts is None and use_grouped_mm(a.t(), b, groups=plan.n_experts):
         out.copy_(torch._grouped_mm(a.t(), b, offs=plan.group_ends()))
         return
     for e, part in block.experts(plan):

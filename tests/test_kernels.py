@@ -83,13 +83,74 @@ def test_torch_path_blocks_of_one_several_or_all_experts(block_rows, device, see
 def test_torch_path_strategies_with_and_without_grouped_mm(strategy, grouped_mm, device, seed, fp32_ieee, monkeypatch):
     if grouped_mm:
         probe = torch.empty(8, 20, device=device), torch.empty(3, 20, 24, device=device)
-        if not torch_grouped.use_grouped_mm(*probe):
+        if not torch_grouped.use_grouped_mm(*probe, groups=3):
             pytest.skip(f"torch._grouped_mm does not take fp32 {device.type} tensors in this torch")
     else:
-        monkeypatch.setattr(torch_grouped, "use_grouped_mm", lambda *tensors: False)
+        monkeypatch.setattr(torch_grouped, "use_grouped_mm", lambda *tensors, groups: False)
     for expert_order in (False, True):
         run("torch", torch.float32, device, T=37, K=2, E=5, D=20, G=24, empty=(1, 3), strategy=strategy,
             expert_order=expert_order)
+
+
+@pytest.mark.parametrize("capability, version, dtype, groups, expected", [
+    ((9, 0), "2.13.0", torch.bfloat16, 16, True),  # Hopper: the CUTLASS kernel
+    ((10, 0), "2.13.0", torch.bfloat16, 16, True),  # Blackwell (sm_100) from torch 2.9
+    ((8, 0), "2.13.0", torch.bfloat16, 16, False),  # A100: torch's fallback loops over offs.cpu()
+    ((12, 0), "2.13.0", torch.bfloat16, 16, False),  # consumer Blackwell: the fallback too
+    ((9, 0), "2.13.0", torch.float16, 16, False),  # only bf16 reaches the CUTLASS kernel
+    ((9, 0), "2.13.0", torch.bfloat16, 1023, True),
+    ((9, 0), "2.13.0", torch.bfloat16, 1024, False),  # "Can't process more than 1024 groups"
+    ((9, 0), "2.8.0", torch.bfloat16, 16, True),
+    ((10, 0), "2.8.0", torch.bfloat16, 16, False),  # torch 2.8 raises off compute capability 9.x
+    ((8, 0), "2.8.0", torch.bfloat16, 16, False),
+    ((9, 0), "2.7.1", torch.bfloat16, 16, False),  # no torch._grouped_mm before 2.8
+])
+def test_grouped_mm_only_where_one_cuda_kernel_computes_it(capability, version, dtype, groups, expected, monkeypatch):
+    """The decision for a CUDA tensor, with the device capability and the torch version patched: asked of the
+    tensor's own device."""
+    asked = []
+    monkeypatch.setattr(torch, "__version__", version)
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: asked.append(device) or capability)
+    device = torch.device("cuda", 1)
+    assert torch_grouped.grouped_mm_computes(device, dtype, groups) is expected
+    assert asked in ([device], [])  # torch 2.7 is refused before the device is asked
+
+
+@pytest.mark.parametrize("version, expected", [("2.8.0", False), ("2.9.1", True), ("2.13.0+cpu", True)])
+def test_grouped_mm_on_the_cpu_from_torch_2_9(version, expected, monkeypatch):
+    monkeypatch.setattr(torch, "__version__", version)
+    assert torch_grouped.grouped_mm_computes(torch.device("cpu"), torch.float32, 4096) is expected
+
+
+LAYOUTS = {
+    "contiguous": lambda: torch.randn(4, 16, 8),
+    "transposed matrices": lambda: torch.randn(4, 8, 16).transpose(1, 2),
+    "expanded columns": lambda: torch.randn(4, 16, 1).expand(4, 16, 8),
+    "expanded rows": lambda: torch.randn(4, 1, 8).expand(4, 16, 8),
+    "expanded groups": lambda: torch.randn(1, 16, 8).expand(4, 16, 8),  # one matrix for every group: taken
+    "rows not on 16 bytes": lambda: torch.randn(4, 16, 7),
+    "2-D, expanded rows": lambda: torch.randn(1, 16).expand(8, 16),
+    "2-D, transposed": lambda: torch.randn(16, 8).t(),
+}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_grouped_mm_layout_check_agrees_with_torch(layout):
+    """``_aligned`` takes exactly the layouts ``torch._grouped_mm`` takes (stride-0 matrix dimensions refused),
+    checked against the op itself on this machine's torch."""
+    t = LAYOUTS[layout]()
+    if not torch_grouped.grouped_mm_computes(t.device, t.dtype, 4):
+        pytest.skip("torch._grouped_mm has no CPU kernel in this torch")
+    other = torch.randn(4, t.shape[-1], 8) if t.dim() == 2 else torch.randn(8, t.shape[1])
+    a, b = (t, other) if t.dim() == 2 else (other, t)
+    offs = torch.tensor([2, 4, 6, a.shape[0]], dtype=torch.int32) if b.dim() == 3 else None
+    try:
+        torch._grouped_mm(a, b, offs=offs)
+        taken = True
+    except RuntimeError:
+        taken = False
+    assert torch_grouped._aligned(t) is taken
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
