@@ -114,7 +114,7 @@ def expert_down(
             return expert_down_triton(h, weight, plan, gates, expert_order)
         if chosen == "reference":
             if expert_order:  # back to pairs: row pairs[r] of the result is row r of h
-                h = torch.empty_like(h).index_copy(0, plan.pairs, h).view(*plan.indices.shape, -1)
+                h = torch.empty_like(h).index_copy(0, plan.pairs, h).view(*plan.indices.shape, h.shape[1])
             return expert_down_reference(h, weight, plan.indices, gates)
         return expert_down_torch(h, weight, plan, gates, expert_order=expert_order)
 

@@ -77,7 +77,10 @@ class Block:
 
 def blocks(plan: RoutingPlan, strategy: str) -> list[Block]:
     """``per_expert``: consecutive experts in blocks of about BLOCK_ROWS rows (at least one expert each, so an
-    expert of BLOCK_ROWS rows or more is a block of its own); ``grouped``: one block of all pairs."""
+    expert of BLOCK_ROWS rows or more is a block of its own); ``grouped``: one block of all pairs. No pairs (an
+    empty batch): no blocks (``torch._grouped_mm`` refuses a weight gradient's zero-length contraction)."""
+    if plan.pairs.shape[0] == 0:
+        return []
     if strategy == "grouped":
         return [Block(plan.pairs, plan.tokens, slice(None), 0, None)]
     ends, counts = plan.host_offsets(), plan.host_counts()
@@ -196,7 +199,7 @@ def up_forward(x, weight, plan: RoutingPlan, strategy: str, expert_order: bool) 
     h = x.new_empty(T * K, weight.shape[2])
     for b in blocks(plan, strategy):
         b.put(h, block_matmul(x.index_select(0, b.tokens), weight, b, plan), expert_order)
-    return h if expert_order else h.view(T, K, -1)
+    return h if expert_order else h.view(T, K, h.shape[1])  # sizes spelt out: -1 is ambiguous when T = 0
 
 
 def up_backward(grad_h, x, weight, plan: RoutingPlan, strategy: str, expert_order: bool, need_x: bool, need_w: bool):

@@ -180,6 +180,57 @@ def test_autocast_computes_in_its_dtype_and_gives_fp32_parameters_fp32_gradients
     assert max(errors) < TOLERANCE[torch.bfloat16], f"errors of y, dx, dw1, dw2, dgates: {errors}"
 
 
+EMPTY_BATCH_PATHS = [
+    pytest.param("torch", "per_expert", id="torch-per_expert"),
+    pytest.param("torch", "grouped", id="torch-grouped"),
+    pytest.param("triton", None, id="triton", marks=pytest.mark.skipif(not triton_available(), reason="no triton")),
+    pytest.param("reference", None, id="reference"),
+]
+
+
+@pytest.mark.parametrize("expert_order", ORDERS)
+@pytest.mark.parametrize("backend, strategy", EMPTY_BATCH_PATHS)
+def test_an_empty_batch_goes_through_every_backend_forward_and_backward(backend, strategy, expert_order, device,
+                                                                       monkeypatch):
+    """T = 0 (no token routed): h [0, K, G] (or [0, G]), y [0, D]; every weight gradient exactly zero."""
+    T, K, E, D, G = 0, 2, 4, 16, 8
+    if strategy is not None:
+        monkeypatch.setattr(torch_grouped, "pick_strategy", lambda t, s: strategy)
+    x = torch.randn(T, D, device=device, requires_grad=True)
+    w1 = torch.randn(E, D, G, device=device, requires_grad=True)
+    w2 = torch.randn(E, G, D, device=device, requires_grad=True)
+    gates = torch.rand(T, K, device=device, requires_grad=True)
+    plan = RoutingPlan.of(torch.empty(T, K, dtype=torch.long, device=device), E)
+    h = expert_up(x, w1, plan, backend, expert_order=expert_order)
+    assert h.shape == ((T * K, G) if expert_order else (T, K, G))
+    y = expert_down(torch.relu(h), w2, plan, gates, backend, expert_order=expert_order)
+    assert y.shape == (T, D)
+    (y.sum() + w1.sum() * 0).backward()  # w1 in the graph even where the products leave it out
+    assert x.grad.shape == (T, D) and gates.grad.shape == (T, K)
+    assert w1.grad.abs().sum() == 0 and w2.grad.abs().sum() == 0
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.skipif(
+    not triton_available(), reason="no triton"))])
+def test_an_empty_batch_goes_through_the_custom_ops(backend, device):
+    """The ``torch.compile`` form (``custom_ops``), called eagerly with T = 0, forward and both backward ops."""
+    from sffn_lab.kernels import custom_ops
+
+    T, K, E, D, G = 0, 2, 4, 16, 8
+    x, w1, w2 = torch.randn(T, D, device=device), torch.randn(E, D, G, device=device), torch.randn(E, G, D, device=device)
+    gates = torch.rand(T, K, device=device)
+    plan = RoutingPlan.of(torch.empty(T, K, dtype=torch.long, device=device), E)
+    for expert_order in (False, True):
+        h = custom_ops.expert_up_op(x, w1, *plan.tensors(), backend, expert_order)
+        y = custom_ops.expert_down_op(h, w2, *plan.tensors(), gates, backend, expert_order)
+        assert y.shape == (T, D)
+        grad_x, grad_w1 = custom_ops.expert_up_backward_op(h, x, w1, *plan.tensors(), backend, expert_order, True, True)
+        grads = custom_ops.expert_down_backward_op(y, h, w2, *plan.tensors(), gates, backend, expert_order, True, True,
+                                                   True)
+        assert grad_x.shape == x.shape and grad_w1.abs().sum() == 0
+        assert grads[0].shape == h.shape and grads[1].abs().sum() == 0 and grads[2].shape == gates.shape
+
+
 def test_routing_plan_tiles_cover_every_pair_once_within_one_expert(device, seed):
     T, K, E, height = 45, 3, 6, 8
     plan = RoutingPlan.of(skewed_routing(T, K, E, device, empty=(2,)), E)
