@@ -6,7 +6,6 @@ from __future__ import annotations
 import csv
 import math
 import os
-from contextlib import contextmanager
 
 import pytest
 import torch
@@ -22,7 +21,7 @@ from sffn_lab.bench.sizes import QUICK
 from sffn_lab.config import FFN_KINDS
 from sffn_lab.kernels import triton_available
 from sffn_lab.kernels.reference import expert_down_reference, expert_up_reference
-from tests.support import run_cli
+from tests.support import host_reads_are_errors, run_cli
 
 
 def test_quick_bench_writes_every_row_with_finite_positive_numbers(tmp_path):
@@ -117,26 +116,6 @@ def test_gpu_check_passes_at_quick_sizes_on_this_machine(device):
     assert run_gpu_check(lines.append, device=device.type, quick=True, speed=False), "\n".join(lines)
     assert sum(line.startswith("PASS  ") for line in lines) == 6 + 2 * len(FFN_KINDS)
     assert not any(line.startswith("FAIL") for line in lines)
-
-
-@contextmanager
-def host_reads_are_errors(device):
-    """A CPU stand-in for CUDA's sync debug mode: the tensor calls that read device values on the host raise."""
-    names = ("nonzero", "item", "tolist", "__bool__", "__int__", "__float__", "__index__")
-    saved = {name: getattr(torch.Tensor, name) for name in names}
-
-    def refuse(name):
-        def call(*args, **kwargs):
-            raise RuntimeError(f"host read: Tensor.{name}")
-        return call
-
-    try:
-        for name in names:
-            setattr(torch.Tensor, name, refuse(name))
-        yield
-    finally:
-        for name, method in saved.items():
-            setattr(torch.Tensor, name, method)
 
 
 @pytest.mark.skipif(not triton_available(), reason="no triton")
