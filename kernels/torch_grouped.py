@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 
 from sffn_lab.kernels.precision import autocast_off
-from sffn_lab.kernels.routing_plan import RoutingPlan
+from sffn_lab.kernels.routing_plan import PlanReads, RoutingPlan
 
 GROUPED_MM_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what its CPU kernel takes
 CUTLASS_GROUP_LIMIT = 1024  # torch._grouped_mm's CUDA kernel takes fewer groups than this (GroupMM.cu)
@@ -192,9 +192,18 @@ def _scaled(rows: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
     return torch.mul(rows, gates, out=torch.empty_like(rows))
 
 
-def up_forward(x, weight, plan: RoutingPlan, strategy: str, expert_order: bool) -> torch.Tensor:
+def plan_reads(operand: torch.Tensor, n_experts: int, strategy: str | None = None) -> PlanReads:
+    """What these products read of the plan for this operand: the offsets on the host unless one grouped
+    product computes each (it may still read them, where an operand's layout refuses ``torch._grouped_mm``)."""
+    one_kernel = (pick_strategy(operand, strategy) == "grouped"
+                  and grouped_mm_computes(operand.device, operand.dtype, n_experts))
+    return PlanReads(host_offsets=not one_kernel)
+
+
+def up_forward(x, weight, plan: RoutingPlan, expert_order: bool, strategy: str | None = None) -> torch.Tensor:
     """h[t, k] = x[t] @ W[indices[t, k]];  x [T, D], W [E, D, G] → h [T, K, G], or [P, G] in the plan's expert
-    order (row r: pair plan.pairs[r])."""
+    order (row r: pair plan.pairs[r]). ``strategy``: see ``pick_strategy``."""
+    strategy = pick_strategy(x, strategy)
     T, K = plan.indices.shape
     h = x.new_empty(T * K, weight.shape[2])
     for b in blocks(plan, strategy):
@@ -202,8 +211,10 @@ def up_forward(x, weight, plan: RoutingPlan, strategy: str, expert_order: bool) 
     return h if expert_order else h.view(T, K, h.shape[1])  # sizes spelt out: -1 is ambiguous when T = 0
 
 
-def up_backward(grad_h, x, weight, plan: RoutingPlan, strategy: str, expert_order: bool, need_x: bool, need_w: bool):
+def up_backward(grad_h, x, weight, plan: RoutingPlan, expert_order: bool, need_x: bool, need_w: bool,
+                strategy: str | None = None):
     """grad_h [T, K, G] (or [P, G] in expert order) → (dL/dx [T, D] or None, dL/dW [E, D, G] or None)."""
+    strategy = pick_strategy(x, strategy)
     grad_h = grad_h.reshape(-1, grad_h.shape[-1]).to(x.dtype)
     grad_x = torch.zeros_like(x) if need_x else None
     # experts no pair used keep a zero gradient: only the grouped product writes every expert
@@ -217,9 +228,10 @@ def up_backward(grad_h, x, weight, plan: RoutingPlan, strategy: str, expert_orde
     return grad_x, grad_w
 
 
-def down_forward(h, weight, plan: RoutingPlan, gates, strategy: str, expert_order: bool) -> torch.Tensor:
+def down_forward(h, weight, plan: RoutingPlan, gates, expert_order: bool, strategy: str | None = None) -> torch.Tensor:
     """y[t] = Σ_k g[t, k] · h[t, k] @ W[indices[t, k]];  h [T, K, G] (or [P, G] in expert order), W [E, G, D],
     g [T, K] → y [T, D]."""
+    strategy = pick_strategy(h, strategy)
     rows = h.reshape(-1, h.shape[-1])
     y = h.new_zeros(plan.indices.shape[0], weight.shape[2])
     for b in blocks(plan, strategy):
@@ -230,9 +242,10 @@ def down_forward(h, weight, plan: RoutingPlan, gates, strategy: str, expert_orde
     return y
 
 
-def down_backward(grad_y, h, weight, plan: RoutingPlan, gates, strategy: str, expert_order: bool, need_h: bool,
-                  need_w: bool, need_gates: bool):
+def down_backward(grad_y, h, weight, plan: RoutingPlan, gates, expert_order: bool, need_h: bool, need_w: bool,
+                  need_gates: bool, strategy: str | None = None):
     """grad_y [T, D] → (dL/dh shaped as h, dL/dW [E, G, D], dL/dg [T, K]), each None where not needed."""
+    strategy = pick_strategy(h, strategy)
     rows = h.reshape(-1, h.shape[-1])
     grad_y = grad_y.to(h.dtype)
     # every pair is written once below, so the gradients of h and of the gates need no zero fill
@@ -266,14 +279,14 @@ class ExpertUp(torch.autograd.Function):
     def forward(ctx, x, weight, plan: RoutingPlan, strategy, expert_order):
         ctx.save_for_backward(x, weight)
         ctx.plan, ctx.strategy, ctx.expert_order = plan, strategy, expert_order
-        return up_forward(x, weight, plan, strategy, expert_order)
+        return up_forward(x, weight, plan, expert_order, strategy)
 
     @staticmethod
     @autocast_off
     def backward(ctx, grad_h):
         x, weight = ctx.saved_tensors
         need = ctx.needs_input_grad
-        grads = up_backward(grad_h, x, weight, ctx.plan, ctx.strategy, ctx.expert_order, need[0], need[1])
+        grads = up_backward(grad_h, x, weight, ctx.plan, ctx.expert_order, need[0], need[1], ctx.strategy)
         return (*grads, None, None, None)
 
 
@@ -284,15 +297,15 @@ class ExpertDown(torch.autograd.Function):
     def forward(ctx, h, weight, plan: RoutingPlan, gates, strategy, expert_order):
         ctx.save_for_backward(h, weight, gates)
         ctx.plan, ctx.strategy, ctx.expert_order = plan, strategy, expert_order
-        return down_forward(h, weight, plan, gates, strategy, expert_order)
+        return down_forward(h, weight, plan, gates, expert_order, strategy)
 
     @staticmethod
     @autocast_off
     def backward(ctx, grad_y):
         h, weight, gates = ctx.saved_tensors
         need = ctx.needs_input_grad
-        grad_h, grad_w, grad_gates = down_backward(grad_y, h, weight, ctx.plan, gates, ctx.strategy, ctx.expert_order,
-                                                   need[0], need[1], need[3])
+        grad_h, grad_w, grad_gates = down_backward(grad_y, h, weight, ctx.plan, gates, ctx.expert_order, need[0],
+                                                   need[1], need[3], ctx.strategy)
         return grad_h, grad_w, None, grad_gates, None, None
 
 

@@ -351,7 +351,8 @@ class LanguageModelModule(L.LightningModule):
                 counts_of_stage[i] = counts_of_stage.get(i, 0) + out.expert_counts.detach().float() * weight
             if out.gate_mean is not None:  # weighted by the batch's assignments, so that the mean is over gates
                 n = out.expert_counts.sum().float() if out.expert_counts is not None else out.gate_mean.new_ones(())
-                gates_of_stage[i] = gates_of_stage.get(i, 0) + torch.stack([out.gate_mean.detach().float() * n, n]) * weight
+                sums = torch.stack([out.gate_mean.detach().float() * n, n]) * weight
+                gates_of_stage[i] = gates_of_stage.get(i, 0) + sums
 
     def _log_usage(self, stage: str) -> None:
         """Log usage statistics and the mean gate per layer (summed over all devices, over the batches since

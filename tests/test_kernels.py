@@ -18,6 +18,7 @@ from sffn_lab.kernels import (
     torch_grouped,
     triton_available,
 )
+from sffn_lab.kernels.backends import get_backend
 from sffn_lab.kernels.torch_grouped import STRATEGIES
 
 BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(not triton_available(), reason="no triton"))]
@@ -217,16 +218,17 @@ def test_an_empty_batch_goes_through_the_custom_ops(backend, device):
     from sffn_lab.kernels import custom_ops
 
     T, K, E, D, G = 0, 2, 4, 16, 8
-    x, w1, w2 = torch.randn(T, D, device=device), torch.randn(E, D, G, device=device), torch.randn(E, G, D, device=device)
+    x, w1 = torch.randn(T, D, device=device), torch.randn(E, D, G, device=device)
+    w2 = torch.randn(E, G, D, device=device)
     gates = torch.rand(T, K, device=device)
     plan = RoutingPlan.of(torch.empty(T, K, dtype=torch.long, device=device), E)
+    tensors = plan.tensors(get_backend(backend).reads(x, E))
     for expert_order in (False, True):
-        h = custom_ops.expert_up_op(x, w1, *plan.tensors(), backend, expert_order)
-        y = custom_ops.expert_down_op(h, w2, *plan.tensors(), gates, backend, expert_order)
+        h = custom_ops.expert_up_op(x, w1, tensors, backend, expert_order)
+        y = custom_ops.expert_down_op(h, w2, tensors, gates, backend, expert_order)
         assert y.shape == (T, D)
-        grad_x, grad_w1 = custom_ops.expert_up_backward_op(h, x, w1, *plan.tensors(), backend, expert_order, True, True)
-        grads = custom_ops.expert_down_backward_op(y, h, w2, *plan.tensors(), gates, backend, expert_order, True, True,
-                                                   True)
+        grad_x, grad_w1 = custom_ops.expert_up_backward_op(h, x, w1, tensors, backend, expert_order, True, True)
+        grads = custom_ops.expert_down_backward_op(y, h, w2, tensors, gates, backend, expert_order, True, True, True)
         assert grad_x.shape == x.shape and grad_w1.abs().sum() == 0
         assert grads[0].shape == h.shape and grads[1].abs().sum() == 0 and grads[2].shape == gates.shape
 
