@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import lightning as L
 import torch
 import torch.nn.functional as F
 from torchmetrics import SumMetric
 
+from sffn_lab.batch_records import BatchRecord, Unsettled
 from sffn_lab.config import Config, from_dict, to_dict
 from sffn_lab.data.datamodule import IGNORE_INDEX
 from sffn_lab.errors import UserError
@@ -42,45 +43,6 @@ class CorpusInfo:
 
 class NonFiniteLossError(UserError):
     """The training loss became NaN or infinite."""
-
-
-@dataclass
-class BatchRecord:
-    """A training batch as the host settles it later: its step, its input tokens (all ranks), its loss and
-    whether the loss was finite on every rank (0-dim device tensors, not read when recorded)."""
-
-    step: int
-    tokens: int
-    loss: torch.Tensor
-    finite: torch.Tensor
-
-
-@dataclass
-class Unsettled:
-    """The training batches recorded since the host last read them, and the AND of the finite flags of the
-    batches of the optimizer step under way (gradient accumulation: one flag for several batches)."""
-
-    batches: list[BatchRecord] = field(default_factory=list)
-    step_finite: torch.Tensor | None = None
-
-    def record(self, batch: BatchRecord) -> None:
-        self.batches.append(batch)
-        self.step_finite = batch.finite if self.step_finite is None else self.step_finite & batch.finite
-
-    def take_step_flag(self) -> torch.Tensor | None:
-        """The optimizer step's flag (None before any batch), forgotten for the next step."""
-        flag, self.step_finite = self.step_finite, None
-        return flag
-
-    def read(self) -> list[tuple[BatchRecord, float, bool]]:
-        """(batch, loss, finite on every rank) of every recorded batch, read with one host sync; forgets them."""
-        batches, self.batches = self.batches, []
-        if not batches:
-            return []
-        values = torch.cat([torch.stack([b.loss.double() for b in batches]),
-                            torch.stack([b.finite.double() for b in batches])]).tolist()
-        n = len(batches)
-        return [(b, loss, ok == 1.0) for b, loss, ok in zip(batches, values[:n], values[n:], strict=True)]
 
 
 def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float:
@@ -128,7 +90,7 @@ class LanguageModelModule(L.LightningModule):
         self.tokens_seen = 0  # input tokens of the batches trained on (counted when settled)
         self.unsettled = Unsettled()
         self._clock: float | None = None
-        self.elapsed_s = 0.0  # training-step time over every segment of the run (tok/s is tokens_seen / this)
+        self.elapsed_s = 0.0  # training-step time (skipped batches too) over every segment (tok/s: tokens_seen / this)
         self.wall_before_s = 0.0  # wall time of the earlier segments of a resumed run, up to its checkpoint
         self._segment_start = time.perf_counter()
         # Transformer-XL caches per stage ("train", "val", "test"): per layer [b, M, D]; the training cache of a
@@ -403,8 +365,10 @@ class LanguageModelModule(L.LightningModule):
             self.wall_before_s = extra.get("wall_time_s", 0.0)
             self.nonfinite_skips = extra["nonfinite_skips"]
             self._restored_memory = extra.get("memory")
-        fused = self._fused_optimizer()  # the optimizer state loads as this run's AdamW steps (load_state_dict
-        for state in checkpoint.get("optimizer_states", []):  # takes "fused" from the saved groups)
+        # the optimizer state loads into this run's AdamW, fused or not (load_state_dict takes "fused" from the
+        # saved groups, and a checkpoint from before fused AdamW, or from a 16-mixed run, says otherwise)
+        fused = self._fused_optimizer()
+        for state in checkpoint.get("optimizer_states", []):
             for group in state["param_groups"]:
                 group["fused"] = fused
 
