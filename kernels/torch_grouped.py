@@ -109,6 +109,7 @@ def torch_release() -> tuple[int, int]:
     return int(major), int(minor)
 
 
+@torch.compiler.assume_constant_result  # a fact about the device and the torch: one answer while tracing
 def grouped_mm_computes(device: torch.device, dtype: torch.dtype, groups: int) -> bool:
     """Whether ``torch._grouped_mm`` computes ``groups`` groups of this dtype on this device in one kernel, with
     the group ends left on the device (no host sync).
