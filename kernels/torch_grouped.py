@@ -114,7 +114,8 @@ def grouped_mm_computes(device: torch.device, dtype: torch.dtype, groups: int) -
     """Whether ``torch._grouped_mm`` computes ``groups`` groups of this dtype on this device in one kernel, with
     the group ends left on the device (no host sync).
 
-    Facts relied on (aten/src/ATen/native/cuda/GroupedBlas.cpp and GroupMM.cu, pytorch/pytorch):
+    Facts relied on (aten/src/ATen/native/cuda/GroupedBlas.cpp at pytorch/pytorch@00d4eaf and GroupMM.cu;
+    the issues and pull requests named):
     - torch < 2.8 has no ``torch._grouped_mm``; torch 2.8 registers no CPU kernel (NotImplementedError,
       huggingface/transformers#46743) and on CUDA accepts compute capability 9.x only, raising elsewhere
       ("only supported on CUDA devices with compute capability = 9.0", huggingface/transformers#47999,
@@ -122,7 +123,8 @@ def grouped_mm_computes(device: torch.device, dtype: torch.dtype, groups: int) -
     - torch ≥ 2.9: the CUTLASS kernel ``bf16bf16_grouped_mm`` runs where ``_scaled_mm_allowed_device(sm90_only,
       sm100_only)`` holds, i.e. capability major 9 or 10, and all of a, b and out are bf16; any other CUDA case
       takes ``_grouped_mm_fallback``, a loop of mm over ``offs.cpu()`` (a host sync per call). The CPU has a
-      kernel for fp32, fp16 and bf16 (exercised by this project's tests on torch 2.13.0+cpu).
+      kernel (transformers' ``_can_use_grouped_mm`` refuses the CPU up to torch 2.8 only); fp32, fp16 and bf16
+      on it are checked by this project's tests on torch 2.13.0+cpu, the versions between were not run here.
     - The CUTLASS kernel refuses ``group_count >= 1024`` (``TORCH_CHECK(group_count < 1024, "Can't process
       more than 1024 groups")`` in GroupMM.cu).
     - ROCm builds take the CK kernel on gfx942/gfx950 only; not used here (the per-expert path runs instead).
