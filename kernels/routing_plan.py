@@ -4,6 +4,11 @@ Every tensor lives on the device of the routing indices, and building a plan nev
 device: on CUDA the host learns the per-expert offsets only where a path asks for them
 (``host_offsets``: the PyTorch path's per-expert blocks and split fallback), once per plan.
 
+What the products derive from a plan (tile tables, the sorted-row index, the host offsets) is cached on it, so
+the layer's two products and their backward passes derive it once. Under ``torch.compile`` the plan crosses
+each custom op's boundary as tensors (``tensors`` / ``from_tensors``): the derived tensors a backend reads
+(``PlanReads``) go with it, computed once in the compiled graph rather than again in each of the four ops.
+
 Shapes: T tokens, K experts per token, P = T·K (token, k) pairs, E experts.
 """
 
@@ -42,6 +47,15 @@ class Tiles:
         return self.table.shape[1]
 
 
+@dataclass(frozen=True)
+class PlanReads:
+    """What a backend's products read of a plan beyond its own tensors: the row tiles of these heights (and
+    the sorted-row index that goes with them), and the offsets on the host."""
+
+    tile_heights: tuple[int, ...] = ()
+    host_offsets: bool = False
+
+
 @dataclass
 class RoutingPlan:
     """indices [T, K] (long) sorted by expert: ``pairs`` [P] flat pair ids p = t·K + k in expert order
@@ -54,6 +68,7 @@ class RoutingPlan:
     counts: torch.Tensor
     offsets: torch.Tensor
     _host_offsets: list[int] | None = field(default=None, repr=False)
+    _host_copy: torch.Tensor | None = field(default=None, repr=False)
     _sorted_rows: torch.Tensor | None = field(default=None, repr=False)
     _tiles: dict[int, Tiles] = field(default_factory=dict, repr=False)
 
@@ -68,9 +83,32 @@ class RoutingPlan:
         offsets[1:] = torch.cumsum(counts, 0)
         return cls(indices, pairs, pairs // indices.shape[1], counts, offsets)
 
-    def tensors(self) -> tuple[torch.Tensor, ...]:
-        """(indices, pairs, tokens, counts, offsets): the plan as the custom ops take it."""
-        return self.indices, self.pairs, self.tokens, self.counts, self.offsets
+    def tensors(self, reads: PlanReads = PlanReads()) -> list[torch.Tensor]:
+        """The plan as the custom ops take it: indices, pairs, tokens, counts, offsets, then what ``reads`` names,
+        derived here once (cached): each tile height's table and first, the sorted-row index (with any tiles),
+        the offsets copied to the host (a device sync on CUDA; the op reads them without one)."""
+        out = [self.indices, self.pairs, self.tokens, self.counts, self.offsets]
+        for height in reads.tile_heights:
+            out += [self.tiles(height).table, self.tiles(height).first]
+        if reads.tile_heights:
+            out.append(self.sorted_rows())
+        if reads.host_offsets:
+            if self._host_copy is None:
+                self._host_copy = self.offsets.cpu()
+            out.append(self._host_copy)
+        return out
+
+    @classmethod
+    def from_tensors(cls, tensors: list[torch.Tensor], reads: PlanReads) -> RoutingPlan:
+        """The plan ``tensors(reads)`` gave, with what it derived in place (nothing derived again)."""
+        plan, rest = cls(*tensors[:5]), iter(tensors[5:])
+        for height in reads.tile_heights:
+            plan._tiles[height] = Tiles(height, next(rest), next(rest))
+        if reads.tile_heights:
+            plan._sorted_rows = next(rest)
+        if reads.host_offsets:
+            plan._host_offsets = next(rest).tolist()  # a host tensor: no sync
+        return plan
 
     @property
     def n_experts(self) -> int:

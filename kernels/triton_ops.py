@@ -153,7 +153,7 @@ def up_forward(x, weight, plan: RoutingPlan, expert_order: bool) -> torch.Tensor
     """h[t, k] = x[t] @ W[indices[t, k]];  x [T, D], W [E, D, G] → h [T, K, G], or [P, G] in expert order."""
     T, K = plan.indices.shape
     h = gather_matmul(x.contiguous(), weight, plan.tokens, hidden_rows(plan, expert_order), plan)
-    return h if expert_order else h.view(T, K, -1)
+    return h if expert_order else h.view(T, K, h.shape[1])  # sizes spelt out: -1 is ambiguous when T = 0
 
 
 def up_backward(grad_h, x, weight, plan: RoutingPlan, expert_order: bool, need_x: bool, need_w: bool):
@@ -165,7 +165,7 @@ def up_backward(grad_h, x, weight, plan: RoutingPlan, expert_order: bool, need_x
     grad_x = grad_w = None
     if need_x:
         per_pair = gather_matmul(grad_h, weight, hidden, plan.pairs, plan, transpose_w=True)
-        grad_x = per_pair.view(T, -1, x.shape[1]).sum(1)  # pair p = t·K + k
+        grad_x = per_pair.view(T, plan.indices.shape[1], x.shape[1]).sum(1)  # pair p = t·K + k
     if need_w:
         grad_w = weight_grad(x, grad_h, plan.tokens, hidden, plan, weight.shape)
     return grad_x, grad_w
@@ -180,9 +180,9 @@ def down_forward(h, weight, plan: RoutingPlan, gates_sorted, expert_order: bool)
     """y[t] = Σ_k g[t, k] · h[t, k] @ W[indices[t, k]];  h [T, K, G] (or [P, G] in expert order), W [E, G, D],
     ``sorted_gates(g)`` → y [T, D]."""
     T, K = plan.indices.shape
-    rows = h.reshape(T * K, -1).contiguous()
+    rows = h.reshape(T * K, h.shape[-1]).contiguous()
     per_pair = gather_matmul(rows, weight, hidden_rows(plan, expert_order), plan.pairs, plan, scale=gates_sorted)
-    return per_pair.view(T, K, -1).sum(1)
+    return per_pair.view(T, K, per_pair.shape[1]).sum(1)
 
 
 def down_backward(grad_y, h, weight, plan: RoutingPlan, gates, gates_sorted, expert_order: bool, need_h: bool,

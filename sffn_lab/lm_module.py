@@ -3,6 +3,12 @@
 Training minimises the mean next-token cross-entropy plus the FFN layers' auxiliary losses.
 Evaluation sums token losses and token counts with torchmetrics, so the reported loss is exact
 over the whole split (every token scored once) and reduced correctly across devices.
+
+A training step reads nothing from the device on the host except on log steps (every
+``train.log_every`` and the last): a batch whose loss is not finite (on any rank) has its optimizer
+step made a no-op on the device, and is counted, reported and (without ``train.skip_nonfinite``, or
+after MAX_CONSECUTIVE_SKIPS in a row) stopped at when its record is next settled: on a log step,
+before a checkpoint is saved, at validation, at the end of training.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torchmetrics import SumMetric
 
+from sffn_lab.batch_records import BatchRecord, Unsettled
 from sffn_lab.config import Config, from_dict, to_dict
 from sffn_lab.data.datamodule import IGNORE_INDEX
 from sffn_lab.errors import UserError
@@ -78,11 +85,12 @@ class LanguageModelModule(L.LightningModule):
         self.usage_counts: dict[str, dict[int, torch.Tensor]] = {}  # stage → layer → [N_E] counts
         self.gate_sums: dict[str, dict[int, torch.Tensor]] = {}  # stage → layer → [Σ gates, number of gates]
         self.last_val_usage: dict[int, torch.Tensor] = {}  # layer → [N_E] counts of the last validation
-        self.nonfinite_skips = 0
+        self.nonfinite_skips = 0  # batches skipped for a non-finite loss (counted when settled)
         self.consecutive_skips = 0
-        self.tokens_seen = 0
+        self.tokens_seen = 0  # input tokens of the batches trained on (counted when settled)
+        self.unsettled = Unsettled()
         self._clock: float | None = None
-        self.elapsed_s = 0.0  # training-step time over every segment of the run (tok/s is tokens_seen / this)
+        self.elapsed_s = 0.0  # training-step time (skipped batches too) over every segment (tok/s: tokens_seen / this)
         self.wall_before_s = 0.0  # wall time of the earlier segments of a resumed run, up to its checkpoint
         self._segment_start = time.perf_counter()
         # Transformer-XL caches per stage ("train", "val", "test"): per layer [b, M, D]; the training cache of a
@@ -123,43 +131,98 @@ class LanguageModelModule(L.LightningModule):
         losses, scored = token_losses(out.logits, y, out.loss_mask)
         lm_loss = losses.sum() / scored.sum().clamp(min=1)
         loss = lm_loss + out.aux_loss
-        if not self._finite_on_every_rank(loss):
-            self.memory["train"] = cache  # a skipped step leaves the cache as it was
-            return self._handle_nonfinite(loss)
-        self.consecutive_skips = 0
-        self._accumulate_usage("train", out.layer_stats)
-        self.tokens_seen += x.numel() * self.trainer.world_size  # every input token, scored or not
+        finite = self._finite_on_every_rank(loss)
+        self.unsettled.record(BatchRecord(self.global_step, x.numel() * self.trainer.world_size, loss.detach(), finite))
+        self._keep_memory_if(finite, cache)
+        self._accumulate_usage("train", out.layer_stats, keep=finite)
         now = time.perf_counter()
         if self._clock is not None:
             self.elapsed_s += now - self._clock
         self._clock = now
-        self.log("train/loss", lm_loss, prog_bar=True, sync_dist=True)
-        self.log("train/aux_loss", out.aux_loss)
-        if (self.global_step + 1) % self.config.train.log_every == 0:  # the steps whose rows Lightning writes
+        if self.is_log_step():  # the steps whose rows Lightning writes, and the last: host reads allowed
+            self.settle_batches()
+            self.log("train/loss", lm_loss, prog_bar=True, sync_dist=True)
+            self.log("train/aux_loss", out.aux_loss)
             self.log("tokens_seen", float(self.tokens_seen))
+            if self.nonfinite_skips:
+                self.log("train/nonfinite_skips", float(self.nonfinite_skips))
             if self.elapsed_s > 0:
                 self.log("tok/s", self.tokens_seen / self.elapsed_s, prog_bar=True)
             self._log_usage("train")
-        return loss
+        # a non-finite loss on any rank: NaN gradients everywhere (a GradScaler then skips the step itself)
+        return loss * torch.where(finite, 1.0, math.nan)
 
-    def _finite_on_every_rank(self, loss: torch.Tensor) -> bool:
-        """Whether the loss is finite on every device, so that all ranks skip (or stop at) a step together."""
-        return self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(loss)), all=True)
+    def is_log_step(self) -> bool:
+        """Whether this training step is one whose row Lightning writes (every train.log_every) or the last."""
+        step = self.global_step + 1
+        return step % self.config.train.log_every == 0 or step == self.trainer.max_steps
 
-    def _handle_nonfinite(self, loss: torch.Tensor):
-        self.consecutive_skips += 1
-        if self.config.train.skip_nonfinite and self.consecutive_skips <= MAX_CONSECUTIVE_SKIPS:
+    def _finite_on_every_rank(self, loss: torch.Tensor) -> torch.Tensor:
+        """Whether the loss is finite on every device, so that all ranks skip (or stop at) a step together: a
+        0-dim bool on the loss's device, not read on the host. Under DDP, one all-reduce of it, which for CUDA
+        tensors is enqueued on the device and returns without waiting for it (torch.distributed's synchronous
+        collectives); Lightning's own ``reduce`` is not used here because it calls ``barrier`` first."""
+        finite = torch.isfinite(loss.detach())
+        if self.trainer.world_size > 1:
+            flag = finite.to(torch.int32)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+            finite = flag.bool()
+        return finite
+
+    def _keep_memory_if(self, finite: torch.Tensor, cache: list[torch.Tensor] | None) -> None:
+        """A batch whose loss was not finite leaves the training cache as it was, chosen on the device (in a run's
+        first memory_segments steps the cache before it may have had another length: then zeros)."""
+        new = self.memory.get("train")
+        if new is None:
+            return
+        before = cache or [None] * len(new)
+        self.memory["train"] = [torch.where(finite, n, b if b is not None and b.shape == n.shape else 0.0)
+                                for n, b in zip(new, before, strict=True)]
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """Make this optimizer step a no-op on the device when a batch of it had a non-finite loss: the fused
+        AdamW leaves parameters and state untouched where ``optimizer.found_inf`` is 1 (the attribute
+        torch.amp.GradScaler sets for optimizers with ``_step_supports_amp_scaling``; torch.optim.adam._fused_adam
+        in torch 2.13: the kernel returns early, the step counts are put back). Under a GradScaler (16-mixed,
+        AdamW not fused) the poisoned loss's non-finite gradients make the scaler skip the step instead."""
+        finite = self.unsettled.take_step_flag()
+        if finite is not None and all(group["fused"] for group in optimizer.param_groups):
+            optimizer.found_inf = (~finite).float()
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """Lightning's norm clipping (train.grad_clip) over the optimizer's parameters, done here because Lightning's
+        MixedPrecision plugin refuses to clip for a fused optimizer (it assumes one that unscales internally, as
+        under a GradScaler; bf16-mixed has no scaler, and 16-mixed gets an AdamW that is not fused, whose
+        gradients the plugin has unscaled before this hook)."""
+        if gradient_clip_val:
+            params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+            torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
+
+    def settle_batches(self) -> None:
+        """Read the batches recorded since the last time (one host sync) into tokens_seen and the skip counters;
+        raise NonFiniteLossError at the first non-finite batch train.skip_nonfinite does not allow to skip."""
+        for batch, loss, finite in self.unsettled.read():
+            if finite:
+                self.consecutive_skips = 0
+                self.tokens_seen += batch.tokens
+                continue
+            self.consecutive_skips += 1
+            if not self.config.train.skip_nonfinite or self.consecutive_skips > MAX_CONSECUTIVE_SKIPS:
+                raise self._nonfinite_error(batch.step, loss)
             self.nonfinite_skips += 1
-            self.log("train/nonfinite_skips", float(self.nonfinite_skips))
-            return None  # Lightning skips backward and the optimizer step
+
+    def _nonfinite_error(self, step: int, loss: float) -> NonFiniteLossError:
         saved = [c.last_model_path for c in self.trainer.checkpoint_callbacks if c.last_model_path]
         ckpt = saved[0] if saved else "none saved yet"
         repeated = f" in {self.consecutive_skips} consecutive batches" if self.consecutive_skips > 1 else ""
-        raise NonFiniteLossError(
-            f"The training loss became {loss.item()}{repeated} at step {self.global_step}. The last good checkpoint "
-            f"is {ckpt}. Lower train.lr, raise train.warmup_steps, or set train.skip_nonfinite=true "
+        return NonFiniteLossError(
+            f"The training loss became {loss}{repeated} at step {step} (its update was not applied). The last good "
+            f"checkpoint is {ckpt}. Lower train.lr, raise train.warmup_steps, or set train.skip_nonfinite=true "
             "to skip such batches."
         )
+
+    def on_train_end(self):
+        self.settle_batches()
 
     def configure_optimizers(self):
         t = self.config.train
@@ -172,11 +235,18 @@ class LanguageModelModule(L.LightningModule):
             [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=t.lr,
             betas=(t.beta1, t.beta2),
+            fused=self._fused_optimizer(),
         )
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda s: warmup_cosine(s, t.warmup_steps, t.max_steps, t.min_lr_ratio)
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def _fused_optimizer(self) -> bool:
+        """AdamW's fused implementation (one kernel per dtype and device; whose step ``found_inf`` cancels on the
+        device), except under a GradScaler (16-mixed): Lightning refuses gradient clipping with an optimizer that
+        unscales internally (MixedPrecision.clip_gradients), and the scaler skips non-finite steps itself."""
+        return self._trainer is None or getattr(self.trainer.precision_plugin, "scaler", None) is None
 
     # ------------------------------------------------------------------ evaluation
     def validation_step(self, batch, batch_idx):
@@ -213,6 +283,7 @@ class LanguageModelModule(L.LightningModule):
         self.log_dict(self.eval_metrics(split, loss.float()), sync_dist=False)
         self.log(f"{split}/tokens", n.float())
         if split == "val":
+            self.settle_batches()
             self.log("tokens_seen", float(self.tokens_seen))
             self.log("elapsed_s", self.elapsed_s)
         self._log_usage(split)
@@ -231,15 +302,19 @@ class LanguageModelModule(L.LightningModule):
         return metrics
 
     # ------------------------------------------------------------------ expert usage
-    def _accumulate_usage(self, stage: str, layer_stats) -> None:
+    def _accumulate_usage(self, stage: str, layer_stats, keep: torch.Tensor | None = None) -> None:
+        """Add the batch's expert counts and gate sums to the stage's; ``keep`` (0-dim bool): whether the batch
+        counts (False: a skipped training batch, chosen on the device)."""
         counts_of_stage = self.usage_counts.setdefault(stage, {})
         gates_of_stage = self.gate_sums.setdefault(stage, {})
+        weight = 1.0 if keep is None else keep.float()
         for i, out in enumerate(layer_stats):
             if out.expert_counts is not None:
-                counts_of_stage[i] = counts_of_stage.get(i, 0) + out.expert_counts.detach().float()
+                counts_of_stage[i] = counts_of_stage.get(i, 0) + out.expert_counts.detach().float() * weight
             if out.gate_mean is not None:  # weighted by the batch's assignments, so that the mean is over gates
                 n = out.expert_counts.sum().float() if out.expert_counts is not None else out.gate_mean.new_ones(())
-                gates_of_stage[i] = gates_of_stage.get(i, 0) + torch.stack([out.gate_mean.detach().float() * n, n])
+                sums = torch.stack([out.gate_mean.detach().float() * n, n]) * weight
+                gates_of_stage[i] = gates_of_stage.get(i, 0) + sums
 
     def _log_usage(self, stage: str) -> None:
         """Log usage statistics and the mean gate per layer (summed over all devices, over the batches since
@@ -263,6 +338,7 @@ class LanguageModelModule(L.LightningModule):
 
     # ------------------------------------------------------------------ checkpoint extras
     def on_save_checkpoint(self, checkpoint):
+        self.settle_batches()  # the counts saved are exact; a batch that must stop the run stops it before the save
         checkpoint["sffn"] = {
             "torch_rng": torch.get_rng_state(),
             "tokens_seen": self.tokens_seen,
@@ -289,6 +365,12 @@ class LanguageModelModule(L.LightningModule):
             self.wall_before_s = extra.get("wall_time_s", 0.0)
             self.nonfinite_skips = extra["nonfinite_skips"]
             self._restored_memory = extra.get("memory")
+        # the optimizer state loads into this run's AdamW, fused or not (load_state_dict takes "fused" from the
+        # saved groups, and a checkpoint from before fused AdamW, or from a 16-mixed run, says otherwise)
+        fused = self._fused_optimizer()
+        for state in checkpoint.get("optimizer_states", []):
+            for group in state["param_groups"]:
+                group["fused"] = fused
 
     def on_train_start(self):
         self._clock = None

@@ -1,12 +1,16 @@
-"""What several test modules share: the tiny training setting and running the ``sffn`` command in-process."""
+"""What several test modules share: the tiny training setting, running the ``sffn`` command in-process, and the
+CPU stand-in for CUDA's sync debug mode."""
 
 from __future__ import annotations
 
 import os
 import signal
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import lightning as L
+import torch
 
 from sffn_lab import training
 from sffn_lab.cli import main
@@ -18,6 +22,27 @@ TINY = [
     "data.synthetic.valid_tokens=3000", "data.synthetic.test_tokens=2000", "train.val_every=10",
     "train.log_every=5", "train.warmup_steps=5", "model.dropout=0.1",
 ]
+
+
+@contextmanager
+def host_reads_are_errors(device=None) -> Iterator[None]:
+    """A CPU stand-in for CUDA's sync debug mode: the tensor calls that read device values on the host raise.
+    (``device`` is unused: the signature of ``gpu_check.host_syncs_are_errors``, which this replaces in tests.)"""
+    names = ("nonzero", "item", "tolist", "__bool__", "__int__", "__float__", "__index__")
+    saved = {name: getattr(torch.Tensor, name) for name in names}
+
+    def refuse(name):
+        def call(*args, **kwargs):
+            raise RuntimeError(f"host read: Tensor.{name}")
+        return call
+
+    try:
+        for name in names:
+            setattr(torch.Tensor, name, refuse(name))
+        yield
+    finally:
+        for name, method in saved.items():
+            setattr(torch.Tensor, name, method)
 
 
 def as_flags(overrides: list[str]) -> list[str]:

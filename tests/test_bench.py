@@ -7,7 +7,6 @@ import csv
 import json
 import math
 import os
-from contextlib import contextmanager
 
 import pytest
 import torch
@@ -23,7 +22,7 @@ from sffn_lab.bench.sizes import QUICK
 from sffn_lab.config import FFN_KINDS
 from sffn_lab.kernels import triton_available
 from sffn_lab.kernels.reference import expert_down_reference, expert_up_reference
-from tests.support import run_cli
+from tests.support import host_reads_are_errors, run_cli
 
 
 def test_quick_bench_writes_every_row_with_finite_positive_numbers(tmp_path):
@@ -171,26 +170,6 @@ def test_gpu_check_dry_run_prints_the_plan_without_a_gpu(capsys):
     assert sum(p.estimate_s() for p in parts) <= gpu_check.BUDGET_S
     full = gpu_check.plan("cuda", full=True)
     assert full[-1].timings == 2 * parts[-1].timings
-
-
-@contextmanager
-def host_reads_are_errors(device):
-    """A CPU stand-in for CUDA's sync debug mode: the tensor calls that read device values on the host raise."""
-    names = ("nonzero", "item", "tolist", "__bool__", "__int__", "__float__", "__index__")
-    saved = {name: getattr(torch.Tensor, name) for name in names}
-
-    def refuse(name):
-        def call(*args, **kwargs):
-            raise RuntimeError(f"host read: Tensor.{name}")
-        return call
-
-    try:
-        for name in names:
-            setattr(torch.Tensor, name, refuse(name))
-        yield
-    finally:
-        for name, method in saved.items():
-            setattr(torch.Tensor, name, method)
 
 
 @pytest.mark.skipif(not triton_available(), reason="no triton")

@@ -10,6 +10,9 @@ import pytest
 import torch
 
 from sffn_lab.config import FFN_KINDS, load_config
+from sffn_lab.kernels import RoutingPlan, expert_down, expert_up, triton_available
+from sffn_lab.kernels.backends import get_backend
+from sffn_lab.kernels.routing_plan import PlanReads
 from sffn_lab.models import build_model
 
 SIZES = ["model.d_model=64", "model.n_layers=2", "model.ffn.d_ff=128", "model.ffn.n_experts=8",
@@ -73,6 +76,68 @@ def test_compiled_sigma_moe_lm_matches_eager_loss_and_gradients():
     assert float(compiled) == pytest.approx(float(eager), rel=1e-6)
     for p, g in zip(model.parameters(), eager_grads, strict=True):
         torch.testing.assert_close(p.grad, g, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.skipif(
+    not triton_available(), reason="no triton"))])
+def test_the_custom_ops_of_a_compiled_layer_derive_nothing_from_the_plan_again(backend, monkeypatch):
+    """Under torch.compile the four custom ops of a layer (both products, both backward passes) receive the plan
+    with what their backend reads of it, derived once per layer call in the graph (``RoutingPlan.tensors``
+    caches it, as eager calls share one plan object): inside an op no tile table is built again (each op used
+    to rebuild Triton's: 4 ops × 2 heights) and the offsets are never read from the device (each op of the
+    PyTorch path used to call ``.tolist()`` on them: a host sync per op on CUDA). The compiled layer computes
+    what the eager one does."""
+    received, from_tensors, make_tiles = [], RoutingPlan.from_tensors.__func__, RoutingPlan._make_tiles
+
+    def checked(cls, tensors, reads):  # runs inside the ops only: the graph builds plans with RoutingPlan.of
+        plan = from_tensors(cls, tensors, reads)
+        received.append((set(plan._tiles), plan._host_offsets is not None))  # what the op got, derived
+
+        def refuse_sent_heights(height):  # the weight gradient's own spans may still be cut inside an op
+            assert height not in reads.tile_heights, "a custom op derived a tile table it was sent"
+            return make_tiles(plan, height)
+
+        plan._make_tiles = refuse_sent_heights
+        return plan
+
+    T, K, E, D, G = 48, 2, 4, 16, 8
+    leaves = [torch.randn(T, D), torch.randn(E, D, G), torch.randn(E, G, D), torch.rand(T, K)]
+    indices = torch.randint(0, E, (T, K))
+    reads = get_backend(backend).reads(leaves[0], E)
+    monkeypatch.setattr(RoutingPlan, "from_tensors", classmethod(checked))
+
+    def layer(x, w1, w2, gates):
+        plan = RoutingPlan.of(indices, E)
+        return expert_down(torch.relu(expert_up(x, w1, plan, backend, expert_order=True)), w2, plan, gates, backend,
+                           expert_order=True)
+
+    def run(fn):
+        tensors = [t.clone().requires_grad_(True) for t in leaves]
+        y = fn(*tensors)
+        y.square().sum().backward()
+        return [y.detach()] + [t.grad for t in tensors]
+
+    torch._dynamo.reset()
+    eager = run(layer)
+    got = run(torch.compile(layer))
+    assert received == [(set(reads.tile_heights), reads.host_offsets)] * 4  # up, down, their backward ops
+    for a, b in zip(got, eager, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_a_plan_derives_what_a_backend_reads_once(monkeypatch):
+    """``RoutingPlan.tensors``: the derived tensors are cached on the plan, so the layer's two products (and,
+    compiled, its four ops) share one derivation; ``from_tensors`` rebuilds the plan with them in place."""
+    made = []
+    make_tiles = RoutingPlan._make_tiles
+    monkeypatch.setattr(RoutingPlan, "_make_tiles", lambda plan, h: made.append(h) or make_tiles(plan, h))
+    plan = RoutingPlan.of(torch.randint(0, 4, (30, 2)), 4)
+    reads = PlanReads(tile_heights=(16, 32), host_offsets=True)
+    first, second = plan.tensors(reads), plan.tensors(reads)
+    assert made == [16, 32] and all(a is b for a, b in zip(first, second, strict=True))
+    rebuilt = RoutingPlan.from_tensors(first, reads)
+    assert rebuilt.host_offsets() == plan.offsets.tolist() and rebuilt.sorted_rows() is plan.sorted_rows()
+    assert all(rebuilt.tiles(h).table is plan.tiles(h).table for h in (16, 32)) and made == [16, 32]
 
 
 def test_train_compile_keeps_the_checkpoint_keys():

@@ -18,6 +18,7 @@ from sffn_lab.kernels import (
     torch_grouped,
     triton_available,
 )
+from sffn_lab.kernels.backends import get_backend
 from sffn_lab.kernels.torch_grouped import STRATEGIES
 
 BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(not triton_available(), reason="no triton"))]
@@ -83,13 +84,74 @@ def test_torch_path_blocks_of_one_several_or_all_experts(block_rows, device, see
 def test_torch_path_strategies_with_and_without_grouped_mm(strategy, grouped_mm, device, seed, fp32_ieee, monkeypatch):
     if grouped_mm:
         probe = torch.empty(8, 20, device=device), torch.empty(3, 20, 24, device=device)
-        if not torch_grouped.use_grouped_mm(*probe):
+        if not torch_grouped.use_grouped_mm(*probe, groups=3):
             pytest.skip(f"torch._grouped_mm does not take fp32 {device.type} tensors in this torch")
     else:
-        monkeypatch.setattr(torch_grouped, "use_grouped_mm", lambda *tensors: False)
+        monkeypatch.setattr(torch_grouped, "use_grouped_mm", lambda *tensors, groups: False)
     for expert_order in (False, True):
         run("torch", torch.float32, device, T=37, K=2, E=5, D=20, G=24, empty=(1, 3), strategy=strategy,
             expert_order=expert_order)
+
+
+@pytest.mark.parametrize("capability, version, dtype, groups, expected", [
+    ((9, 0), "2.13.0", torch.bfloat16, 16, True),  # Hopper: the CUTLASS kernel
+    ((10, 0), "2.13.0", torch.bfloat16, 16, True),  # Blackwell (sm_100) from torch 2.9
+    ((8, 0), "2.13.0", torch.bfloat16, 16, False),  # A100: torch's fallback loops over offs.cpu()
+    ((12, 0), "2.13.0", torch.bfloat16, 16, False),  # consumer Blackwell: the fallback too
+    ((9, 0), "2.13.0", torch.float16, 16, False),  # only bf16 reaches the CUTLASS kernel
+    ((9, 0), "2.13.0", torch.bfloat16, 1023, True),
+    ((9, 0), "2.13.0", torch.bfloat16, 1024, False),  # "Can't process more than 1024 groups"
+    ((9, 0), "2.8.0", torch.bfloat16, 16, True),
+    ((10, 0), "2.8.0", torch.bfloat16, 16, False),  # torch 2.8 raises off compute capability 9.x
+    ((8, 0), "2.8.0", torch.bfloat16, 16, False),
+    ((9, 0), "2.7.1", torch.bfloat16, 16, False),  # no torch._grouped_mm before 2.8
+])
+def test_grouped_mm_only_where_one_cuda_kernel_computes_it(capability, version, dtype, groups, expected, monkeypatch):
+    """The decision for a CUDA tensor, with the device capability and the torch version patched: asked of the
+    tensor's own device."""
+    asked = []
+    monkeypatch.setattr(torch, "__version__", version)
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: asked.append(device) or capability)
+    device = torch.device("cuda", 1)
+    assert torch_grouped.grouped_mm_computes(device, dtype, groups) is expected
+    assert asked in ([device], [])  # torch 2.7 is refused before the device is asked
+
+
+@pytest.mark.parametrize("version, expected", [("2.8.0", False), ("2.9.1", True), ("2.13.0+cpu", True)])
+def test_grouped_mm_on_the_cpu_from_torch_2_9(version, expected, monkeypatch):
+    monkeypatch.setattr(torch, "__version__", version)
+    assert torch_grouped.grouped_mm_computes(torch.device("cpu"), torch.float32, 4096) is expected
+
+
+LAYOUTS = {
+    "contiguous": lambda: torch.randn(4, 16, 8),
+    "transposed matrices": lambda: torch.randn(4, 8, 16).transpose(1, 2),
+    "expanded columns": lambda: torch.randn(4, 16, 1).expand(4, 16, 8),
+    "expanded rows": lambda: torch.randn(4, 1, 8).expand(4, 16, 8),
+    "expanded groups": lambda: torch.randn(1, 16, 8).expand(4, 16, 8),  # one matrix for every group: taken
+    "rows not on 16 bytes": lambda: torch.randn(4, 16, 7),
+    "2-D, expanded rows": lambda: torch.randn(1, 16).expand(8, 16),
+    "2-D, transposed": lambda: torch.randn(16, 8).t(),
+}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_grouped_mm_layout_check_agrees_with_torch(layout):
+    """``_aligned`` takes exactly the layouts ``torch._grouped_mm`` takes (stride-0 matrix dimensions refused),
+    checked against the op itself on this machine's torch."""
+    t = LAYOUTS[layout]()
+    if not torch_grouped.grouped_mm_computes(t.device, t.dtype, 4):
+        pytest.skip("torch._grouped_mm has no CPU kernel in this torch")
+    other = torch.randn(4, t.shape[-1], 8) if t.dim() == 2 else torch.randn(8, t.shape[1])
+    a, b = (t, other) if t.dim() == 2 else (other, t)
+    offs = torch.tensor([2, 4, 6, a.shape[0]], dtype=torch.int32) if b.dim() == 3 else None
+    try:
+        torch._grouped_mm(a, b, offs=offs)
+        taken = True
+    except RuntimeError:
+        taken = False
+    assert torch_grouped._aligned(t) is taken
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -117,6 +179,58 @@ def test_autocast_computes_in_its_dtype_and_gives_fp32_parameters_fp32_gradients
     assert all(g.dtype == torch.float32 for g in grads)
     errors = [relative_error(a, b) for a, b in zip([y, *grads], [y_ref, *grads_ref], strict=True)]
     assert max(errors) < TOLERANCE[torch.bfloat16], f"errors of y, dx, dw1, dw2, dgates: {errors}"
+
+
+EMPTY_BATCH_PATHS = [
+    pytest.param("torch", "per_expert", id="torch-per_expert"),
+    pytest.param("torch", "grouped", id="torch-grouped"),
+    pytest.param("triton", None, id="triton", marks=pytest.mark.skipif(not triton_available(), reason="no triton")),
+    pytest.param("reference", None, id="reference"),
+]
+
+
+@pytest.mark.parametrize("expert_order", ORDERS)
+@pytest.mark.parametrize("backend, strategy", EMPTY_BATCH_PATHS)
+def test_an_empty_batch_goes_through_every_backend_forward_and_backward(backend, strategy, expert_order, device,
+                                                                       monkeypatch):
+    """T = 0 (no token routed): h [0, K, G] (or [0, G]), y [0, D]; every weight gradient exactly zero."""
+    T, K, E, D, G = 0, 2, 4, 16, 8
+    if strategy is not None:
+        monkeypatch.setattr(torch_grouped, "pick_strategy", lambda t, s: strategy)
+    x = torch.randn(T, D, device=device, requires_grad=True)
+    w1 = torch.randn(E, D, G, device=device, requires_grad=True)
+    w2 = torch.randn(E, G, D, device=device, requires_grad=True)
+    gates = torch.rand(T, K, device=device, requires_grad=True)
+    plan = RoutingPlan.of(torch.empty(T, K, dtype=torch.long, device=device), E)
+    h = expert_up(x, w1, plan, backend, expert_order=expert_order)
+    assert h.shape == ((T * K, G) if expert_order else (T, K, G))
+    y = expert_down(torch.relu(h), w2, plan, gates, backend, expert_order=expert_order)
+    assert y.shape == (T, D)
+    (y.sum() + w1.sum() * 0).backward()  # w1 in the graph even where the products leave it out
+    assert x.grad.shape == (T, D) and gates.grad.shape == (T, K)
+    assert w1.grad.abs().sum() == 0 and w2.grad.abs().sum() == 0
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.skipif(
+    not triton_available(), reason="no triton"))])
+def test_an_empty_batch_goes_through_the_custom_ops(backend, device):
+    """The ``torch.compile`` form (``custom_ops``), called eagerly with T = 0, forward and both backward ops."""
+    from sffn_lab.kernels import custom_ops
+
+    T, K, E, D, G = 0, 2, 4, 16, 8
+    x, w1 = torch.randn(T, D, device=device), torch.randn(E, D, G, device=device)
+    w2 = torch.randn(E, G, D, device=device)
+    gates = torch.rand(T, K, device=device)
+    plan = RoutingPlan.of(torch.empty(T, K, dtype=torch.long, device=device), E)
+    tensors = plan.tensors(get_backend(backend).reads(x, E))
+    for expert_order in (False, True):
+        h = custom_ops.expert_up_op(x, w1, tensors, backend, expert_order)
+        y = custom_ops.expert_down_op(h, w2, tensors, gates, backend, expert_order)
+        assert y.shape == (T, D)
+        grad_x, grad_w1 = custom_ops.expert_up_backward_op(h, x, w1, tensors, backend, expert_order, True, True)
+        grads = custom_ops.expert_down_backward_op(y, h, w2, tensors, gates, backend, expert_order, True, True, True)
+        assert grad_x.shape == x.shape and grad_w1.abs().sum() == 0
+        assert grads[0].shape == h.shape and grads[1].abs().sum() == 0 and grads[2].shape == gates.shape
 
 
 def test_routing_plan_tiles_cover_every_pair_once_within_one_expert(device, seed):

@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+import lightning as L
 import numpy as np
 import pytest
 import torch
@@ -26,10 +27,11 @@ from sffn_lab.cli import DEFAULT_CONFIG
 from sffn_lab.config import load_config
 from sffn_lab.data import corpora
 from sffn_lab.data.corpora import CorpusSpec, RemoteFile
+from sffn_lab.kernels import triton_available
 from tests.gloo_ranks import AUX_ROUTERS, aux_loss_rank, router_aux_and_grad
 from tests.histories import csv_history, tensorboard_history
 from tests.support import TINY as SHARED_TINY
-from tests.support import as_flags, run_cli
+from tests.support import as_flags, host_reads_are_errors, run_cli
 
 TINY = [*SHARED_TINY, "train.checkpoint_every=7"]
 SIGMA_MOE = ["model.ffn.kind=sigma_moe", "model.ffn.n_experts=4", "model.ffn.expert_size=16",
@@ -267,6 +269,122 @@ def test_auxiliary_losses_over_two_ranks_are_those_of_the_global_batch(tmp_path)
         assert (ddp_grad - grad).norm() <= 1e-6 * grad.norm(), kind
         half_batch_aux, _ = router_aux_and_grad(kind, x.chunk(2)[0])
         assert half_batch_aux != pytest.approx(aux, rel=1e-4), f"{kind}: half a batch must differ"
+
+
+# ------------------------------------------------------------------------------------------- non-finite losses
+
+
+def poison_batches(monkeypatch, calls: set[int]) -> None:
+    """Make the training loss NaN on the given training_step calls (0-based)."""
+    from sffn_lab import lm_module
+
+    real, count = lm_module.token_losses, iter(range(10**9))
+
+    def poisoned(logits, targets, mask):
+        losses, scored = real(logits, targets, mask)
+        if torch.is_grad_enabled() and next(count) in calls:
+            losses = losses * float("nan")
+        return losses, scored
+
+    monkeypatch.setattr(lm_module, "token_losses", poisoned)
+
+
+class StateAroundStep(L.Callback):
+    """Copies of the parameters and the optimizer state before and after training step ``step``."""
+
+    def __init__(self, step: int):
+        self.step, self.copies = step, {}
+
+    def _copy(self, trainer, module, when: str) -> None:
+        optimizer = trainer.optimizers[0]
+        state = [v.clone() for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
+        self.copies[when] = [p.detach().clone() for p in module.parameters()] + state
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            self._copy(trainer, module, "before")
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step + 1:
+            self._copy(trainer, module, "after")
+
+
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed", "bf16-true"])
+def test_a_nonfinite_batch_leaves_parameters_and_optimizer_state_untouched(tmp_path, monkeypatch, precision):
+    """With train.skip_nonfinite, a NaN batch's step is a no-op made on the device (the fused AdamW's found_inf):
+    every parameter and every optimizer state tensor (moments, step counts) is bit-identical across it, the
+    step before it changed them, and the batch is counted once."""
+    poison_batches(monkeypatch, {3})
+    probes = [StateAroundStep(2), StateAroundStep(3)]
+    build = training.build_trainer
+
+    def with_probes(*args, **kwargs):
+        trainer = build(*args, **kwargs)
+        trainer.callbacks.extend(probes)
+        return trainer
+
+    monkeypatch.setattr(training, "build_trainer", with_probes)
+    config = load_config(DEFAULT_CONFIG, [*TINY, *SIGMA_MOE, "train.max_steps=6", "train.skip_nonfinite=true",
+                                          f"train.precision={precision}", f"train.out_dir={tmp_path}"])
+    summary = training.train(config, progress=False)
+    trained, skipped = (probe.copies for probe in probes)
+    assert not all(a.equal(b) for a, b in zip(trained["before"], trained["after"], strict=True))
+    assert all(a.equal(b) for a, b in zip(skipped["before"], skipped["after"], strict=True))
+    assert logged(summary.run_dir)["train/nonfinite_skips"] == {4: 1.0, 5: 1.0}  # log step 5 and the last, 6
+    assert summary.tokens_seen == 5 * 8 * 32  # the skipped batch's tokens are not counted
+
+
+def test_too_many_nonfinite_batches_in_a_row_stop_with_the_step_and_last_checkpoint(tmp_path, capsys, monkeypatch):
+    """Skipping allows MAX_CONSECUTIVE_SKIPS batches in a row; the next one stops the run when the host next
+    reads the records (a log step, here the row of step 25): the error names the batch's step and the last
+    checkpoint, saved at step 21 with the parameters of step 2."""
+    from sffn_lab.lm_module import MAX_CONSECUTIVE_SKIPS
+
+    assert MAX_CONSECUTIVE_SKIPS == 20
+    poison_batches(monkeypatch, set(range(2, 100)))
+    code, _, err = run_cli(["train", *as_flags([*TINY, "train.skip_nonfinite=true"]), "--max-steps", "40",
+                            "--out", tmp_path / "runs", "--no-progress"], capsys)
+    assert code == 2, err
+    assert "in 21 consecutive batches at step 22" in err and "last.ckpt" in err
+    run_dir = next((tmp_path / "runs").iterdir())
+    last = read_checkpoint(run_dir / "checkpoints" / "last.ckpt")
+    assert last["global_step"] == 21 and last["sffn"]["nonfinite_skips"] == 19
+
+
+@pytest.mark.skipif(not triton_available(), reason="no triton")
+@pytest.mark.parametrize("kind", ["dense", "sigma_moe"])
+def test_training_steps_read_nothing_from_the_device_between_log_steps(tmp_path, monkeypatch, kind):
+    """With host reads made errors (the CPU stand-in for CUDA's sync debug mode), the LightningModule's
+    training_step (all but the log steps, every 5th and the last), its backward, optimizer hook and gradient
+    clipping run a whole training with a poisoned batch among them; the FFN layers on the Triton path (the PyTorch path
+    reads expert counts on the host by design)."""
+    from sffn_lab.lm_module import LanguageModelModule
+
+    poison_batches(monkeypatch, {6})
+    monkeypatch.setenv("SFFN_KERNEL", "triton")
+    guarded: dict[str, int] = {}
+
+    def refusing(name):
+        real = getattr(LanguageModelModule, name)
+
+        def hook(self, *args, **kwargs):
+            if name == "training_step" and self.is_log_step():
+                return real(self, *args, **kwargs)
+            guarded[name] = guarded.get(name, 0) + 1
+            with host_reads_are_errors():
+                return real(self, *args, **kwargs)
+
+        monkeypatch.setattr(LanguageModelModule, name, hook)
+
+    for name in ("training_step", "backward", "on_before_optimizer_step", "configure_gradient_clipping"):
+        refusing(name)
+    ffn = SIGMA_MOE if kind == "sigma_moe" else []
+    config = load_config(DEFAULT_CONFIG, [*TINY, *ffn, "train.max_steps=12", "train.skip_nonfinite=true",
+                                          f"train.out_dir={tmp_path}"])
+    summary = training.train(config, progress=False)
+    assert guarded == {"training_step": 12 - 3, "backward": 12, "on_before_optimizer_step": 12,
+                       "configure_gradient_clipping": 12}
+    assert logged(summary.run_dir)["train/nonfinite_skips"][9] == 1.0
 
 
 # ------------------------------------------------------------------------------------------- bad input
