@@ -1,7 +1,11 @@
-"""Checkpoints: written atomically, read with a clear error when unusable, and checked before a resume.
+"""Checkpoints: written atomically, read without running code and with a clear error when unusable, and
+checked before a resume.
 
 ``checkpoints/last.ckpt`` is the run's latest state (every validation, every ``train.checkpoint_every``
-steps and on Ctrl-C); ``checkpoints/best-<step>.ckpt`` the best by validation loss.
+steps and on Ctrl-C); ``checkpoints/best-<step>.ckpt`` the best by validation loss. A checkpoint holds only
+tensors and plain values (the config and the corpus description as dicts, Lightning's loop, optimizer and
+callback states), so every read uses ``torch.load(weights_only=True)`` with nothing added to torch's
+allow-list: a file that asks the unpickler for any other global is refused before anything in it runs.
 """
 
 from __future__ import annotations
@@ -22,12 +26,16 @@ from sffn_lab.run_dir import CONFIG_FILE
 LAST_CKPT = "last.ckpt"
 
 
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Writes each checkpoint to a temporary file and renames it into place.
+class SafeCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint reads and writes: each write goes to a temporary file renamed into place, each
+    read (a resume's ``trainer.fit(ckpt_path=...)``) through ``read_checkpoint``.
 
     A run killed mid-save leaves the previous checkpoint intact; a half-written file is never
-    under the checkpoint's name.
+    under the checkpoint's name; a file that would run code is refused whatever ``weights_only`` Lightning asks for.
     """
+
+    def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict[str, Any]:
+        return read_checkpoint(Path(path))
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
         path = Path(path)
@@ -54,8 +62,9 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise UserError(f"Checkpoint '{path}' does not exist.")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as exc:
+        refuse_foreign_globals(path)
         reason = str(exc).split(". ")[0].splitlines()[0] if str(exc) else type(exc).__name__
         raise UserError(
             f"Checkpoint '{path}' is not a valid sffn-lab checkpoint: it is cut short or corrupt "
@@ -65,6 +74,21 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     if not isinstance(checkpoint, dict) or "config" not in checkpoint.get("hyper_parameters", {}):
         raise UserError(f"Checkpoint '{path}' is not a valid sffn-lab checkpoint (it holds no config).")
     return checkpoint
+
+
+def refuse_foreign_globals(path: Path) -> None:
+    """Raise ``UserError`` naming the globals ``path`` asks the unpickler for beyond torch's weights-only allow-list
+    (read from the pickle's opcodes, nothing executed); return if there are none or the file cannot be scanned."""
+    try:
+        foreign = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except (RuntimeError, ValueError, EOFError, OSError, pickle.UnpicklingError):
+        return  # not a readable zip checkpoint: the caller reports it as corrupt
+    if foreign:
+        raise UserError(
+            f"Checkpoint '{path}' was refused: it asks to load {', '.join(foreign)}, which an sffn-lab checkpoint "
+            "never holds (only tensors and plain values), and loading it could run code. Nothing in it was loaded "
+            "or run. Use a checkpoint from a source you trust, or ask for a `sffn export` folder (safetensors)."
+        )
 
 
 # What a resumed run may change: its length, and how its processes are laid out (the global batch and the

@@ -31,7 +31,7 @@ from sffn_lab.callbacks import (
 )
 from sffn_lab.checkpoints import (
     LAST_CKPT,
-    AtomicCheckpointIO,
+    SafeCheckpointIO,
     check_resumable,
     load_checkpoint,
     read_checkpoint,
@@ -168,7 +168,7 @@ def _lightning_trainer(t, loggers: list, callbacks: list, progress: bool, run_di
         precision=t.precision,
         logger=loggers,
         callbacks=callbacks,
-        plugins=[AtomicCheckpointIO()],
+        plugins=[SafeCheckpointIO()],
         enable_progress_bar=progress,
         enable_model_summary=False,
         num_sanity_val_steps=0,
@@ -220,7 +220,7 @@ def train(
     trainer = None
     try:
         trainer = build_trainer(config, run_dir, progress and rank_zero, resume_step, rank_zero)
-        trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+        trainer.fit(module, datamodule=data, ckpt_path=ckpt_path, weights_only=True)  # read via SafeCheckpointIO
     except TrainingInterrupted:
         if rank_zero:
             write_status(run_dir, "interrupted", step=trainer.global_step)

@@ -93,7 +93,7 @@ def test_eval_of_a_checkpoint_on_a_mismatched_model_is_refused(tmp_path, capsys)
     ckpt = run_dir / "checkpoints" / "last.ckpt"
     import torch
 
-    state = torch.load(ckpt, weights_only=False)
+    state = torch.load(ckpt, weights_only=True)
     state["hyper_parameters"]["config"]["model"]["d_model"] = 64
     torch.save(state, tmp_path / "other.ckpt")
     code, _, err = run_cli(["eval", tmp_path / "other.ckpt"], capsys)

@@ -287,7 +287,7 @@ def copy_run(run_dir: Path, to: Path, damage: str) -> Path:
     if damage == "truncated":
         last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
     else:
-        foreign = torch.load(last, weights_only=False)
+        foreign = torch.load(last, weights_only=True)
         foreign["hyper_parameters"]["config"]["model"]["ffn"]["d_ff"] = 32
         torch.save(foreign, last)
     return copy
