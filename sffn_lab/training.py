@@ -24,6 +24,7 @@ from sffn_lab.analysis.model_cost import count_model
 from sffn_lab.callbacks import (
     CheckpointOnInterrupt,
     PlainProgress,
+    StatusFile,
     StepProgressBar,
     TrainingInterrupted,
     UsageHeatmap,
@@ -129,7 +130,7 @@ def build_trainer(
         dirpath=checkpoints, save_top_k=0, save_last=True, every_n_train_steps=t.checkpoint_every or t.val_every,
     )
     callbacks: list[L.Callback] = [best, last, ValidateAtLastStep(), CheckpointOnInterrupt(checkpoints / LAST_CKPT)]
-    callbacks += [UsageHeatmap(run_dir / "expert_usage.png"), FlushLogsBeforeCheckpoint()]
+    callbacks += [UsageHeatmap(run_dir / "expert_usage.png"), FlushLogsBeforeCheckpoint(), StatusFile(run_dir)]
     bar = progress and sys.stdout.isatty()
     if bar:
         callbacks.append(StepProgressBar(leave=True))
@@ -216,11 +217,11 @@ def train(
     os.environ[RUN_DIR_ENV] = str(run_dir)
     rank_zero = not is_launched_rank()
     if rank_zero:
-        write_status(run_dir, "running", step=0)
+        write_status(run_dir, "running", step=resume_step or 0)
     trainer = None
     try:
         trainer = build_trainer(config, run_dir, progress and rank_zero, resume_step, rank_zero)
-        trainer.fit(module, datamodule=data, ckpt_path=ckpt_path, weights_only=True)  # read via SafeCheckpointIO
+        trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)  # read through SafeCheckpointIO, weights only
     except TrainingInterrupted:
         if rank_zero:
             write_status(run_dir, "interrupted", step=trainer.global_step)
