@@ -138,13 +138,23 @@ def check_resumable(checkpoint: dict[str, Any], config: Config, path: Path) -> N
         )
 
 
-def load_checkpoint(path: Path) -> LanguageModelModule:
-    """A trained module from a checkpoint file, or a run directory (its best, else last, checkpoint)."""
+def checkpoint_file(path: Path) -> Path:
+    """``path`` itself, or for a run directory its best checkpoint, else its last."""
     path = Path(path)
     if path.is_dir():
         candidates = sorted((path / "checkpoints").glob("best-*.ckpt")) or [path / "checkpoints" / LAST_CKPT]
         path = candidates[-1]
-    checkpoint = read_checkpoint(path)
+    return path
+
+
+def load_checkpoint(path: Path) -> LanguageModelModule:
+    """A trained module from a checkpoint file, or a run directory (its best, else last, checkpoint)."""
+    path = checkpoint_file(path)
+    return module_from_checkpoint(read_checkpoint(path), path)
+
+
+def module_from_checkpoint(checkpoint: dict[str, Any], path: Path) -> LanguageModelModule:
+    """The module a checkpoint read from ``path`` describes, with its weights."""
     try:
         module = LanguageModelModule(**checkpoint["hyper_parameters"])
         module.load_state_dict(checkpoint["state_dict"])

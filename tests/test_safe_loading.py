@@ -118,7 +118,7 @@ def test_lightning_resume_reads_through_the_safe_reader(tmp_path, tiny_run):
     trainer = training.build_trainer(config, tmp_path, progress=False)
     assert isinstance(trainer.strategy.checkpoint_io, SafeCheckpointIO)
     marker = tmp_path / "MARKER"
-    with pytest.raises(UserError, match="posix.system"):
+    with pytest.raises(UserError, match=r"posix\.system"):
         trainer.strategy.load_checkpoint(write_evil(tmp_path / "evil.ckpt", marker), weights_only=False)
     assert not marker.exists()
     loaded = trainer.strategy.load_checkpoint(tiny_run / "checkpoints" / "last.ckpt", weights_only=False)
