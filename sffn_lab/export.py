@@ -64,7 +64,7 @@ def read_export(folder: Path) -> LanguageModelModule:
             corpus = json.loads((f.metadata() or {})[CORPUS_KEY])
         module = LanguageModelModule(config=to_dict(config), corpus=corpus)
         safetensors.torch.load_model(module.model, weights, strict=True, device="cpu")
-    except (safetensors.SafetensorError, KeyError, json.JSONDecodeError) as exc:
+    except (safetensors.SafetensorError, KeyError, TypeError, json.JSONDecodeError) as exc:
         raise UserError(f"'{weights}' is not an sffn-lab export ({type(exc).__name__}: {exc}).") from None
     except RuntimeError as exc:  # missing, unexpected or mis-shaped tensors
         first = str(exc).strip().splitlines()[0]
