@@ -257,7 +257,7 @@ def test_auxiliary_losses_over_two_ranks_are_those_of_the_global_batch(tmp_path)
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     torch.multiprocessing.spawn(aux_loss_rank, args=(2, port, x, tmp_path), nprocs=2, join=True)
-    ranks = [torch.load(tmp_path / f"{r}.pt") for r in range(2)]
+    ranks = [torch.load(tmp_path / f"{r}.pt", weights_only=True) for r in range(2)]
     # Switch's dispatch fractions f_i are formed in float32, hence 1e-6 rather than float64 round-off.
     for kind in AUX_ROUTERS:
         aux, grad = router_aux_and_grad(kind, x)
