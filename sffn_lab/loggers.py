@@ -129,9 +129,12 @@ def build_loggers(names: list[str], run_dir: Path, run_name: str, resume_step: i
         loggers.append(TensorBoardLogger(save_dir=str(run_dir), name="tensorboard", version="", default_hp_metric=False,
                                          **purge))
     if "wandb" in names:
+        import wandb
         from lightning.pytorch.loggers import WandbLogger
 
         ids.setdefault("wandb", _new_id())
+        if wandb.run is not None and wandb.run.id != ids["wandb"]:  # an earlier run of this process (sffn ablate
+            wandb.finish()  # trains a grid's runs one after another), which WandbLogger would reuse
         loggers.append(WandbLogger(name=run_name, id=ids["wandb"], resume="allow", save_dir=str(run_dir),
                                    project=os.environ.get("WANDB_PROJECT", "sffn-lab")))
     if "mlflow" in names:

@@ -37,11 +37,17 @@ def csv_values(run_dir: Path, key: str) -> dict[int, float]:
     return {int(row["step"]): float(row[key]) for row in csv_history(run_dir) if key in row}
 
 
-def test_wandb_offline_run_gets_metrics_config_histograms_and_is_continued_on_resume(tmp_path, capsys, monkeypatch):
+def offline_wandb(tmp_path, monkeypatch):
+    """wandb in offline mode, its settings and caches under ``tmp_path``."""
     wandb = pytest.importorskip("wandb", reason="the test extra installs wandb")
     for name, value in {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_CONFIG_DIR": tmp_path / "config",
                         "WANDB_CACHE_DIR": tmp_path / "cache", "WANDB_DATA_DIR": tmp_path / "data"}.items():
         monkeypatch.setenv(name, str(value))
+    return wandb
+
+
+def test_wandb_offline_run_gets_metrics_config_histograms_and_is_continued_on_resume(tmp_path, capsys, monkeypatch):
+    wandb = offline_wandb(tmp_path, monkeypatch)
 
     def end_process_session():  # what a process's exit does: finish the run, stop wandb's service (which flushes)
         wandb.finish()
@@ -65,6 +71,22 @@ def test_wandb_offline_run_gets_metrics_config_histograms_and_is_continued_on_re
     histograms = [row for row in rows if row.get("train_usage/layer0/load/_type") == "histogram"]
     assert histograms and all(sum(row["train_usage/layer0/load/values"]) == 4 for row in histograms)  # 4 experts
     assert any(row.get("val_usage/layer0/load/_type") == "histogram" for row in rows)
+
+
+def test_runs_trained_one_after_another_in_a_process_get_their_own_wandb_runs(tmp_path, capsys, monkeypatch):
+    """As `sffn ablate` trains a grid's runs: without finishing the earlier W&B run, WandbLogger would reuse it."""
+    wandb = offline_wandb(tmp_path, monkeypatch)
+    for seed in (0, 1):
+        args = ["train", *as_flags([*MOE, "train.loggers=csv,wandb"]), "--max-steps", "5", "--seed", seed]
+        assert run_cli([*args, "--out", tmp_path / "runs", "--no-progress"], capsys)[0] == 0
+    wandb.finish()
+    wandb.teardown()
+    for run_dir in (tmp_path / "runs").iterdir():
+        run_id = json.loads((run_dir / "trackers.json").read_text())["wandb"]
+        stored_id, _, rows = wandb_offline_history(next((run_dir / "wandb").glob("offline-run-*")))
+        assert stored_id == run_id
+        assert {row["trainer/global_step"]: row["train/loss"] for row in rows if "train/loss" in row} == pytest.approx(
+            csv_values(run_dir, "train/loss"), rel=1e-7)
 
 
 def test_mlflow_file_store_gets_metrics_and_params_and_the_resume_continues_its_run(tmp_path, capsys, monkeypatch):
