@@ -98,9 +98,9 @@ RESUME_MAY_CHANGE = {"train.max_steps", "train.devices", "train.num_nodes", "tra
 
 
 def config_changes(saved: dict, config: Config) -> set[str]:
-    """Dotted keys whose value differs between a saved config (as a dict) and ``config``, except those a
-    resumed run may change (``RESUME_MAY_CHANGE``)."""
-    return _changed_keys(saved, to_dict(config)) - RESUME_MAY_CHANGE
+    """Dotted keys whose value differs between a saved config (as a dict: keys added to ``Config`` since it was
+    saved take their defaults) and ``config``, except those a resumed run may change (``RESUME_MAY_CHANGE``)."""
+    return _changed_keys(to_dict(from_dict(Config, saved)), to_dict(config)) - RESUME_MAY_CHANGE
 
 
 def _changed_keys(a: dict, b: dict, prefix: str = "") -> set[str]:
@@ -119,7 +119,7 @@ def load_run_config(run_dir: Path, overrides: list[str]) -> Config:
     if not (run_dir / CONFIG_FILE).is_file():
         raise UserError(f"'{run_dir}' is not a run directory (no {CONFIG_FILE} in it).")
     config = load_config(run_dir / CONFIG_FILE, overrides)
-    changed = config_changes(to_dict(from_dict(Config, read_yaml(run_dir / CONFIG_FILE))), config)
+    changed = config_changes(read_yaml(run_dir / CONFIG_FILE), config)
     if changed:
         raise UserError(
             f"Cannot resume '{run_dir}' with a different config (changed: {', '.join(sorted(changed))}). "
