@@ -1,8 +1,9 @@
-"""Lightning callbacks of sffn-lab: step-based progress (a bar, or plain lines in batch jobs), a final
-validation, and Ctrl-C handling."""
+"""Lightning callbacks of sffn-lab: step-based progress (a bar, plain lines in batch jobs, and the run's
+``status.json``), a final validation, and Ctrl-C handling."""
 
 from __future__ import annotations
 
+import math
 import signal
 import sys
 import time
@@ -12,6 +13,7 @@ import lightning as L
 from lightning.pytorch.callbacks import RichProgressBar
 
 from sffn_lab.errors import UserError
+from sffn_lab.run_dir import write_status
 
 
 class TrainingInterrupted(UserError):
@@ -52,8 +54,7 @@ class PlainProgress(L.Callback):
         if step % self.every or not trainer.is_global_zero or self._start is None:
             return
         elapsed = time.perf_counter() - self._start
-        done = step - self._start_step
-        eta = elapsed / done * (trainer.max_steps - step) if done else float("nan")
+        eta = eta_seconds(elapsed, step - self._start_step, trainer.max_steps - step)
         metrics = trainer.callback_metrics
         parts = [f"step {step}/{trainer.max_steps}"]
         if "train/loss" in metrics:
@@ -67,6 +68,43 @@ class PlainProgress(L.Callback):
         if trainer.is_global_zero and not trainer.sanity_checking and "val/loss" in trainer.callback_metrics:
             self._say(f"step {trainer.global_step}/{trainer.max_steps}  "
                       f"val/loss {float(trainer.callback_metrics['val/loss']):.4f}")
+
+
+def eta_seconds(elapsed: float, steps_done: int, steps_left: int) -> float:
+    """The time the remaining steps take at the rate of the steps done so far; NaN before the first step."""
+    return elapsed / steps_done * steps_left if steps_done else float("nan")
+
+
+class StatusFile(L.Callback):
+    """Keeps ``status.json`` telling where a running run is, for a user or a cluster script that polls it: after
+    every validation and every checkpoint (rank 0), the step, tokens seen, wall time of the run, the last
+    validation loss and bits, and an ETA at this process' pace; each write replaces the file atomically."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = Path(run_dir)
+        self._start: float | None = None
+        self._start_step = 0
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._start, self._start_step = time.perf_counter(), trainer.global_step
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if not trainer.sanity_checking:
+            self._write(trainer, pl_module)
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        self._write(trainer, pl_module)
+
+    def _write(self, trainer, pl_module) -> None:
+        if not trainer.is_global_zero or self._start is None:
+            return
+        step, metrics = trainer.global_step, trainer.callback_metrics
+        eta = eta_seconds(time.perf_counter() - self._start, step - self._start_step, trainer.max_steps - step)
+        write_status(
+            self.run_dir, "running", step=step, max_steps=trainer.max_steps, tokens_seen=pl_module.tokens_seen,
+            elapsed_s=round(pl_module.wall_time_s(), 3), eta_s=None if math.isnan(eta) else round(eta, 1),
+            **{key.replace("/", "_"): float(metrics[key]) for key in ("val/loss", "val/bits") if key in metrics},
+        )
 
 
 def format_seconds(seconds: float) -> str:

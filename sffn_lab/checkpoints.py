@@ -1,7 +1,11 @@
-"""Checkpoints: written atomically, read with a clear error when unusable, and checked before a resume.
+"""Checkpoints: written atomically, read without running code and with a clear error when unusable, and
+checked before a resume.
 
 ``checkpoints/last.ckpt`` is the run's latest state (every validation, every ``train.checkpoint_every``
-steps and on Ctrl-C); ``checkpoints/best-<step>.ckpt`` the best by validation loss.
+steps and on Ctrl-C); ``checkpoints/best-<step>.ckpt`` the best by validation loss. A checkpoint holds only
+tensors and plain values (the config and the corpus description as dicts, Lightning's loop, optimizer and
+callback states), so every read uses ``torch.load(weights_only=True)`` with nothing added to torch's
+allow-list: a file that asks the unpickler for any other global is refused before anything in it runs.
 """
 
 from __future__ import annotations
@@ -22,12 +26,16 @@ from sffn_lab.run_dir import CONFIG_FILE
 LAST_CKPT = "last.ckpt"
 
 
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Writes each checkpoint to a temporary file and renames it into place.
+class SafeCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint reads and writes: each write goes to a temporary file renamed into place, each
+    read (a resume's ``trainer.fit(ckpt_path=...)``) through ``read_checkpoint``.
 
     A run killed mid-save leaves the previous checkpoint intact; a half-written file is never
-    under the checkpoint's name.
+    under the checkpoint's name; a file that would run code is refused whatever ``weights_only`` Lightning asks for.
     """
+
+    def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict[str, Any]:
+        return read_checkpoint(Path(path))
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
         path = Path(path)
@@ -54,8 +62,9 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise UserError(f"Checkpoint '{path}' does not exist.")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as exc:
+        refuse_foreign_globals(path)
         reason = str(exc).split(". ")[0].splitlines()[0] if str(exc) else type(exc).__name__
         raise UserError(
             f"Checkpoint '{path}' is not a valid sffn-lab checkpoint: it is cut short or corrupt "
@@ -67,6 +76,21 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     return checkpoint
 
 
+def refuse_foreign_globals(path: Path) -> None:
+    """Raise ``UserError`` naming the globals ``path`` asks the unpickler for beyond torch's weights-only allow-list
+    (read from the pickle's opcodes, nothing executed); return if there are none or the file cannot be scanned."""
+    try:
+        foreign = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except (RuntimeError, ValueError, EOFError, OSError, pickle.UnpicklingError):
+        return  # not a readable zip checkpoint: the caller reports it as corrupt
+    if foreign:
+        raise UserError(
+            f"Checkpoint '{path}' was refused: it asks to load {', '.join(foreign)}, which an sffn-lab checkpoint "
+            "never holds (only tensors and plain values), and loading it could run code. Nothing in it was loaded "
+            "or run. Use a checkpoint from a source you trust, or ask for a `sffn export` folder (safetensors)."
+        )
+
+
 # What a resumed run may change: its length, and how its processes are laid out (the global batch and the
 # batches of every step do not depend on the number of processes, so the run continues exactly).
 RESUME_MAY_CHANGE = {"train.max_steps", "train.devices", "train.num_nodes", "train.strategy", "train.accelerator",
@@ -74,9 +98,9 @@ RESUME_MAY_CHANGE = {"train.max_steps", "train.devices", "train.num_nodes", "tra
 
 
 def config_changes(saved: dict, config: Config) -> set[str]:
-    """Dotted keys whose value differs between a saved config (as a dict) and ``config``, except those a
-    resumed run may change (``RESUME_MAY_CHANGE``)."""
-    return _changed_keys(saved, to_dict(config)) - RESUME_MAY_CHANGE
+    """Dotted keys whose value differs between a saved config (as a dict: keys added to ``Config`` since it was
+    saved take their defaults) and ``config``, except those a resumed run may change (``RESUME_MAY_CHANGE``)."""
+    return _changed_keys(to_dict(from_dict(Config, saved)), to_dict(config)) - RESUME_MAY_CHANGE
 
 
 def _changed_keys(a: dict, b: dict, prefix: str = "") -> set[str]:
@@ -95,7 +119,7 @@ def load_run_config(run_dir: Path, overrides: list[str]) -> Config:
     if not (run_dir / CONFIG_FILE).is_file():
         raise UserError(f"'{run_dir}' is not a run directory (no {CONFIG_FILE} in it).")
     config = load_config(run_dir / CONFIG_FILE, overrides)
-    changed = config_changes(to_dict(from_dict(Config, read_yaml(run_dir / CONFIG_FILE))), config)
+    changed = config_changes(read_yaml(run_dir / CONFIG_FILE), config)
     if changed:
         raise UserError(
             f"Cannot resume '{run_dir}' with a different config (changed: {', '.join(sorted(changed))}). "
@@ -114,13 +138,23 @@ def check_resumable(checkpoint: dict[str, Any], config: Config, path: Path) -> N
         )
 
 
-def load_checkpoint(path: Path) -> LanguageModelModule:
-    """A trained module from a checkpoint file, or a run directory (its best, else last, checkpoint)."""
+def checkpoint_file(path: Path) -> Path:
+    """``path`` itself, or for a run directory its best checkpoint, else its last."""
     path = Path(path)
     if path.is_dir():
         candidates = sorted((path / "checkpoints").glob("best-*.ckpt")) or [path / "checkpoints" / LAST_CKPT]
         path = candidates[-1]
-    checkpoint = read_checkpoint(path)
+    return path
+
+
+def load_checkpoint(path: Path) -> LanguageModelModule:
+    """A trained module from a checkpoint file, or a run directory (its best, else last, checkpoint)."""
+    path = checkpoint_file(path)
+    return module_from_checkpoint(read_checkpoint(path), path)
+
+
+def module_from_checkpoint(checkpoint: dict[str, Any], path: Path) -> LanguageModelModule:
+    """The module a checkpoint read from ``path`` describes, with its weights."""
     try:
         module = LanguageModelModule(**checkpoint["hyper_parameters"])
         module.load_state_dict(checkpoint["state_dict"])

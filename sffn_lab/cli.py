@@ -107,7 +107,8 @@ def train(
     config: Path | None = typer.Option(None, "--config", "-c", help="YAML experiment file or a shipped name."),
     set_: list[str] = typer.Option([], "--set", "-s", help="Override a key: --set model.d_model=256.",
                                    autocompletion=complete_override),
-    data: str | None = typer.Option(None, help="Corpus name or path to a text file.", autocompletion=_complete_corpus),
+    data: str | None = typer.Option(None, help="Corpus name, path to a text file or hf:NAME.",
+                                    autocompletion=_complete_corpus),
     max_steps: int | None = typer.Option(None, help="Training steps."),
     seed: int | None = typer.Option(None, help="Random seed."),
     accelerator: str | None = typer.Option(None, help="cpu, gpu, auto ..."),
@@ -154,7 +155,7 @@ class Split(str, Enum):
 
 @app.command("eval")
 def eval_(
-    checkpoint: Path = typer.Argument(..., help="A .ckpt file or a run directory."),
+    checkpoint: Path = typer.Argument(..., help="A .ckpt file, a run directory or an sffn export folder."),
     split: Split = typer.Option(Split.valid, help="Which split to score."),
     set_: list[str] = typer.Option([], "--set", "-s", help="Override a key (e.g. data.corpus=...)."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
@@ -174,7 +175,7 @@ def eval_(
 
 @app.command()
 def sample(
-    checkpoint: Path = typer.Argument(..., help="A .ckpt file or a run directory."),
+    checkpoint: Path = typer.Argument(..., help="A .ckpt file, a run directory or an sffn export folder."),
     prompt: str = typer.Option("", help="Text to continue."),
     tokens: int = typer.Option(200, help="Number of tokens to generate."),
     temperature: float = typer.Option(1.0, help="Sampling temperature (0: greedy)."),
@@ -187,6 +188,18 @@ def sample(
     if tokens < 1:
         raise UserError("--tokens must be at least 1.")
     print(sample_text(checkpoint, prompt, tokens, temperature, top_k, seed))
+
+
+@app.command()
+def export(
+    source: Path = typer.Argument(..., help="A .ckpt file or a run directory (its best, else last, checkpoint)."),
+    out: Path = typer.Option(..., help="The folder to write (new or empty)."),
+) -> None:
+    """Write a trained model as a folder without pickles: model.safetensors, config.yaml, tokenizer.json and a
+    README.md model card, which eval and sample accept."""
+    from sffn_lab.export import export_model
+
+    console.print(f"wrote {export_model(source, out)}", soft_wrap=True)
 
 
 class XAxis(str, Enum):

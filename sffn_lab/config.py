@@ -166,7 +166,8 @@ class SyntheticConfig:
 
 @dataclass
 class DataConfig:
-    corpus: str = "synthetic"  # a registered corpus name or a path to a local text file
+    corpus: str = "synthetic"  # a registered corpus name, a path to a local text file, or hf:NAME[:CONFIG] (datasets)
+    text_column: str = "text"  # the column of an hf: dataset that holds the text
     seq_len: int = 128  # tokens per training window
     batch_size: int = 32  # windows per training batch: the global batch, split over the processes
     eval_batch_size: int = 64  # windows per evaluation batch

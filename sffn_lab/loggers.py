@@ -129,21 +129,38 @@ def build_loggers(names: list[str], run_dir: Path, run_name: str, resume_step: i
         loggers.append(TensorBoardLogger(save_dir=str(run_dir), name="tensorboard", version="", default_hp_metric=False,
                                          **purge))
     if "wandb" in names:
+        import wandb
         from lightning.pytorch.loggers import WandbLogger
 
         ids.setdefault("wandb", _new_id())
+        if wandb.run is not None and wandb.run.id != ids["wandb"]:  # an earlier run of this process (sffn ablate
+            wandb.finish()  # trains a grid's runs one after another), which WandbLogger would reuse
         loggers.append(WandbLogger(name=run_name, id=ids["wandb"], resume="allow", save_dir=str(run_dir),
                                    project=os.environ.get("WANDB_PROJECT", "sffn-lab")))
     if "mlflow" in names:
-        from lightning.pytorch.loggers import MLFlowLogger
-
-        mlflow = MLFlowLogger(experiment_name="sffn-lab", run_name=run_name, run_id=ids.get("mlflow"),
-                              tracking_uri=os.environ.get("MLFLOW_TRACKING_URI", f"file:{run_dir / 'mlruns'}"))
-        ids["mlflow"] = mlflow.run_id
-        loggers.append(mlflow)
+        loggers.append(_mlflow_logger(run_dir, run_name, ids))
     if ids and rank_zero:
         (run_dir / TRACKER_IDS).write_text(json.dumps(ids))
     return loggers
+
+
+def _mlflow_logger(run_dir: Path, run_name: str, ids: dict[str, str]) -> Logger:
+    """MLflow's logger, into ``MLFLOW_TRACKING_URI`` or else a file store in the run directory (which MLflow 3
+    keeps in maintenance mode and opens only with ``MLFLOW_ALLOW_FILE_STORE=true``); continues ``ids["mlflow"]``."""
+    from lightning.pytorch.loggers import MLFlowLogger
+    from mlflow.exceptions import MlflowException
+
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if uri is None:
+        uri = f"file:{run_dir / 'mlruns'}"
+        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+    try:
+        logger = MLFlowLogger(experiment_name="sffn-lab", run_name=run_name, run_id=ids.get("mlflow"),
+                              tracking_uri=uri)
+        ids["mlflow"] = logger.run_id  # creates (or finds) the experiment and the run
+    except MlflowException as exc:
+        raise UserError(f"MLflow cannot log to '{uri}': {str(exc).splitlines()[0]}") from None
+    return logger
 
 
 def _read_ids(run_dir: Path) -> dict[str, str]:

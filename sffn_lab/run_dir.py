@@ -2,7 +2,9 @@
 
 ``<train.out_dir>/<name>-<timestamp>/`` holds ``config.yaml`` (the resolved config), ``tokenizer.json``,
 ``metrics.csv`` and ``tensorboard/`` (``sffn_lab.loggers``), ``checkpoints/`` (``sffn_lab.checkpoints``),
-``status.json`` (running / interrupted / failed / finished) and, when the run ends, ``summary.json``.
+``status.json`` (running / interrupted / failed / finished; while running, rewritten after every validation and
+checkpoint with the step, tokens, wall time, last validation loss and ETA: ``callbacks.StatusFile``) and, when the
+run ends, ``summary.json``.
 """
 
 from __future__ import annotations

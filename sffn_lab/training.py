@@ -10,6 +10,7 @@ import dataclasses
 import json
 import logging
 import os
+import shlex
 import sys
 import warnings
 from dataclasses import asdict, dataclass
@@ -24,6 +25,7 @@ from sffn_lab.analysis.model_cost import count_model
 from sffn_lab.callbacks import (
     CheckpointOnInterrupt,
     PlainProgress,
+    StatusFile,
     StepProgressBar,
     TrainingInterrupted,
     UsageHeatmap,
@@ -31,9 +33,8 @@ from sffn_lab.callbacks import (
 )
 from sffn_lab.checkpoints import (
     LAST_CKPT,
-    AtomicCheckpointIO,
+    SafeCheckpointIO,
     check_resumable,
-    load_checkpoint,
     read_checkpoint,
 )
 from sffn_lab.config import (
@@ -47,6 +48,7 @@ from sffn_lab.config import (
 from sffn_lab.data.datamodule import LMDataModule
 from sffn_lab.data.tokenizers import tokenizer_to_dict
 from sffn_lab.errors import UserError
+from sffn_lab.export import load_trained, saved_tokenizer
 from sffn_lab.lm_module import CorpusInfo, LanguageModelModule
 from sffn_lab.loggers import FlushLogsBeforeCheckpoint, build_loggers, check_installed, parse_loggers
 from sffn_lab.run_dir import (
@@ -98,6 +100,7 @@ class RunSummary:
     tokens_seen: int
     wall_time_s: float
     best_checkpoint: str | None
+    command: str  # the command line that trained the run (its last segment, when resumed)
 
 
 def corpus_info(data: LMDataModule) -> CorpusInfo:
@@ -129,7 +132,7 @@ def build_trainer(
         dirpath=checkpoints, save_top_k=0, save_last=True, every_n_train_steps=t.checkpoint_every or t.val_every,
     )
     callbacks: list[L.Callback] = [best, last, ValidateAtLastStep(), CheckpointOnInterrupt(checkpoints / LAST_CKPT)]
-    callbacks += [UsageHeatmap(run_dir / "expert_usage.png"), FlushLogsBeforeCheckpoint()]
+    callbacks += [UsageHeatmap(run_dir / "expert_usage.png"), FlushLogsBeforeCheckpoint(), StatusFile(run_dir)]
     bar = progress and sys.stdout.isatty()
     if bar:
         callbacks.append(StepProgressBar(leave=True))
@@ -168,7 +171,7 @@ def _lightning_trainer(t, loggers: list, callbacks: list, progress: bool, run_di
         precision=t.precision,
         logger=loggers,
         callbacks=callbacks,
-        plugins=[AtomicCheckpointIO()],
+        plugins=[SafeCheckpointIO()],
         enable_progress_bar=progress,
         enable_model_summary=False,
         num_sanity_val_steps=0,
@@ -216,11 +219,11 @@ def train(
     os.environ[RUN_DIR_ENV] = str(run_dir)
     rank_zero = not is_launched_rank()
     if rank_zero:
-        write_status(run_dir, "running", step=0)
+        write_status(run_dir, "running", step=resume_step or 0)
     trainer = None
     try:
         trainer = build_trainer(config, run_dir, progress and rank_zero, resume_step, rank_zero)
-        trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+        trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)  # read through SafeCheckpointIO, weights only
     except TrainingInterrupted:
         if rank_zero:
             write_status(run_dir, "interrupted", step=trainer.global_step)
@@ -263,22 +266,19 @@ def summarize(run_dir: Path, trainer: L.Trainer, module: LanguageModelModule, wa
         tokens_seen=module.tokens_seen,
         wall_time_s=wall,
         best_checkpoint=(ckpt.best_model_path or None) if ckpt else None,
+        command=shlex.join(["sffn", *sys.argv[1:]]),
     )
     return summary
 
 
 def sample(ckpt: Path, prompt: str, tokens: int, temperature: float, top_k: int | None, seed: int) -> str:
-    """``tokens`` generated tokens after ``prompt``, decoded, from a checkpoint or run directory; the run's saved
-    tokenizer is used (older runs without one rebuild it from the corpus)."""
-    from sffn_lab.data.tokenizers import UnencodableText, tokenizer_from_dict
+    """``tokens`` generated tokens after ``prompt``, decoded, from a checkpoint, run directory or export folder;
+    its saved tokenizer is used (older runs without one rebuild it from the corpus)."""
+    from sffn_lab.data.tokenizers import UnencodableText
     from sffn_lab.models.sampling import generate
 
-    module = load_checkpoint(ckpt)
-    run_dir = Path(ckpt) if Path(ckpt).is_dir() else Path(ckpt).parent.parent
-    if (run_dir / TOKENIZER_FILE).is_file():
-        tokenizer = tokenizer_from_dict(json.loads((run_dir / TOKENIZER_FILE).read_text()))
-    else:
-        tokenizer = LMDataModule(module.config.data, seed=module.config.train.seed).corpus.tokenizer
+    module = load_trained(ckpt)
+    tokenizer = saved_tokenizer(ckpt, module)
     try:
         ids = tokenizer.encode(prompt) if prompt else [0]
     except UnencodableText as exc:
@@ -290,9 +290,9 @@ def sample(ckpt: Path, prompt: str, tokens: int, temperature: float, top_k: int 
 
 
 def evaluate(ckpt: Path, split: str, config_overrides: list[str] | None = None, progress: bool = False) -> dict:
-    """Exact loss over every token of ``split`` ("valid" or "test") with a trained checkpoint."""
+    """Exact loss over every token of ``split`` ("valid" or "test") with a trained checkpoint or export folder."""
     quiet_lightning()
-    module = load_checkpoint(ckpt)
+    module = load_trained(ckpt)
     config = module.config
     if config_overrides:
         config = from_dict(Config, apply_overrides(to_dict(config), config_overrides))

@@ -76,15 +76,21 @@ class InterruptAtStep(L.Callback):
             os.kill(os.getpid(), signal.SIGINT)
 
 
+def add_to_every_trainer(monkeypatch, callback: L.Callback):
+    """Every trainer ``training.build_trainer`` builds from now on gets ``callback`` too; returns the unpatched
+    ``build_trainer``, to put back."""
+    build = training.build_trainer
+
+    def with_callback(*args, **kwargs):
+        trainer = build(*args, **kwargs)
+        trainer.callbacks.append(callback)
+        return trainer
+
+    monkeypatch.setattr(training, "build_trainer", with_callback)
+    return build
+
+
 def interrupt_training_at(monkeypatch, step: int):
     """Every trainer ``training.build_trainer`` builds from now on gets a Ctrl-C at ``step``; returns the
     unpatched ``build_trainer``, to put back for the resume."""
-    build = training.build_trainer
-
-    def with_interrupt(*args, **kwargs):
-        trainer = build(*args, **kwargs)
-        trainer.callbacks.append(InterruptAtStep(step))
-        return trainer
-
-    monkeypatch.setattr(training, "build_trainer", with_interrupt)
-    return build
+    return add_to_every_trainer(monkeypatch, InterruptAtStep(step))

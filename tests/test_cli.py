@@ -6,13 +6,15 @@ import json
 import os
 from pathlib import Path
 
+import lightning as L
 import pytest
 
 from sffn_lab import training
 from sffn_lab.callbacks import format_seconds
+from sffn_lab.run_dir import read_status
 from tests.histories import csv_history, tensorboard_history
 from tests.support import TINY as TINY_OVERRIDES
-from tests.support import as_flags, interrupt_training_at, run_cli
+from tests.support import add_to_every_trainer, as_flags, interrupt_training_at, run_cli
 
 TINY = as_flags(TINY_OVERRIDES)
 
@@ -56,6 +58,39 @@ def test_train_eval_sample_plot(tmp_path, capsys):
     assert image.shape[0] > 200 and image.std() > 0.05
 
 
+class ReadStatus(L.Callback):
+    """Reads the run's status.json at the start of every step, with the last validation loss Lightning holds."""
+
+    def __init__(self):
+        self.seen: list[tuple[int, dict, float | None]] = []
+
+    def on_train_batch_start(self, trainer, *args):
+        val = trainer.callback_metrics.get("val/loss")
+        status = read_status(Path(trainer.default_root_dir))
+        self.seen.append((trainer.global_step, status, None if val is None else float(val)))
+
+
+def test_status_json_tells_step_tokens_loss_and_eta_during_the_run(tmp_path, capsys, monkeypatch):
+    reader = ReadStatus()
+    add_to_every_trainer(monkeypatch, reader)
+    train_tiny(tmp_path, capsys, "--max-steps", "25", "--set", "train.checkpoint_every=5")
+
+    for step, status, val_loss in reader.seen:
+        assert status["status"] == "running"
+        written = step // 5 * 5  # validations at 10 and 20, checkpoints every 5 steps
+        assert status["step"] == written
+        if written == 0:
+            assert status == {"status": "running", "step": 0}
+            continue
+        assert status["max_steps"] == 25 and status["tokens_seen"] == written * 8 * 32
+        assert status["elapsed_s"] > 0 and status["eta_s"] >= 0
+        if step >= 10:  # a validation has run: its loss is the one Lightning holds
+            assert status["val_loss"] == pytest.approx(val_loss, rel=1e-6) and "val_bits" in status
+        else:
+            assert "val_loss" not in status
+    assert len({json.dumps(status, sort_keys=True) for _, status, _ in reader.seen}) == 5  # steps 0, 5, 10, 15, 20
+
+
 def test_same_seed_gives_the_same_curve(tmp_path, capsys):
     a = train_tiny(tmp_path / "a", capsys, "--max-steps", "12")
     b = train_tiny(tmp_path / "b", capsys, "--max-steps", "12")
@@ -93,7 +128,7 @@ def test_eval_of_a_checkpoint_on_a_mismatched_model_is_refused(tmp_path, capsys)
     ckpt = run_dir / "checkpoints" / "last.ckpt"
     import torch
 
-    state = torch.load(ckpt, weights_only=False)
+    state = torch.load(ckpt, weights_only=True)
     state["hyper_parameters"]["config"]["model"]["d_model"] = 64
     torch.save(state, tmp_path / "other.ckpt")
     code, _, err = run_cli(["eval", tmp_path / "other.ckpt"], capsys)

@@ -187,7 +187,7 @@ def test_training_with_memory_resumes_bitwise_with_its_cache(tmp_path, capsys, m
     code, _, err = run_cli(["train", *XL, "--max-steps", "16", "--out", tmp_path / "part", "--no-progress"], capsys)
     assert code == 130, err
     part = next((tmp_path / "part").iterdir())
-    saved = torch.load(part / "checkpoints" / "last.ckpt", weights_only=False)["sffn"]["memory"]
+    saved = torch.load(part / "checkpoints" / "last.ckpt", weights_only=True)["sffn"]["memory"]
     assert [tuple(m.shape) for m in saved] == [(4, 32, 32)]  # 1 layer: batch rows × one segment × d_model
     monkeypatch.setattr(training, "build_trainer", build)
     code, _, err = run_cli(["train", "--resume", part, "--no-progress"], capsys)

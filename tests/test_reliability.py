@@ -259,7 +259,7 @@ def test_auxiliary_losses_over_two_ranks_are_those_of_the_global_batch(tmp_path)
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     torch.multiprocessing.spawn(aux_loss_rank, args=(2, port, x, tmp_path), nprocs=2, join=True)
-    ranks = [torch.load(tmp_path / f"{r}.pt") for r in range(2)]
+    ranks = [torch.load(tmp_path / f"{r}.pt", weights_only=True) for r in range(2)]
     # Switch's dispatch fractions f_i are formed in float32, hence 1e-6 rather than float64 round-off.
     for kind in AUX_ROUTERS:
         aux, grad = router_aux_and_grad(kind, x)
@@ -405,7 +405,7 @@ def copy_run(run_dir: Path, to: Path, damage: str) -> Path:
     if damage == "truncated":
         last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
     else:
-        foreign = torch.load(last, weights_only=False)
+        foreign = torch.load(last, weights_only=True)
         foreign["hyper_parameters"]["config"]["model"]["ffn"]["d_ff"] = 32
         torch.save(foreign, last)
     return copy

@@ -169,6 +169,8 @@ def load_corpus(cfg: DataConfig) -> Corpus:
         return synthetic_corpus(cfg)
     if name in REGISTRY:
         return named_corpus(REGISTRY[name], cache_root(cfg), cfg.tokenizer)
+    if name.startswith(HF_PREFIX):
+        return hf_corpus(name, cfg.text_column, cache_root(cfg), cfg.tokenizer)
     path = Path(name).expanduser()
     if path.is_file():
         return text_file_corpus(path, cache_root(cfg), cfg.tokenizer)
@@ -227,6 +229,64 @@ def text_file_corpus(path: Path, cache: Path, tokenizer_spec: str = "") -> Corpu
     if tokenizer_spec in ("", "byte"):
         return Corpus(path.name, "byte", ByteTokenizer(), splits, split_bytes={s: len(t) for s, t in splits.items()})
     return retokenized_corpus(path.name, cache / "files" / path.name, splits, tokenizer_spec, cache)
+
+
+# --------------------------------------------------------------------------------------------- Hugging Face datasets
+
+HF_PREFIX = "hf:"
+HF_SPLITS = {"train": ("train",), "valid": ("validation", "valid", "dev"), "test": ("test",)}  # ours → theirs
+
+
+def hf_corpus(spec: str, text_column: str, cache: Path, tokenizer_spec: str = "") -> Corpus:
+    """``hf:NAME[:CONFIG]`` through the ``datasets`` library: a folder written by ``save_to_disk``, a local
+    folder of data files (parquet, text, json, csv), or a Hub dataset (from its cache when offline). The rows of
+    ``text_column``, joined by newlines, are each split's text: the dataset's train / validation / test
+    splits when it has all three, else its train split (or only split) cut 90/5/5 by position. As bytes, or
+    re-tokenized by ``tokenizer_spec`` with its caches in ``cache/hf/<NAME[_CONFIG]>``."""
+    name, _, config = spec[len(HF_PREFIX):].partition(":")
+    splits = {ours: data.encode("utf-8") for ours, data in hf_texts(name, config or None, text_column).items()}
+    if "valid" not in splits:
+        splits = byte_splits(np.frombuffer(splits["train"], dtype=np.uint8), None)
+    check_text(bytes(splits["train"][: 1 << 20]), spec)
+    if tokenizer_spec in ("", "byte"):
+        arrays = {split: np.frombuffer(data, dtype=np.uint8) for split, data in splits.items()}
+        return Corpus(spec, "byte", ByteTokenizer(), arrays, split_bytes={s: len(t) for s, t in splits.items()})
+    folder = cache / "hf" / "_".join(part.replace("/", "--") for part in (name, config) if part)
+    return retokenized_corpus(spec, folder, splits, tokenizer_spec, cache)
+
+
+def hf_texts(name: str, config: str | None, text_column: str) -> dict[str, str]:
+    """split ("train", and "valid" and "test" when the dataset has all three) → the text of its rows."""
+    try:
+        import datasets
+    except ImportError:
+        raise UserError(f"data.corpus=hf:{name} needs the 'datasets' package: pip install 'sffn-lab[hf]'") from None
+    try:
+        if (Path(name) / datasets.config.DATASETDICT_JSON_FILENAME).is_file() or (
+                Path(name) / datasets.config.DATASET_STATE_JSON_FILENAME).is_file():
+            loaded = datasets.load_from_disk(name)
+        else:
+            loaded = datasets.load_dataset(name, config)
+    except (datasets.exceptions.DatasetsError, FileNotFoundError, ConnectionError, ValueError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(
+            f"The dataset '{name}'{f' (config {config})' if config else ''} could not be loaded: {reason}. To use it "
+            "offline, load it once online (datasets.load_dataset, which fills the cache in HF_HOME), or save it "
+            "with Dataset.save_to_disk(DIR) / as parquet or text files in DIR and give data.corpus=hf:DIR."
+        ) from None
+    if isinstance(loaded, datasets.Dataset):
+        loaded = datasets.DatasetDict(train=loaded)
+    chosen = {ours: next((loaded[t] for t in theirs if t in loaded), None) for ours, theirs in HF_SPLITS.items()}
+    if chosen["train"] is None:
+        if len(loaded) != 1:
+            raise UserError(f"The dataset '{name}' has no train split (its splits: {', '.join(loaded)}).")
+        chosen["train"] = next(iter(loaded.values()))
+    if chosen["valid"] is None or chosen["test"] is None:
+        chosen = {"train": chosen["train"]}
+    if text_column not in chosen["train"].column_names:
+        raise UserError(f"The dataset '{name}' has no column '{text_column}' (its columns: "
+                        f"{', '.join(chosen['train'].column_names)}); choose one with data.text_column.")
+    return {split: "\n".join(rows[text_column]) for split, rows in chosen.items()}
 
 
 # --------------------------------------------------------------------------------------------- named corpora
