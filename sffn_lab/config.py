@@ -65,6 +65,13 @@ class SBaseOptions:
 
 
 @dataclass
+class BaseOptions:
+    """BASE layers: the optimal balanced assignment in training (an auction), greedy top-K at eval."""
+
+    form: str = "bank"  # "bank": expert bank, sigmoid(W_sel x) gates; "fairseq": x + σ(x·c_e)·FFN_e(LN_e x) (see help)
+
+
+@dataclass
 class HashOptions:
     """HashLayer: a fixed random hash of the token id picks the expert."""
 
@@ -110,6 +117,7 @@ class FFNConfig:
     sigma_moe: SigmaMoEOptions = field(default_factory=SigmaMoEOptions)
     switch: SwitchOptions = field(default_factory=SwitchOptions)
     sbase: SBaseOptions = field(default_factory=SBaseOptions)
+    base: BaseOptions = field(default_factory=BaseOptions)
     hash: HashOptions = field(default_factory=HashOptions)
     avgk: AvgKOptions = field(default_factory=AvgKOptions)
     pkm: PKMOptions = field(default_factory=PKMOptions)
@@ -409,6 +417,9 @@ def validate(config: Config) -> None:
     if t.num_nodes < 1:
         raise UserError("train.num_nodes must be at least 1.")
     validate_ffn(m.ffn)
+    if m.ffn.kind == "base" and m.ffn.base.form == "fairseq" and m.init == "paper":
+        raise UserError("model.ffn.base.form=fairseq initialises as fairseq does (orthogonal centroids, a zero second "
+                        "projection); use model.init=default with it, or model.ffn.base.form=bank.")
     if m.backbone == "smlp":
         validate_smlp(m.smlp)
 
@@ -446,6 +457,8 @@ def validate_ffn(cfg: FFNConfig) -> None:
         raise UserError("model.ffn.sbase.sinkhorn_iters must be at least 1.")
     if cfg.kind == "sbase" and not 0 <= cfg.sbase.expert_dropout < 1:
         raise UserError("model.ffn.sbase.expert_dropout must be in [0, 1).")
+    if cfg.kind == "base":
+        choice(cfg.base.form, ("bank", "fairseq"), "model.ffn.base.form")
     if cfg.kind == "pkm":
         p = cfg.pkm
         choice(p.activation, ("softmax", "relu"), "model.ffn.pkm.activation")

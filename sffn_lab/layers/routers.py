@@ -245,7 +245,13 @@ def sinkhorn(logits: torch.Tensor, iters: int) -> torch.Tensor:
 
 class BaseRouter(LinearRouter):
     """BASE layers: the optimal balanced assignment in training (the auction of
-    ``sffn_lab.layers.balanced_assignment``: every expert gets T·K/N_E tokens), greedy top-K at eval."""
+    ``sffn_lab.layers.balanced_assignment``: every expert gets T·K/N_E tokens), greedy top-K at eval; gates
+    σ(x·c_e) of the selector rows c_e (fairseq's expert centroids: orthogonal, gain 0.1, in the fairseq form)."""
+
+    def __init__(self, d_model: int, n_experts: int, k: int, opts):
+        super().__init__(d_model, n_experts, k)
+        if opts.form == "fairseq":
+            nn.init.orthogonal_(self.selector, gain=0.1)
 
     def forward(self, x, token_ids=None, bank=None) -> Routing:
         logits = self.logits(x)
@@ -296,7 +302,7 @@ def build_router(cfg: FFNConfig, d_model: int, n_layers: int, vocab_size: int) -
     if cfg.kind == "sbase":
         return SBaseRouter(d_model, E, K, cfg.sbase)
     if cfg.kind == "base":
-        return BaseRouter(d_model, E, K)
+        return BaseRouter(d_model, E, K, cfg.base)
     if cfg.kind == "hash":
         return HashRouter(E, K, cfg.hash.seed, vocab_size)
     if cfg.kind == "avgk":
