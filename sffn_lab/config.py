@@ -66,9 +66,11 @@ class SBaseOptions:
 
 @dataclass
 class BaseOptions:
-    """BASE layers: the optimal balanced assignment in training (an auction), greedy top-K at eval."""
+    """BASE layers: the optimal balanced assignment in training (an auction), greedy top-K at eval. The fairseq
+    form is fairseq's BaseLayer with one sublayer (K = 1 there; K > 1 sums the K experts' updates), applied to
+    the block's LN(x) rather than the raw residual stream, every expert in one process."""
 
-    form: str = "bank"  # "bank": expert bank, sigmoid(W_sel x) gates; "fairseq": x + σ(x·c_e)·FFN_e(LN_e x) (see help)
+    form: str = "bank"  # "bank" (expert bank, σ(W_sel x) gates) or "fairseq" (BaseLayer: σ(x·c_e)·FFN_e(LN_e x))
 
 
 @dataclass

@@ -54,7 +54,8 @@ def base_layer_forward(input_features, centroids, experts, assignment=None):
     if assignment is None:
         sort_by_expert, splits = greedy_assignment(token_expert_affinities, len(experts))
     else:
-        sort_by_expert, splits = torch.argsort(assignment, stable=True), torch.bincount(assignment, minlength=len(experts)).tolist()
+        sort_by_expert = torch.argsort(assignment, stable=True)
+        splits = torch.bincount(assignment, minlength=len(experts)).tolist()
     outputs = []
     for expert_id, routed_features in enumerate(features[sort_by_expert].split(splits)):
         if routed_features.size(0) > 0:
@@ -89,7 +90,8 @@ def transcribed_experts(layer: nn.Module) -> nn.ModuleList:
 def test_fairseq_form_initialises_as_fairseq():
     layer = fairseq_layer(4)
     c = layer.router.selector
-    torch.testing.assert_close(c @ c.t(), 0.01 * torch.eye(4, dtype=torch.float64), atol=1e-8, rtol=0)  # gain 0.1 (fp32)
+    eye = torch.eye(4, dtype=torch.float64)
+    torch.testing.assert_close(c @ c.t(), 0.01 * eye, atol=1e-8, rtol=0)  # gain 0.1 (initialised in fp32)
     assert not layer.bank.values.any() and layer.bank.value_bias.any()  # ff2.weight zero, not its bias
     assert (layer.bank.norm_weight == 1).all() and not layer.bank.norm_bias.any()
 
@@ -111,7 +113,8 @@ def test_fairseq_form_equals_fairseq_base_layer(n_experts, training):
     assignment = None
     if training:  # the routing our layer used (the auction's), for fairseq's sort into workers
         assignment = layer.router(x0.reshape(-1, D)).indices[:, 0]
-        assert torch.equal(torch.bincount(assignment, minlength=n_experts), torch.full((n_experts,), 24 // n_experts))
+        loads = torch.bincount(assignment, minlength=n_experts)
+        assert torch.equal(loads, torch.full((n_experts,), 24 // n_experts))
     x_ref = x0.clone().requires_grad_(True)
     centroids = layer.router.selector.detach().clone().requires_grad_(True)
     want = base_layer_forward(x_ref, centroids, experts, assignment)
@@ -121,9 +124,11 @@ def test_fairseq_form_equals_fairseq_base_layer(n_experts, training):
     torch.testing.assert_close(layer.router.selector.grad, centroids.grad, atol=ATOL, rtol=0)
     bank = layer.bank
     for e, sub in enumerate(experts):
-        for ours, theirs in [(bank.norm_weight.grad[e], sub.norm.weight.grad), (bank.norm_bias.grad[e], sub.norm.bias.grad),
+        for ours, theirs in [(bank.norm_weight.grad[e], sub.norm.weight.grad),
+                             (bank.norm_bias.grad[e], sub.norm.bias.grad),
                              (bank.keys.grad[e].t(), sub.ff1.weight.grad), (bank.key_bias.grad[e], sub.ff1.bias.grad),
-                             (bank.values.grad[e].t(), sub.ff2.weight.grad), (bank.value_bias.grad[e], sub.ff2.bias.grad)]:
+                             (bank.values.grad[e].t(), sub.ff2.weight.grad),
+                             (bank.value_bias.grad[e], sub.ff2.bias.grad)]:
             torch.testing.assert_close(ours, theirs, atol=ATOL, rtol=0)
 
 
@@ -142,7 +147,7 @@ def test_fairseq_form_with_k_experts_sums_their_updates():
 
 
 def test_the_form_is_checked():
-    with pytest.raises(UserError, match="Unknown model.ffn.base.form 'fairsek'.*fairseq"):
+    with pytest.raises(UserError, match=r"Unknown model\.ffn\.base\.form 'fairsek'\..*fairseq"):
         load_config(DEFAULT_CONFIG, ["model.ffn.kind=base", "model.ffn.base.form=fairsek"])
-    with pytest.raises(UserError, match="model.init=default"):
+    with pytest.raises(UserError, match=r"model\.init=default"):
         load_config(DEFAULT_CONFIG, ["model.ffn.kind=base", "model.ffn.base.form=fairseq", "model.init=paper"])
