@@ -14,14 +14,15 @@ bidder that wants K objects, each bid judged against its (K+1)-th best value, as
 their C best tokens against the (C+1)-th), not a second-choice round. ε shrinks in phases (ε-scaling,
 Bertsekas & Eckstein 1988) down to ``eps_final`` · (max s − min s).
 
-State: an expert's C slots, each with a price and an owner (or nobody). The price of an expert, p_e, is
-its cheapest slot's.
+State: an expert's C slots, each with a price and an owner (or nobody), kept in descending price order.
+The price of an expert, p_e, is its cheapest slot's.
 One round: up to ``block`` of the tokens still short of experts bid at once (a Jacobi auction over a
 block, so that every tensor has a fixed shape). Token t, short by d, takes the values v_e = s[t, e] − p_e
 of the experts it does not hold, w = its (d+1)-th best value, and bids s[t, e] − w + ε (≥ p_e + ε) for
-each of its d best. Every expert keeps the C highest of its slots and its new bids; a token whose slot
-is taken bids again later. Ties go to the lower index (equal values: the lower expert; equal bids: the
-lower token), so the result is deterministic. A new phase keeps prices and the pairs that still satisfy
+each of its d best. Every expert keeps the C highest of its slots and its new bids (a merge of two
+sorted lists); a token whose slot is taken bids again later. Ties go to the lower index (equal values:
+the lower expert; equal new bids: the lower token; a held slot stays ahead of an equal new bid), so the
+result is deterministic. A new phase keeps prices and the pairs that still satisfy
 ε-complementary slackness (s[t, e] − paid ≥ best alternative value − ε) and frees the others, at their
 expert's price.
 
@@ -87,8 +88,9 @@ def balanced_assignment(scores: torch.Tensor, k: int, eps_final: float = EPS_FIN
 
 
 class Slots:
-    """Every expert's C slots: price [E, C] and owner [E, C] (a token index, or N = nobody). A slot's price is
-    the bid that won it, or for a free slot the price its expert had when it was freed (0 at the start)."""
+    """Every expert's C slots, most expensive first: price [E, C] (sorted descending along each row) and owner
+    [E, C] (a token index, or N = nobody). A slot's price is the bid that won it, or for a free slot the price
+    its expert had when it was freed (0 at the start)."""
 
     def __init__(self, price: torch.Tensor, owner: torch.Tensor, n_tokens: int):
         self.price, self.owner, self.n_tokens = price, owner, n_tokens
@@ -100,7 +102,7 @@ class Slots:
 
     def expert_prices(self) -> torch.Tensor:
         """[E]: the price of one more slot of each expert (its cheapest slot's)."""
-        return self.price.amin(1)
+        return self.price[:, -1]
 
     def counts(self) -> torch.Tensor:
         """[N]: how many experts each token holds."""
@@ -125,15 +127,27 @@ class Slots:
         experts = torch.arange(s.shape[1], device=s.device)[:, None]
         gain = s[self.owner.clamp_max(N - 1), experts] - self.price
         violated = (self.owner < N) & (gain < best_other[self.owner] - eps)
-        price = torch.where(violated, prices[:, None], self.price)
-        return Slots(price, self.owner.masked_fill(violated, N), N)
+        price, order = torch.where(violated, prices[:, None], self.price).sort(dim=1, descending=True, stable=True)
+        return Slots(price, self.owner.masked_fill(violated, N).gather(1, order), N)
+
+    def take(self, bids: torch.Tensor, bidders: torch.Tensor) -> Slots:
+        """Each expert keeps the C highest of its slots and its bids [E, B] (sorted descending along each row,
+        −inf: no bid) from ``bidders`` [E, B]; a slot stays ahead of an equal bid. Two sorted lists merge by
+        rank: an entry's place is its own index plus the number of entries of the other list ahead of it."""
+        E, C = self.price.shape
+        B = bids.shape[1]
+        device = bids.device
+        slot_rank = torch.arange(C, device=device) + torch.searchsorted(-bids, -self.price, side="left")
+        bid_rank = torch.arange(B, device=device) + torch.searchsorted(-self.price, -bids, side="right")
+        price = bids.new_empty(E, C + B).scatter_(1, slot_rank, self.price).scatter_(1, bid_rank, bids)
+        owner = bidders.new_empty(E, C + B).scatter_(1, slot_rank, self.owner).scatter_(1, bid_rank, bidders)
+        return Slots(price[:, :C].contiguous(), owner[:, :C].contiguous(), self.n_tokens)
 
 
 def bidding_round(s: torch.Tensor, want: torch.Tensor, k: int, slots: Slots, eps: torch.Tensor, block: int) -> Slots:
     """The first ``block`` tokens (s [N, E], wanting ``want`` [N] ≤ k experts) that are short bid; every expert
     keeps its C best slots and bids."""
     N, E = s.shape
-    C = slots.price.shape[1]
     demand = want - slots.counts()
     bidders = torch.nonzero_static(demand > 0, size=block, fill_value=N).squeeze(1)  # [B], N pads
     rows = bidders.clamp_max(N - 1)
@@ -142,24 +156,9 @@ def bidding_round(s: torch.Tensor, want: torch.Tensor, k: int, slots: Slots, eps
     value = (s_rows - slots.expert_prices()).masked_fill(slots.holds().index_select(0, bidders), float("-inf"))
     threshold = value.topk(k + 1, dim=1).values.gather(1, short)  # the (d+1)-th best value [B, 1]
     chosen = first_by_index(value, threshold, short, dim=1)  # the d best, ties to the lower expert
-    experts = torch.argsort((~chosen).to(torch.uint8), dim=1, stable=True)[:, :k]  # [B, k]
-    bids = s_rows.gather(1, experts) - threshold + eps
-    bidding = torch.arange(k, device=s.device) < short
-    candidate_expert = torch.cat([torch.arange(E, device=s.device).repeat_interleave(C),
-                                  experts.masked_fill(~bidding, E).reshape(-1)])
-    candidate_price = torch.cat([slots.price.reshape(-1), bids.reshape(-1)])
-    candidate_owner = torch.cat([slots.owner.reshape(-1), bidders[:, None].expand(-1, k).reshape(-1)])
-    order = torch.argsort(candidate_owner, stable=True)  # expert, then highest price, then lowest owner
-    order = order[torch.argsort(candidate_price[order], descending=True, stable=True)]
-    order = order[torch.argsort(candidate_expert[order], stable=True)]
-    expert = candidate_expert[order]
-    count = torch.bincount(candidate_expert, minlength=E + 1)
-    rank = torch.arange(len(order), device=s.device) - (count.cumsum(0) - count)[expert]
-    kept = (rank < C) & (expert < E)
-    target = torch.where(kept, expert * C + rank, E * C)  # E·C: a discarded cell
-    price = slots.price.new_empty(E * C + 1).scatter_(0, target, candidate_price[order])[:-1].view(E, C)
-    owner = slots.owner.new_empty(E * C + 1).scatter_(0, target, candidate_owner[order])[:-1].view(E, C)
-    return Slots(price, owner, N)
+    bids = torch.where(chosen, s_rows - threshold + eps, float("-inf")).t().contiguous()  # [E, B]
+    bids, order = bids.sort(dim=1, descending=True, stable=True)  # equal bids: the lower token first
+    return slots.take(bids, bidders[order])
 
 
 def first_by_index(x: torch.Tensor, threshold: torch.Tensor, count: torch.Tensor, dim: int) -> torch.Tensor:
