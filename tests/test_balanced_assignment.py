@@ -7,6 +7,7 @@ import pytest
 import torch
 from scipy.optimize import linear_sum_assignment
 
+import sffn_lab.layers.balanced_assignment as auction
 from sffn_lab.layers.balanced_assignment import EPS_FINAL, balanced_assignment
 
 
@@ -74,9 +75,29 @@ def test_non_finite_scores_count_as_the_lowest():
     assert torch.equal(counts, torch.full((4,), 8))
 
 
+def test_an_unfinished_last_phase_returns_the_last_finished_one(monkeypatch):
+    """Phase 2 of 2 frees every slot and then never bids: the answer is phase 1's (ε = EPS_START · range)."""
+    scores = low_rank_scores(60, 6, 3)
+    first = balanced_assignment(scores, 2, eps_final=auction.EPS_START, n_phases=1)
+    real_free = auction.Slots.free_violations
+    phases = []
+
+    def stall_in_phase_two(self, s, eps):
+        phases.append(eps)
+        slots = real_free(self, s, eps)
+        if len(phases) < 2:
+            return slots
+        monkeypatch.setattr(auction, "bidding_round", lambda s, want, k, slots, eps, block: slots)
+        return auction.Slots(slots.price, torch.full_like(slots.owner, slots.n_tokens), slots.n_tokens)
+
+    monkeypatch.setattr(auction.Slots, "free_violations", stall_in_phase_two)
+    assert torch.equal(balanced_assignment(scores, 2, n_phases=2), first)
+
+
 @pytest.mark.parametrize("k", [1, 3])
-def test_an_unfinished_auction_is_completed_exactly(k):
-    """One round per phase leaves tokens short; the round-robin fill still gives exact loads, distinct experts."""
+def test_an_auction_that_never_finishes_is_completed_exactly(k):
+    """One round per phase leaves tokens short in every phase; the round-robin fill still gives exact loads
+    and distinct experts."""
     indices = balanced_assignment(low_rank_scores(60, 6, 3), k, max_rounds=1)
     assert torch.equal(torch.bincount(indices.view(-1), minlength=6), torch.full((6,), 10 * k))
     assert all(len(set(row)) == k for row in indices.tolist())

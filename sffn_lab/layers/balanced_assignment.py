@@ -33,9 +33,10 @@ token adds one ε).
 Bounded work, device-side: ``n_phases`` phases of at most ``max_rounds`` rounds, no shape that depends
 on the data (bidders are compacted with ``nonzero_static``); the only host read is the "everyone
 served?" check, once every ``check_every`` rounds (on CUDA a data-dependent ``while`` would synchronise
-every round). If the last phase is still incomplete after ``max_rounds`` (not seen in the tests or the
-benchmark), the tokens still short are completed by a round-robin fill of the free slots: exact
-capacities and distinct experts, but score-blind, so without the ε guarantee.
+every round). A phase still incomplete after ``max_rounds`` rounds hands on its prices; if it is the last,
+the assignment of the last phase that did finish is returned (within E·C times that phase's ε of the
+optimum). Only if no phase finished are the tokens still short completed by a round-robin fill of the
+free slots: exact capacities and distinct experts, but score-blind.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ EPS_FINAL = 1e-3  # ε of the last phase, as a fraction of the score range
 N_PHASES = 3  # ε falls by (EPS_START / EPS_FINAL)^(1 / (N_PHASES − 1)) from one phase to the next
 MAX_ROUNDS = 1024  # bidding rounds per phase at most
 CHECK_EVERY = 8  # rounds between two "everyone served?" host reads
-BLOCK = 512  # tokens bidding in one round at most
+BLOCK = 256  # tokens bidding in one round at most
 
 
 def balanced_assignment(scores: torch.Tensor, k: int, eps_final: float = EPS_FINAL, n_phases: int = N_PHASES,
@@ -73,6 +74,7 @@ def balanced_assignment(scores: torch.Tensor, k: int, eps_final: float = EPS_FIN
     spread = (s.amax() - lowest).clamp_min(torch.finfo(s.dtype).tiny)
     ratio = (EPS_START / eps_final) ** (1 / max(n_phases - 1, 1))
     slots = Slots.empty(E, capacity, len(s), s)
+    complete = None  # the assignment of the last phase that served every token
     for phase in range(n_phases):
         eps = spread * eps_final * ratio ** (n_phases - 1 - phase)
         slots = slots.free_violations(s, eps)
@@ -80,7 +82,9 @@ def balanced_assignment(scores: torch.Tensor, k: int, eps_final: float = EPS_FIN
             slots = bidding_round(s, want, k, slots, eps, min(block, len(s)))
             if round_ % check_every == 0 and bool((slots.counts() == want).all()):
                 break
-    holds = slots.holds()[:T]
+        if bool((slots.counts() == want).all()):
+            complete = slots
+    holds = (complete if complete is not None else slots).holds()[:T]
     short = holds.sum(1) < k
     if bool(short.any()):
         holds = fill_round_robin(holds, short, k, capacity)
@@ -147,7 +151,7 @@ class Slots:
 def bidding_round(s: torch.Tensor, want: torch.Tensor, k: int, slots: Slots, eps: torch.Tensor, block: int) -> Slots:
     """The first ``block`` tokens (s [N, E], wanting ``want`` [N] ≤ k experts) that are short bid; every expert
     keeps its C best slots and bids."""
-    N, E = s.shape
+    N = s.shape[0]
     demand = want - slots.counts()
     bidders = torch.nonzero_static(demand > 0, size=block, fill_value=N).squeeze(1)  # [B], N pads
     rows = bidders.clamp_max(N - 1)
