@@ -41,7 +41,7 @@ class SigmaMoEOptions:
 
     entropy_coef: float = 1e-3  # γ of the entropy regulariser on the batch-mean selection softmax
     expert_dropout: float = 0.0  # δ: probability of dropping a whole expert from selection (training)
-    gate: str = "sigmoid"  # "sigmoid" (paper); "softmax" (all N_E, before top-K), "softmax_topk" (the K), "none"
+    gate: str = "sigmoid"  # "sigmoid" (authors' sweeps: moe.selection_mode); "softmax", "softmax_topk" (the K), "none"
     renormalize: bool = False  # renormalise the K selected gates to sum to 1 (ablation)
     init: str = "paper"  # value fan-in N_E·G ("paper") or G ("standard": each expert as its own small FFN)
 
@@ -84,7 +84,7 @@ class HashOptions:
 class AvgKOptions:
     """Avg-K: score a block by x · mean of its key vectors."""
 
-    gate: str = "none"  # "none" (paper) or "softmax" / "sigmoid" over the selected scores
+    gate: str = "none"  # "none" (assumed the Avg-K paper's; no source at hand) or "softmax" / "sigmoid" of the scores
 
 
 @dataclass
@@ -137,7 +137,7 @@ class SMLPConfig:
     n_dense_blocks: int = 2  # N1 gMLP blocks
     n_sparse_blocks: int = 2  # N2 sparse blocks (sMoE + tMoE)
     n_chunks: int = 4  # sMoE experts: the hidden dimension is split into this many chunks
-    routing: str = "deterministic"  # "deterministic" or "partial_prediction"
+    routing: str = "deterministic"  # "deterministic" or "partial_prediction" (its details assumed: see models/smlp.py)
     prediction_fraction: float = 0.2  # partial prediction: the router sees this leading fraction
     d_hidden: int = 512  # F: the gMLP hidden width (the gate u and the mixed v each have F channels)
     mixing: str = "toeplitz"  # token-mixing weights: "toeplitz" (one per offset t − s) or "full" (L × L)

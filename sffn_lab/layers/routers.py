@@ -212,8 +212,9 @@ def within_capacity(indices: torch.Tensor, n_experts: int, capacity_factor: floa
 class SBaseRouter(LinearRouter):
     """S-BASE: Sinkhorn-balanced top-K in training, top-K of the logits at eval, sigmoid gates of the logits;
     optionally σ-MoE's entropy regulariser and expert dropout (the σ-MoE paper's S-BASE uses both). A
-    dropped expert leaves the balanced selection; as in the paper's code it keeps its gate when it must
-    still be picked (fewer than K left)."""
+    dropped expert leaves the balanced selection; as in the authors' code it keeps its gate when it must
+    still be picked (fewer than K left): github RobertCsordas/moe, layers/moe_layer.py lines 657-677 at
+    6b175aa ("sinkmoid": dropped scores set to −inf, the gates re-read from the raw scores after top-K)."""
 
     def __init__(self, d_model: int, n_experts: int, k: int, opts):
         super().__init__(d_model, n_experts, k)
