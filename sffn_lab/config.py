@@ -41,7 +41,7 @@ class SigmaMoEOptions:
 
     entropy_coef: float = 1e-3  # γ of the entropy regulariser on the batch-mean selection softmax
     expert_dropout: float = 0.0  # δ: probability of dropping a whole expert from selection (training)
-    gate: str = "sigmoid"  # "sigmoid" (paper); "softmax" (all N_E, before top-K), "softmax_topk" (the K), "none"
+    gate: str = "sigmoid"  # "sigmoid" (authors' sweeps: moe.selection_mode); "softmax", "softmax_topk" (the K), "none"
     renormalize: bool = False  # renormalise the K selected gates to sum to 1 (ablation)
     init: str = "paper"  # value fan-in N_E·G ("paper") or G ("standard": each expert as its own small FFN)
 
@@ -65,6 +65,15 @@ class SBaseOptions:
 
 
 @dataclass
+class BaseOptions:
+    """BASE layers: the optimal balanced assignment in training (an auction), greedy top-K at eval. The fairseq
+    form is fairseq's BaseLayer with one sublayer (K = 1 there; K > 1 sums the K experts' updates), applied to
+    the block's LN(x) rather than the raw residual stream, every expert in one process."""
+
+    form: str = "bank"  # "bank" (expert bank, σ(W_sel x) gates) or "fairseq" (BaseLayer: σ(x·c_e)·FFN_e(LN_e x))
+
+
+@dataclass
 class HashOptions:
     """HashLayer: a fixed random hash of the token id picks the expert."""
 
@@ -75,7 +84,7 @@ class HashOptions:
 class AvgKOptions:
     """Avg-K: score a block by x · mean of its key vectors."""
 
-    gate: str = "none"  # "none" (paper) or "softmax" / "sigmoid" over the selected scores
+    gate: str = "none"  # "none" (assumed the Avg-K paper's; no source at hand) or "softmax" / "sigmoid" of the scores
 
 
 @dataclass
@@ -110,6 +119,7 @@ class FFNConfig:
     sigma_moe: SigmaMoEOptions = field(default_factory=SigmaMoEOptions)
     switch: SwitchOptions = field(default_factory=SwitchOptions)
     sbase: SBaseOptions = field(default_factory=SBaseOptions)
+    base: BaseOptions = field(default_factory=BaseOptions)
     hash: HashOptions = field(default_factory=HashOptions)
     avgk: AvgKOptions = field(default_factory=AvgKOptions)
     pkm: PKMOptions = field(default_factory=PKMOptions)
@@ -127,7 +137,7 @@ class SMLPConfig:
     n_dense_blocks: int = 2  # N1 gMLP blocks
     n_sparse_blocks: int = 2  # N2 sparse blocks (sMoE + tMoE)
     n_chunks: int = 4  # sMoE experts: the hidden dimension is split into this many chunks
-    routing: str = "deterministic"  # "deterministic" or "partial_prediction"
+    routing: str = "deterministic"  # "deterministic" or "partial_prediction" (its details assumed: see models/smlp.py)
     prediction_fraction: float = 0.2  # partial prediction: the router sees this leading fraction
     d_hidden: int = 512  # F: the gMLP hidden width (the gate u and the mixed v each have F channels)
     mixing: str = "toeplitz"  # token-mixing weights: "toeplitz" (one per offset t − s) or "full" (L × L)
@@ -410,6 +420,9 @@ def validate(config: Config) -> None:
     if t.num_nodes < 1:
         raise UserError("train.num_nodes must be at least 1.")
     validate_ffn(m.ffn)
+    if m.ffn.kind == "base" and m.ffn.base.form == "fairseq" and m.init == "paper":
+        raise UserError("model.ffn.base.form=fairseq initialises as fairseq does (orthogonal centroids, a zero second "
+                        "projection); use model.init=default with it, or model.ffn.base.form=bank.")
     if m.backbone == "smlp":
         validate_smlp(m.smlp)
 
@@ -447,6 +460,8 @@ def validate_ffn(cfg: FFNConfig) -> None:
         raise UserError("model.ffn.sbase.sinkhorn_iters must be at least 1.")
     if cfg.kind == "sbase" and not 0 <= cfg.sbase.expert_dropout < 1:
         raise UserError("model.ffn.sbase.expert_dropout must be in [0, 1).")
+    if cfg.kind == "base":
+        choice(cfg.base.form, ("bank", "fairseq"), "model.ffn.base.form")
     if cfg.kind == "pkm":
         p = cfg.pkm
         choice(p.activation, ("softmax", "relu"), "model.ffn.pkm.activation")

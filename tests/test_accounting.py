@@ -9,7 +9,7 @@ import torch
 
 from sffn_lab.analysis.accounting import compute_equal, count_ffn, param_equal, variants_table
 from sffn_lab.analysis.model_cost import count_model
-from sffn_lab.config import BLOCK_KINDS, FFN_KINDS, FFNConfig, PKMOptions, load_config
+from sffn_lab.config import BLOCK_KINDS, FFN_KINDS, BaseOptions, FFNConfig, PKMOptions, load_config
 from sffn_lab.errors import UserError
 from sffn_lab.layers.factory import build_ffn
 from sffn_lab.models import build_model
@@ -26,6 +26,13 @@ def numel(module) -> int:
 def test_total_params_equal_the_built_modules_numel(kind):
     cfg = dataclasses.replace(BASE, kind=kind)
     assert count_ffn(cfg, D).total_params == numel(build_ffn(cfg, D, n_layers=2, vocab_size=64))
+
+
+def test_base_fairseq_form_params_equal_the_built_modules_numel():
+    cfg = dataclasses.replace(BASE, kind="base", base=BaseOptions(form="fairseq"))
+    E, G, K = 6, 32, 2
+    assert count_ffn(cfg, D).total_params == numel(build_ffn(cfg, D, n_layers=2, vocab_size=64))
+    assert count_ffn(cfg, D).active_params == K * (2 * D * G + G + 3 * D) + E * D  # + LN_e, b1, b2 per expert
 
 
 def test_active_params_by_hand():

@@ -42,7 +42,10 @@ def count_ffn(cfg: FFNConfig, d_model: int) -> Cost:
         router = E * D if cfg.kind in LEARNED_ROUTERS else 0
         # Avg-K scores blocks against their mean keys (E·D multiply-adds), like a learned router
         router_flops = 2 * E * D if cfg.kind != "hash" else 0
-        return Cost(2 * E * G * D + router, 2 * K * G * D + router, 4 * K * G * D + router_flops)
+        # BASE's fairseq form: each expert also has its LayerNorm (2D) and two biases (G + D); FLOPs count the
+        # products only, as the dense FFN's do
+        block = 2 * G * D + (G + 3 * D if cfg.kind == "base" and cfg.base.form == "fairseq" else 0)
+        return Cost(E * block + router, K * block + router, 4 * K * G * D + router_flops)
     if cfg.kind == "pkm":
         p = cfg.pkm
         key_dim = pkm_query_size(p, D)

@@ -27,4 +27,9 @@ def build_ffn(cfg: FFNConfig, d_model: int, n_layers: int, vocab_size: int) -> n
         return ProductKeyMemory(d_model, cfg.pkm, cfg.dropout)
     from sffn_lab.layers.moe import MoEFFN
 
+    if cfg.kind == "base" and cfg.base.form == "fairseq":
+        from sffn_lab.layers.base_experts import FairseqBaseExperts
+
+        bank = FairseqBaseExperts(d_model, cfg.n_experts, cfg.expert_size, cfg.activation, cfg.dropout)
+        return MoEFFN(cfg, d_model, n_layers, vocab_size, bank)
     return MoEFFN(cfg, d_model, n_layers, vocab_size)

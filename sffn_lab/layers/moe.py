@@ -15,9 +15,11 @@ from sffn_lab.layers.routers import build_router
 class MoEFFN(nn.Module):
     """x [B, S, D] (token ids [B, S]) → ``FFNOutput`` with y [B, S, D] and expert counts [N_E]."""
 
-    def __init__(self, cfg: FFNConfig, d_model: int, n_layers: int, vocab_size: int):
+    def __init__(self, cfg: FFNConfig, d_model: int, n_layers: int, vocab_size: int, bank: nn.Module | None = None):
         super().__init__()
-        self.bank = ExpertBank(d_model, cfg.n_experts, cfg.expert_size, cfg.activation, cfg.dropout)
+        # the expert bank, or another module with its interface (BASE's fairseq form: ``FairseqBaseExperts``)
+        self.bank = bank if bank is not None else ExpertBank(d_model, cfg.n_experts, cfg.expert_size,
+                                                             cfg.activation, cfg.dropout)
         self.router = build_router(cfg, d_model, n_layers, vocab_size)
         self.router.init_bank(self.bank)
 

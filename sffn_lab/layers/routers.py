@@ -17,6 +17,7 @@ from torch import nn
 
 from sffn_lab.config import FFNConfig
 from sffn_lab.errors import UserError
+from sffn_lab.layers.balanced_assignment import balanced_assignment
 from sffn_lab.layers.expert_bank import ExpertBank
 
 
@@ -211,8 +212,9 @@ def within_capacity(indices: torch.Tensor, n_experts: int, capacity_factor: floa
 class SBaseRouter(LinearRouter):
     """S-BASE: Sinkhorn-balanced top-K in training, top-K of the logits at eval, sigmoid gates of the logits;
     optionally σ-MoE's entropy regulariser and expert dropout (the σ-MoE paper's S-BASE uses both). A
-    dropped expert leaves the balanced selection; as in the paper's code it keeps its gate when it must
-    still be picked (fewer than K left)."""
+    dropped expert leaves the balanced selection; as in the authors' code it keeps its gate when it must
+    still be picked (fewer than K left): github RobertCsordas/moe, layers/moe_layer.py lines 657-677 at
+    6b175aa ("sinkmoid": dropped scores set to −inf, the gates re-read from the raw scores after top-K)."""
 
     def __init__(self, d_model: int, n_experts: int, k: int, opts):
         super().__init__(d_model, n_experts, k)
@@ -243,7 +245,14 @@ def sinkhorn(logits: torch.Tensor, iters: int) -> torch.Tensor:
 
 
 class BaseRouter(LinearRouter):
-    """BASE layers: a balanced assignment in training (every expert gets T·K/N_E tokens), greedy at eval."""
+    """BASE layers: the optimal balanced assignment in training (the auction of
+    ``sffn_lab.layers.balanced_assignment``: every expert gets T·K/N_E tokens), greedy top-K at eval; gates
+    σ(x·c_e) of the selector rows c_e (fairseq's expert centroids: orthogonal, gain 0.1, in the fairseq form)."""
+
+    def __init__(self, d_model: int, n_experts: int, k: int, opts):
+        super().__init__(d_model, n_experts, k)
+        if opts.form == "fairseq":
+            nn.init.orthogonal_(self.selector, gain=0.1)
 
     def forward(self, x, token_ids=None, bank=None) -> Routing:
         logits = self.logits(x)
@@ -253,63 +262,6 @@ class BaseRouter(LinearRouter):
         else:
             indices = logits.topk(self.k, dim=-1).indices
         return Routing(indices, torch.sigmoid(logits.gather(-1, indices)))
-
-
-def balanced_assignment(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """[T, E] scores → [T, k] distinct experts per token; each expert gets ⌈T/E⌉ tokens at most per round.
-
-    Greedy with proposals: in each round every unassigned token proposes to its best open expert
-    and every expert accepts its best proposals up to its remaining capacity; an expert that fills
-    closes. K rounds of this assign each token K distinct experts, so when E divides T every expert
-    receives exactly T·K/E tokens.
-    """
-    T, E = scores.shape
-    taken = torch.zeros(T, E, dtype=torch.bool, device=scores.device)
-    columns = []
-    for _ in range(k):
-        choice = _balanced_round(scores.masked_fill(taken, float("-inf")), -(-T // E), taken)
-        taken[torch.arange(T, device=scores.device), choice] = True
-        columns.append(choice)
-    return torch.stack(columns, dim=1)
-
-
-def _balanced_round(scores: torch.Tensor, capacity: int, taken: torch.Tensor) -> torch.Tensor:
-    """One expert per token (not one it has ``taken``), at most ``capacity`` tokens per expert."""
-    T, E = scores.shape
-    assigned = torch.full((T,), -1, dtype=torch.long, device=scores.device)
-    remaining = torch.full((E,), capacity, dtype=torch.long, device=scores.device)
-    while True:
-        open_tokens = (assigned < 0).nonzero().squeeze(1)
-        if open_tokens.numel() == 0:
-            return assigned
-        candidate = scores[open_tokens].masked_fill(remaining[None, :] == 0, float("-inf"))
-        best, proposal = candidate.max(dim=1)
-        stuck = torch.isinf(best)
-        for token in open_tokens[stuck].tolist():  # rare: every open expert was taken by this token before
-            _swap_into_full_expert(token, assigned, remaining, taken)
-        open_tokens, best, proposal = open_tokens[~stuck], best[~stuck], proposal[~stuck]
-        by_score = torch.argsort(best, descending=True, stable=True)
-        by_expert = by_score[torch.argsort(proposal[by_score], stable=True)]
-        experts = proposal[by_expert]
-        counts = torch.bincount(experts, minlength=E)
-        rank_in_expert = torch.arange(len(experts), device=scores.device) - (torch.cumsum(counts, 0) - counts)[experts]
-        accept = rank_in_expert < remaining[experts]
-        assigned[open_tokens[by_expert[accept]]] = experts[accept]
-        remaining -= torch.bincount(experts[accept], minlength=E)
-
-
-def _swap_into_full_expert(token: int, assigned, remaining, taken) -> None:
-    """Give ``token`` the expert e of some token u of this round, moving u to an open expert f it may use."""
-    open_experts = remaining > 0
-    movable = (assigned >= 0) & ~taken[token].index_select(0, assigned.clamp_min(0))
-    movable &= (open_experts[None, :] & ~taken).any(dim=1)
-    if not movable.any():  # no swap exists: exceed one expert's capacity by one
-        assigned[token] = int((~taken[token]).nonzero()[0])
-        return
-    u = int(movable.nonzero()[0])
-    f = int((open_experts & ~taken[u]).nonzero()[0])
-    assigned[token], assigned[u] = assigned[u].clone(), f
-    remaining[f] -= 1
 
 
 class HashRouter(Router):
@@ -351,7 +303,7 @@ def build_router(cfg: FFNConfig, d_model: int, n_layers: int, vocab_size: int) -
     if cfg.kind == "sbase":
         return SBaseRouter(d_model, E, K, cfg.sbase)
     if cfg.kind == "base":
-        return BaseRouter(d_model, E, K)
+        return BaseRouter(d_model, E, K, cfg.base)
     if cfg.kind == "hash":
         return HashRouter(E, K, cfg.hash.seed, vocab_size)
     if cfg.kind == "avgk":

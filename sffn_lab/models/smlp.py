@@ -4,7 +4,8 @@
 
 gMLP block (dense): x + W_out( u ⊙ SGU(v) ),  [u, v] = GELU(W_in LN(x)), SGU(v) = W_s LN(v) + b with
 W_s [L, L] lower-triangular, so position t mixes positions ≤ t only. ``model.smlp.mixing`` picks how W_s
-is parameterised: ``full`` (one weight per position pair, as in the papers) or ``toeplitz`` (the
+is parameterised: ``full`` (one weight per position pair: gMLP's spatial gating unit, Liu et al. 2021 §2.1,
+W ∈ R^{n×n}; the sMLP paper builds on gMLP) or ``toeplitz`` (the
 default: W_s[t, s] = w[t − s], one weight per offset). Training windows start at random offsets of the
 corpus, so a full W_s must learn the same relative pattern separately at every position; on the
 synthetic corpus (d_model 64, 300 steps of 32 × 64 tokens) Toeplitz mixing reaches 3.9 bits where
@@ -15,11 +16,13 @@ chunk is mixed along the token axis by one of N experts (each its own causal W_s
 
 sMoE routing:
 - ``deterministic``: chunk i → expert i, no gate.
-- ``partial_prediction`` (the paper's): a router W_r [N, P] reads each hidden channel's values at the
-  first P = ⌊fraction · max_seq_len⌋ positions (20% in the paper) and sends that channel to its top-1
-  expert, output scaled by the softmax gate. Positions before P keep the deterministic chunk i → expert i
-  (their outputs never depend on later tokens), and the LM loss is computed only on positions ≥ P
-  (``LMOutput.loss_mask``).
+- ``partial_prediction``: a router W_r [N, P] reads each hidden channel's values at the first
+  P = ⌊fraction · max_seq_len⌋ positions (20%: the design card's reading of the paper) and sends that
+  channel to its top-1 expert, output scaled by the softmax gate. Positions before P keep the
+  deterministic chunk i → expert i (their outputs never depend on later tokens), and the LM loss is
+  computed only on positions ≥ P (``LMOutput.loss_mask``). Assumed, with no source at hand: the router
+  per hidden channel, the softmax top-1 gate, the deterministic prefix and the absence of any balancing
+  (docs/results.md: 10% of the experts end unused).
 """
 
 from __future__ import annotations

@@ -1,0 +1,189 @@
+"""BASE layers' balanced assignment: the auction algorithm (Bertsekas) with ε-scaling, vectorised in torch.
+
+Problem: scores s [T, E]; give every token t a set S_t of K distinct experts, every expert taking at most
+C = ⌈T·K/E⌉ tokens, so as to maximise Σ_t Σ_{e ∈ S_t} s[t, e]. When E divides T·K every expert takes
+exactly C = T·K/E. Otherwise E·C − T·K (< E) dummy tokens, each wanting one expert at a score equal for
+all experts (the lowest score), fill the spare slots: the problem becomes exact again, and the spare
+slots land wherever leaving them empty costs the least (the optimum with at most C tokens per expert).
+
+Relation to fairseq (``fairseq/clib/libbase/balanced_assignment.cpp``, BASE layers, Lewis et al. 2021):
+the same forward auction, with these differences. fairseq lets the E experts bid for the T tokens (K = 1,
+E dividing T), with one fixed ε = (max s − min s) / 50 and a host read every round. Here the tokens bid
+for experts, which lets a token ask for K distinct experts: the K-assignment generalisation (a token is a
+bidder that wants K objects, each bid judged against its (K+1)-th best value, as fairseq's experts judge
+their C best tokens against the (C+1)-th), not a second-choice round. ε shrinks in phases (ε-scaling,
+Bertsekas & Eckstein 1988) down to ``eps_final`` · (max s − min s).
+
+State: an expert's C slots, each with a price and an owner (or nobody), kept in descending price order.
+The price of an expert, p_e, is its cheapest slot's.
+One round: up to ``block`` of the tokens still short of experts bid at once (a Jacobi auction over a
+block, so that every tensor has a fixed shape). Token t, short by d, takes the values v_e = s[t, e] − p_e
+of the experts it does not hold, w = its (d+1)-th best value, and bids s[t, e] − w + ε (≥ p_e + ε) for
+each of its d best. Every expert keeps the C highest of its slots and its new bids (a merge of two
+sorted lists); a token whose slot is taken bids again later. Ties go to the lower index (equal values:
+the lower expert; equal new bids: the lower token; a held slot stays ahead of an equal new bid), so the
+result is deterministic. A new phase keeps prices and the pairs that still satisfy
+ε-complementary slackness (s[t, e] − paid ≥ best alternative value − ε) and frees the others, at their
+expert's price.
+
+Guarantee: at the end of the last phase every held (token, expert) pair satisfies ε-complementary
+slackness, so the total score is within E·C·ε of the optimum (T·K·ε when E divides T·K; each dummy
+token adds one ε).
+
+Bounded work, device-side: ``n_phases`` phases of at most ``max_rounds`` rounds, no shape that depends
+on the data (bidders are compacted with ``nonzero_static``); the only host read is the "everyone
+served?" check, once every ``check_every`` rounds (on CUDA a data-dependent ``while`` would synchronise
+every round). A phase still incomplete after ``max_rounds`` rounds hands on its prices; if it is the last,
+the assignment of the last phase that did finish is returned (within E·C times that phase's ε of the
+optimum). Only if no phase finished are the tokens still short completed by a round-robin fill of the
+free slots: exact capacities and distinct experts, but score-blind.
+"""
+
+from __future__ import annotations
+
+import torch
+
+EPS_START = 0.25  # ε of the first phase, as a fraction of the score range (max s − min s)
+EPS_FINAL = 1e-3  # ε of the last phase, as a fraction of the score range
+N_PHASES = 3  # ε falls by (EPS_START / EPS_FINAL)^(1 / (N_PHASES − 1)) from one phase to the next
+MAX_ROUNDS = 1024  # bidding rounds per phase at most
+CHECK_EVERY = 8  # rounds between two "everyone served?" host reads
+BLOCK = 256  # tokens bidding in one round at most
+
+
+def balanced_assignment(scores: torch.Tensor, k: int, eps_final: float = EPS_FINAL, n_phases: int = N_PHASES,
+                        max_rounds: int = MAX_ROUNDS, check_every: int = CHECK_EVERY,
+                        block: int = BLOCK) -> torch.Tensor:
+    """scores [T, E] → indices [T, k] (long): k distinct experts per token (in increasing order), at most
+    C = ⌈T·k/E⌉ tokens per expert (exactly T·k/E when E divides T·k), total score within E·C·ε of the optimum,
+    ε = ``eps_final`` · (max − min of the scores). Non-finite scores count as the lowest finite one."""
+    T, E = scores.shape
+    if not 1 <= k <= E:
+        raise ValueError(f"k ({k}) must be between 1 and the number of experts ({E})")
+    if k == E:
+        return torch.arange(E, device=scores.device).expand(T, E).clone()
+    s = scores.detach()
+    finite = s.isfinite()
+    lowest = s.masked_fill(~finite, float("inf")).amin()
+    s = torch.where(finite, s, lowest)
+    capacity = -(-T * k // E)
+    spare = E * capacity - T * k  # dummy tokens, one slot each, at the same score for every expert
+    s = torch.cat([s, lowest.expand(spare, E)])
+    want = torch.full((T + spare,), k, device=s.device)
+    want[T:] = 1
+    spread = (s.amax() - lowest).clamp_min(torch.finfo(s.dtype).tiny)
+    ratio = (EPS_START / eps_final) ** (1 / max(n_phases - 1, 1))
+    slots = Slots.empty(E, capacity, len(s), s)
+    complete = None  # the assignment of the last phase that served every token
+    for phase in range(n_phases):
+        eps = spread * eps_final * ratio ** (n_phases - 1 - phase)
+        slots = slots.free_violations(s, eps)
+        for round_ in range(1, max_rounds + 1):
+            slots = bidding_round(s, want, k, slots, eps, min(block, len(s)))
+            if round_ % check_every == 0 and bool((slots.counts() == want).all()):
+                break
+        if bool((slots.counts() == want).all()):
+            complete = slots
+    holds = (complete if complete is not None else slots).holds()[:T]
+    short = holds.sum(1) < k
+    if bool(short.any()):
+        holds = fill_round_robin(holds, short, k, capacity)
+    return torch.argsort((~holds).to(torch.uint8), dim=1, stable=True)[:, :k].contiguous()
+
+
+class Slots:
+    """Every expert's C slots, most expensive first: price [E, C] (sorted descending along each row) and owner
+    [E, C] (a token index, or N = nobody). A slot's price is the bid that won it, or for a free slot the price
+    its expert had when it was freed (0 at the start)."""
+
+    def __init__(self, price: torch.Tensor, owner: torch.Tensor, n_tokens: int):
+        self.price, self.owner, self.n_tokens = price, owner, n_tokens
+
+    @classmethod
+    def empty(cls, n_experts: int, capacity: int, n_tokens: int, like: torch.Tensor) -> Slots:
+        price = like.new_zeros(n_experts, capacity)
+        return cls(price, torch.full(price.shape, n_tokens, dtype=torch.long, device=like.device), n_tokens)
+
+    def expert_prices(self) -> torch.Tensor:
+        """[E]: the price of one more slot of each expert (its cheapest slot's)."""
+        return self.price[:, -1]
+
+    def counts(self) -> torch.Tensor:
+        """[N]: how many experts each token holds."""
+        return torch.bincount(self.owner.reshape(-1), minlength=self.n_tokens + 1)[: self.n_tokens]
+
+    def holds(self) -> torch.Tensor:
+        """[N + 1, E] bool: token t holds expert e (the last row: nobody's slots)."""
+        E, C = self.owner.shape
+        holds = torch.zeros(self.n_tokens + 1, E, dtype=torch.bool, device=self.owner.device)
+        experts = torch.arange(E, device=self.owner.device)[:, None].expand(E, C)
+        return holds.index_put_((self.owner, experts), torch.ones((), dtype=torch.bool, device=holds.device))
+
+    def free_violations(self, s: torch.Tensor, eps: torch.Tensor) -> Slots:
+        """Free the held slots whose owner gains more than ε by switching to an expert it does not hold at
+        today's prices (s [N, E]); a freed slot costs what its expert's cheapest slot costs (so no expert
+        gets cheaper, and every other pair keeps its ε-complementary slackness)."""
+        holds = self.holds()[:-1]
+        prices = self.expert_prices()
+        best_other = (s - prices).masked_fill(holds, float("-inf")).amax(1)
+        best_other = torch.cat([best_other, best_other.new_full((1,), float("-inf"))])
+        N = self.n_tokens
+        experts = torch.arange(s.shape[1], device=s.device)[:, None]
+        gain = s[self.owner.clamp_max(N - 1), experts] - self.price
+        violated = (self.owner < N) & (gain < best_other[self.owner] - eps)
+        price, order = torch.where(violated, prices[:, None], self.price).sort(dim=1, descending=True, stable=True)
+        return Slots(price, self.owner.masked_fill(violated, N).gather(1, order), N)
+
+    def take(self, bids: torch.Tensor, bidders: torch.Tensor) -> Slots:
+        """Each expert keeps the C highest of its slots and its bids [E, B] (sorted descending along each row,
+        −inf: no bid) from ``bidders`` [E, B]; a slot stays ahead of an equal bid. Two sorted lists merge by
+        rank: an entry's place is its own index plus the number of entries of the other list ahead of it."""
+        E, C = self.price.shape
+        B = bids.shape[1]
+        device = bids.device
+        slot_rank = torch.arange(C, device=device) + torch.searchsorted(-bids, -self.price, side="left")
+        bid_rank = torch.arange(B, device=device) + torch.searchsorted(-self.price, -bids, side="right")
+        price = bids.new_empty(E, C + B).scatter_(1, slot_rank, self.price).scatter_(1, bid_rank, bids)
+        owner = bidders.new_empty(E, C + B).scatter_(1, slot_rank, self.owner).scatter_(1, bid_rank, bidders)
+        return Slots(price[:, :C].contiguous(), owner[:, :C].contiguous(), self.n_tokens)
+
+
+def bidding_round(s: torch.Tensor, want: torch.Tensor, k: int, slots: Slots, eps: torch.Tensor, block: int) -> Slots:
+    """The first ``block`` tokens (s [N, E], wanting ``want`` [N] ≤ k experts) that are short bid; every expert
+    keeps its C best slots and bids."""
+    N = s.shape[0]
+    demand = want - slots.counts()
+    bidders = torch.nonzero_static(demand > 0, size=block, fill_value=N).squeeze(1)  # [B], N pads
+    rows = bidders.clamp_max(N - 1)
+    short = torch.where(bidders < N, demand[rows], 0)[:, None]  # [B, 1]
+    s_rows = s.index_select(0, rows)  # (index_select: indexing with many repeated rows is slow on the CPU)
+    value = (s_rows - slots.expert_prices()).masked_fill(slots.holds().index_select(0, bidders), float("-inf"))
+    threshold = value.topk(k + 1, dim=1).values.gather(1, short)  # the (d+1)-th best value [B, 1]
+    chosen = first_by_index(value, threshold, short, dim=1)  # the d best, ties to the lower expert
+    bids = torch.where(chosen, s_rows - threshold + eps, float("-inf")).t().contiguous()  # [E, B]
+    bids, order = bids.sort(dim=1, descending=True, stable=True)  # equal bids: the lower token first
+    return slots.take(bids, bidders[order])
+
+
+def first_by_index(x: torch.Tensor, threshold: torch.Tensor, count: torch.Tensor, dim: int) -> torch.Tensor:
+    """Along ``dim``: the entries above ``threshold``, then those equal to it in index order, ``count`` in all
+    (the threshold being the count-th largest, or the (count+1)-th)."""
+    above = x > threshold
+    tied = x == threshold
+    room = count - above.sum(dim, keepdim=True)
+    return above | (tied & (tied.cumsum(dim) <= room))
+
+
+def fill_round_robin(holds: torch.Tensor, short: torch.Tensor, k: int, capacity: int) -> torch.Tensor:
+    """Complete an unfinished auction, holds [T, E] bool: the short tokens [T] give up what they hold, then take
+    the free slots in expert order, slot j going to the (j mod n)-th of the n short tokens; if some expert has
+    more free slots than there are short tokens (two would go to one token), every token is refilled."""
+    holds = holds & ~short[:, None]
+    free = (capacity - holds.sum(0)).clamp_max(int(short.sum()))
+    if int(free.sum()) < int(short.sum()) * k:
+        holds, short = torch.zeros_like(holds), torch.ones_like(short)
+        free = torch.full_like(free, capacity)
+    tokens = short.nonzero().squeeze(1)
+    slots = torch.repeat_interleave(torch.arange(holds.shape[1], device=holds.device), free)[: len(tokens) * k]
+    holds[tokens[torch.arange(len(slots), device=holds.device) % len(tokens)], slots] = True
+    return holds
