@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import errno
 import hashlib
-import importlib.util
 import json
 import os
 import shutil
@@ -426,8 +425,6 @@ def copy_run(run_dir: Path, to: Path, damage: str) -> Path:
         (["train", "--strategy", "fsdp", "--accelerator", "cpu"], "train.strategy=fsdp"),
         (["train", "--precision", "16-mixed", "--accelerator", "cpu"], "Lightning would run bf16-mixed instead"),
         (["train", "--set", "train.loggers=csv,neptune"], "Unknown logger(s) neptune"),
-        pytest.param(["train", "--set", "train.loggers=wandb"], "pip install 'sffn-lab[wandb]'",
-                     marks=pytest.mark.skipif(importlib.util.find_spec("wandb") is not None, reason="wandb installed")),
         (["train", "--set", "train.accumulate_grad_batches=0"], "accumulate_grad_batches must be at least 1"),
         (["eval", "{truncated_run}/checkpoints/last.ckpt"], "it is cut short or corrupt"),
         (["sample", "{truncated_run}/checkpoints/last.ckpt"], "it is cut short or corrupt"),
