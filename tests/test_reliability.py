@@ -12,7 +12,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import lightning as L
@@ -66,26 +65,11 @@ def test_sigkill_then_resume_ends_with_the_same_metrics(tmp_path):
     full = training.train(load_config(DEFAULT_CONFIG, [*overrides, f"train.out_dir={tmp_path / 'full'}"]),
                           progress=False)
 
-    proc = sffn(["train", *as_flags(overrides), "--out", tmp_path / "killed", "--no-progress"],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 300
-    first_save = None
-    while time.monotonic() < deadline and proc.poll() is None:
-        found = list((tmp_path / "killed").glob("*/checkpoints/last.ckpt"))
-        if found:
-            stat = found[0].stat()
-            if first_save is None:
-                first_save = (stat.st_ino, stat.st_mtime_ns)
-            elif (stat.st_ino, stat.st_mtime_ns) != first_save:
-                break  # last.ckpt was replaced at least once: kill between (or during) later saves
-        time.sleep(0.01)
-    assert proc.poll() is None, "the run finished before it could be killed; make it longer"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    run_dir = found[0].parents[1]
+    run_dir = killed_while_saving(3, ["train", *as_flags(overrides), "--out", tmp_path / "killed", "--no-progress"],
+                                  tmp_path / "killed")
     assert json.loads((run_dir / "status.json").read_text())["status"] == "running"
     assert not (run_dir / "summary.json").exists()
-    assert 0 < read_checkpoint(run_dir / "checkpoints" / "last.ckpt")["global_step"] < 60
+    assert read_checkpoint(run_dir / "checkpoints" / "last.ckpt")["global_step"] == 14  # the 2nd save's, intact
 
     resumed = sffn(["train", "--resume", run_dir, "--no-progress"],
                    stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -164,20 +148,24 @@ def test_two_nodes_on_localhost_match_one_process(tmp_path):
     assert summary["val_loss"] == pytest.approx(single.val_loss, abs=2e-4)
 
 
+def killed_while_saving(n: int, args: list, out: Path, env: dict | None = None) -> Path:
+    """Run ``sffn ARGS`` killed (SIGKILL to its process group) while it saves its n-th last.ckpt, after the new
+    file is written and before it is renamed into place (``tests/killed_run.py``); its run directory."""
+    proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("killed_run.py")), *map(str, args)],
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", "KILL_AT_SAVE": str(n), **(env or {})},
+                            stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    assert proc.wait(timeout=600) == -signal.SIGKILL, "the run ended before its checkpoint save was reached"
+    (run_dir,) = {p.parents[1] for p in out.glob("*/checkpoints/*.ckpt")}
+    assert list(run_dir.glob("checkpoints/.last.ckpt.tmp")), "killed after the temporary file was written"
+    return run_dir
+
+
 def ddp_killed_after_a_checkpoint(base: list[str], out: Path) -> Path:
-    """Train ``base`` on 2 gloo DDP processes into ``out``, SIGKILL the process group as soon as a checkpoint
-    exists; returns the run directory."""
-    proc = sffn(["train", *as_flags(base), "--devices", "2", "--strategy", "ddp", "--out", out, "--no-progress"],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-                env={"OMP_NUM_THREADS": "1"})
-    deadline, found = time.monotonic() + 300, []
-    while time.monotonic() < deadline and proc.poll() is None and not found:
-        found = list(out.glob("*/checkpoints/last.ckpt"))
-        time.sleep(0.01)
-    assert proc.poll() is None, "the run finished before it could be killed; make it longer"
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    return found[0].parents[1]
+    """Train ``base`` on 2 gloo DDP processes into ``out``, killed while saving its second last.ckpt (so one is
+    complete); returns the run directory."""
+    return killed_while_saving(2, ["train", *as_flags(base), "--devices", "2", "--strategy", "ddp", "--out", out,
+                                   "--no-progress"], out, env={"OMP_NUM_THREADS": "1"})
 
 
 def resume_on_one_process(run_dir: Path) -> None:
@@ -197,7 +185,7 @@ def test_two_processes_killed_then_resumed_on_one_continue_exactly(tmp_path):
                             progress=False)
     run_dir = ddp_killed_after_a_checkpoint(base, tmp_path / "two")
     killed_at = read_checkpoint(run_dir / "checkpoints" / "last.ckpt")["global_step"]
-    assert 0 < killed_at < 40 and not (run_dir / "summary.json").exists()
+    assert killed_at == 5 and not (run_dir / "summary.json").exists()  # checkpoint_every=5: the 1st save's
     resume_on_one_process(run_dir)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["step"] == 40 and summary["tokens_seen"] == single.tokens_seen
@@ -514,7 +502,7 @@ def test_memory_on_two_processes_killed_then_resumed_on_one_continues_the_stream
     run_dir = ddp_killed_after_a_checkpoint(base, tmp_path / "two")
     checkpoint = read_checkpoint(run_dir / "checkpoints" / "last.ckpt")
     killed_at = checkpoint["global_step"]
-    assert 0 < killed_at < 40
+    assert killed_at == 5  # checkpoint_every=5: the 1st save's
     assert [tuple(m.shape) for m in checkpoint["sffn"]["memory"]] == [(4, 32, 32)]  # 2 ranks × 2 rows, 1 segment
     resume_on_one_process(run_dir)
     one, two = logged(single.run_dir), logged(run_dir)
