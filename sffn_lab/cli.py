@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import sys
 from enum import Enum
@@ -17,6 +18,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from sffn_lab.config import MAX_SEED
 from sffn_lab.config_help import complete_override
 from sffn_lab.errors import UserError
 from sffn_lab.experiments import DEFAULT_CONFIG, resolve, shipped_names
@@ -176,16 +178,23 @@ def eval_(
 def sample(
     checkpoint: Path = typer.Argument(..., help="A .ckpt file or a run directory."),
     prompt: str = typer.Option("", help="Text to continue."),
-    tokens: int = typer.Option(200, help="Number of tokens to generate."),
-    temperature: float = typer.Option(1.0, help="Sampling temperature (0: greedy)."),
-    top_k: int | None = typer.Option(None, help="Sample from the k most likely tokens."),
-    seed: int = typer.Option(0, help="Random seed."),
+    tokens: int = typer.Option(200, help="Number of tokens to generate (at least 1)."),
+    temperature: float = typer.Option(1.0, help="Sampling temperature, > 0; 0 is greedy decoding (always the "
+                                      "most likely token, whatever --top-k and --seed)."),
+    top_k: int | None = typer.Option(None, help="Sample from the k most likely tokens (1 to the vocabulary size)."),
+    seed: int = typer.Option(0, help=f"Random seed (0 to {MAX_SEED})."),
 ) -> None:
     """Generate text from a trained model."""
+    if tokens < 1:
+        raise UserError(f"--tokens must be at least 1, got {tokens}.")
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise UserError(f"--temperature must be 0 (greedy decoding) or a positive number, got {temperature}.")
+    if top_k is not None and top_k < 1:
+        raise UserError(f"--top-k must be at least 1 (1: the most likely token), got {top_k}.")
+    if not 0 <= seed <= MAX_SEED:
+        raise UserError(f"--seed must be between 0 and {MAX_SEED}, got {seed}.")
     from sffn_lab.training import sample as sample_text
 
-    if tokens < 1:
-        raise UserError("--tokens must be at least 1.")
     print(sample_text(checkpoint, prompt, tokens, temperature, top_k, seed))
 
 

@@ -28,6 +28,7 @@ POSITIONS = ("rope", "learned", "relative")
 SMLP_ROUTINGS = ("deterministic", "partial_prediction")
 SMLP_MIXINGS = ("toeplitz", "full")
 TOKENIZER_KINDS = ("byte", "word", "sentencepiece", "bpe", "gpt2")
+MAX_SEED = 2**32 - 1  # seeds are NumPy's (through Lightning's seed_everything): 0 … 2³² − 1
 TRAINED_TOKENIZERS = ("sentencepiece", "bpe")  # trained on the training split: <kind>:<vocabulary size>
 
 # ----------------------------------------------------------------------------------------------
@@ -408,6 +409,8 @@ def validate(config: Config) -> None:
         raise UserError("train.accumulate_grad_batches must be at least 1.")
     if t.num_nodes < 1:
         raise UserError("train.num_nodes must be at least 1.")
+    if not 0 <= t.seed <= MAX_SEED:
+        raise UserError(f"train.seed must be between 0 and {MAX_SEED}, got {t.seed}.")
     validate_ffn(m.ffn)
     if m.backbone == "smlp":
         validate_smlp(m.smlp)

@@ -274,6 +274,8 @@ def sample(ckpt: Path, prompt: str, tokens: int, temperature: float, top_k: int 
     from sffn_lab.models.sampling import generate
 
     module = load_checkpoint(ckpt)
+    if top_k is not None and top_k > module.corpus.vocab_size:
+        raise UserError(f"--top-k {top_k} is more than the model's vocabulary of {module.corpus.vocab_size} tokens.")
     run_dir = Path(ckpt) if Path(ckpt).is_dir() else Path(ckpt).parent.parent
     if (run_dir / TOKENIZER_FILE).is_file():
         tokenizer = tokenizer_from_dict(json.loads((run_dir / TOKENIZER_FILE).read_text()))
