@@ -11,6 +11,7 @@ from pathlib import Path
 import lightning as L
 from lightning.pytorch.callbacks import RichProgressBar
 
+from sffn_lab.durations import format_duration
 from sffn_lab.errors import UserError
 
 
@@ -60,24 +61,13 @@ class PlainProgress(L.Callback):
             parts.append(f"loss {float(metrics['train/loss']):.4f}")
         if "tok/s" in metrics:
             parts.append(f"tok/s {float(metrics['tok/s']):,.0f}")
-        parts += [f"elapsed {format_seconds(elapsed)}", f"ETA {format_seconds(eta)}"]
+        parts += [f"elapsed {format_duration(elapsed)}", f"ETA {format_duration(eta)}"]
         self._say("  ".join(parts))
 
     def on_validation_end(self, trainer, pl_module) -> None:
         if trainer.is_global_zero and not trainer.sanity_checking and "val/loss" in trainer.callback_metrics:
             self._say(f"step {trainer.global_step}/{trainer.max_steps}  "
                       f"val/loss {float(trainer.callback_metrics['val/loss']):.4f}")
-
-
-def format_seconds(seconds: float) -> str:
-    """3725 → '1h02m05s'; 65 → '1m05s'; 4.2 → '4.2s'."""
-    if seconds != seconds:  # NaN: not known yet
-        return "?"
-    if seconds < 60:
-        return f"{seconds:.1f}s"
-    minutes, secs = divmod(round(seconds), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s"
 
 
 class ValidateAtLastStep(L.Callback):

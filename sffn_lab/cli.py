@@ -20,6 +20,7 @@ from rich.table import Table
 
 from sffn_lab.config import MAX_SEED
 from sffn_lab.config_help import complete_override
+from sffn_lab.durations import format_duration
 from sffn_lab.errors import UserError
 from sffn_lab.experiments import DEFAULT_CONFIG, resolve, shipped_names
 
@@ -358,15 +359,23 @@ def ablate(
             console.print(f"{run}: {execute(chosen[0], sweep_dir)}")
         return
     estimate_seconds(sweep)
+    base = sweep.base_config or "the built-in defaults (the grid has no config:; see sffn config keys)"
     table = Table(title=f"Plan: {sweep.name} ({len(sweep.runs)} runs, matched: {sweep.match}, "
-                        f"baseline: {sweep.baseline}) → {sweep_dir}")
+                        f"baseline: {sweep.baseline}) → {sweep_dir}\nevery run starts from {base}")
     for column in ("run", "variant", "seed", "total params", "active params", "FLOPs/token", "est. time", "state"):
         table.add_column(column, justify="left" if column in ("run", "variant", "state") else "right")
     for planned in sweep.runs:
         table.add_row(planned.name, planned.variant, str(planned.seed), f"{planned.total_params:,}",
-                      f"{planned.active_params:,}", f"{planned.flops_per_token:,}", f"{planned.estimated_s:.3g} s",
-                      run_state(sweep_dir / planned.dir_name))
+                      f"{planned.active_params:,}", f"{planned.flops_per_token:,}",
+                      format_duration(planned.estimated_s), run_state(sweep_dir / planned.dir_name))
+    total = sum(planned.estimated_s for planned in sweep.runs)
+    table.add_section()
+    table.add_row("total", "", "", "", "", "", format_duration(total), "", style="bold")
     console.print(table)
+    if launcher is Launcher.local and jobs > 1:
+        longest = max(planned.estimated_s for planned in sweep.runs)
+        console.print(f"with --jobs {jobs}: at least {format_duration(max(total / jobs, longest))} of wall time",
+                      soft_wrap=True)
     console.print(f"estimated times: {ESTIMATE_METHOD}", soft_wrap=True)
     if launcher is Launcher.slurm:
         _submit_to_slurm(sweep, sweep_dir, grid_path, out, list(set_), sbatch, dry_run)

@@ -336,18 +336,19 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
-def read_yaml(path: str | Path) -> dict[str, Any]:
+def read_yaml(path: str | Path, what: str = "Config file") -> dict[str, Any]:
+    """The mapping in a YAML file; ``what`` names the file in the errors ("Config file", "Grid file")."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"Config file '{path}' does not exist.")
+        raise UserError(f"{what} '{path}' does not exist.")
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
-        raise UserError(f"Config file '{path}' is not valid YAML: {exc}") from None
+        raise UserError(f"{what} '{path}' is not valid YAML: {exc}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise UserError(f"Config file '{path}' must hold a mapping at the top level.")
+        raise UserError(f"{what} '{path}' must hold a mapping at the top level.")
     return data
 
 
