@@ -22,10 +22,27 @@ class TrainingInterrupted(UserError):
 
 
 class StepProgressBar(RichProgressBar):
-    """A rich progress bar counted in optimizer steps (runs are step-based, not epoch-based)."""
+    """A rich progress bar counted in optimizer steps (runs are step-based, not epoch-based), showing the
+    training loss, tokens/s and the latest validation loss with its step."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.last_validation: tuple[int, float] | None = None
 
     def _get_train_description(self, current_epoch: int) -> str:
         return "train"
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if not trainer.sanity_checking and "val/loss" in trainer.callback_metrics:
+            self.last_validation = trainer.global_step, float(trainer.callback_metrics["val/loss"])
+        super().on_validation_end(trainer, pl_module)  # redraws the metrics
+
+    def get_metrics(self, trainer, pl_module) -> dict:
+        metrics = super().get_metrics(trainer, pl_module)
+        if self.last_validation is not None:
+            step, loss = self.last_validation
+            metrics["val/loss"] = f"{loss:.4f} (step {step})"
+        return metrics
 
     @property
     def total_train_batches(self) -> int | float:

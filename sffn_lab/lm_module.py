@@ -156,7 +156,7 @@ class LanguageModelModule(L.LightningModule):
         ckpt = saved[0] if saved else "none saved yet"
         repeated = f" in {self.consecutive_skips} consecutive batches" if self.consecutive_skips > 1 else ""
         raise NonFiniteLossError(
-            f"The training loss became {loss.item()}{repeated} at step {self.global_step}. The last good checkpoint "
+            f"The training loss became {loss.item()}{repeated} at step {self.global_step + 1}. The last good checkpoint "
             f"is {ckpt}. Lower train.lr, raise train.warmup_steps, or set train.skip_nonfinite=true "
             "to skip such batches."
         )
@@ -254,7 +254,7 @@ class LanguageModelModule(L.LightningModule):
             for key, value in usage_stats(counts).items():
                 self.log(f"{stage}_usage/layer{layer}/{key}", float(value))
             log_histogram(self.loggers, f"{stage}_usage/layer{layer}/load", counts / counts.mean().clamp_min(1e-9),
-                          self.global_step)
+                          self.global_step + (stage == "train"))  # steps completed: a training step counts itself
             if stage == "val":
                 self.last_val_usage[layer] = counts.cpu()
         for layer, (total, n) in sorted(gates_of_stage.items()):

@@ -206,6 +206,8 @@ def train(
             checkpoint = read_checkpoint(last)
             check_resumable(checkpoint, config, last)
             ckpt_path, resume_step = str(last), checkpoint["global_step"]
+        if not is_launched_rank():
+            save_config(config, run_dir / CONFIG_FILE)  # a new train.max_steps is the run's from now on
     elif is_launched_rank():
         run_dir = launched_rank_run_dir(run_dir)
     else:
@@ -217,6 +219,7 @@ def train(
     rank_zero = not is_launched_rank()
     if rank_zero:
         write_status(run_dir, "running", step=0)
+        print(f"run directory: {run_dir}  (follow it: tensorboard --logdir {run_dir})", flush=True)
     trainer = None
     try:
         trainer = build_trainer(config, run_dir, progress and rank_zero, resume_step, rank_zero)
