@@ -24,6 +24,7 @@ from sffn_lab.config_help import complete_override
 from sffn_lab.durations import format_duration
 from sffn_lab.errors import UserError
 from sffn_lab.experiments import DEFAULT_CONFIG, resolve, shipped_names
+from sffn_lab.units import per
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -62,12 +63,12 @@ def _typed_overrides(**values) -> list[str]:
 
 def _format_summary(summary) -> Table:
     table = Table(title="Run summary", show_header=False)
+    unit = per(summary.unit)
     if summary.val_loss is not None:
-        table.add_row("validation loss (nats/token)", f"{summary.val_loss:.4f}")
-        unit_name = {"byte": "bits per character", "word": "bits per word", "token": "bits per token"}
-        table.add_row(f"validation {unit_name.get(summary.unit, 'bits')}", f"{summary.val_bits:.4f}")
+        table.add_row(f"validation loss (nats {unit})", f"{summary.val_loss:.4f}")
+        table.add_row(f"validation bits {unit}", f"{summary.val_bits:.4f}")
     if summary.val_ppl is not None:
-        table.add_row("validation perplexity", f"{summary.val_ppl:.2f}")
+        table.add_row(f"validation perplexity {unit}", f"{summary.val_ppl:.2f}")
     if summary.val_bpb is not None:
         table.add_row("validation bits per byte of text", f"{summary.val_bpb:.4f}")
     if summary.entropy_rate_bits is not None and summary.entropy_gap_bits is not None:
@@ -244,9 +245,14 @@ def plot(
     x: XAxis = typer.Option(XAxis.steps, help="Horizontal axis."),
     output: Path = typer.Option(Path("curves.png"), "--output", "-o", help="PNG file to write."),
 ) -> None:
-    """Plot validation bpc / perplexity curves of one or more runs into a PNG."""
-    from sffn_lab.analysis.curves import plot_runs
+    """Plot validation curves (bits, or perplexity for word corpora) of one or more runs into a PNG."""
+    from sffn_lab.analysis.curves import plot_runs, run_corpus
 
+    corpora = {run: run_corpus(run) for run in runs}
+    if len(set(corpora.values())) > 1:
+        console.print("[yellow]warning:[/yellow] these runs trained on different corpora, so their losses are not "
+                      "comparable: " + ", ".join(f"{run.name}: {corpus}" for run, corpus in corpora.items()),
+                      soft_wrap=True)
     plot_runs(runs, output, x.value)
     console.print(f"wrote {output}")
 
@@ -573,14 +579,22 @@ def config_show(
 
 @config_app.command("keys")
 def config_keys() -> None:
-    """Every config key with its type, default and what it sets."""
+    """Every config key with its type, built-in default, value in the default experiment and what it sets."""
+    from functools import reduce
+
+    from sffn_lab.config import load_config, to_dict
     from sffn_lab.config_help import key_help
 
-    table = Table(title="Config keys (set with --set key=value)")
-    for column in ("key", "type", "default", "what it sets"):
+    experiment = to_dict(load_config(DEFAULT_CONFIG))
+    table = Table(title="Config keys (set with --set key=value)",
+                  caption=f"built-in: the value a config file (or a grid without config:) leaves a key at. sffn train: "
+                  f"the value sffn train uses without --config ({DEFAULT_CONFIG.name}; bold where it differs).")
+    for column in ("key", "type", "built-in", "sffn train", "what it sets"):
         table.add_column(column)
     for row in key_help():
-        table.add_row(row.key, row.type, repr(row.default), row.help)
+        value = reduce(dict.__getitem__, row.key.split("."), experiment)
+        table.add_row(row.key, row.type, repr(row.default), f"[bold]{escape(repr(value))}[/bold]"
+                      if value != row.default else escape(repr(value)), row.help)
     console.print(table)
 
 

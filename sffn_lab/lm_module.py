@@ -218,11 +218,9 @@ class LanguageModelModule(L.LightningModule):
         self._log_usage(split)
 
     def eval_metrics(self, split: str, loss: torch.Tensor) -> dict[str, torch.Tensor]:
-        """loss in nats/token → the corpus' customary numbers (bpc for bytes, perplexity for words)."""
+        """loss in nats per token (the corpus' unit: byte, word or token) → bits and perplexity per token."""
         bits = loss / math.log(2)
-        metrics = {f"{split}/loss": loss, f"{split}/bits": bits}
-        if self.corpus.unit == "word":
-            metrics[f"{split}/ppl"] = loss.exp()
+        metrics = {f"{split}/loss": loss, f"{split}/bits": bits, f"{split}/ppl": loss.exp()}
         per_byte = (self.corpus.tokens_per_byte or {}).get("valid" if split == "val" else split)
         if per_byte is not None:  # bits per byte of the original text: comparable across tokenizers
             metrics[f"{split}/bpb"] = bits * per_byte
