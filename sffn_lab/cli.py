@@ -170,6 +170,12 @@ def _print_if_finished(run_dir: Path, max_steps: int) -> bool:
     return True
 
 
+def _check_exists(checkpoint: Path) -> None:
+    """A checkpoint or run directory that is not there is refused before torch and Lightning are imported."""
+    if not checkpoint.exists():
+        raise UserError(f"Checkpoint '{checkpoint}' does not exist.")
+
+
 class Split(str, Enum):
     valid = "valid"
     test = "test"
@@ -183,6 +189,10 @@ def eval_(
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Exact loss and bits / perplexity over every token of a split."""
+    from sffn_lab.config import Config, apply_overrides, from_dict, to_dict
+
+    _check_exists(checkpoint)
+    from_dict(Config, apply_overrides(to_dict(Config()), list(set_)))  # keys and types, before torch is imported
     from sffn_lab.training import evaluate
 
     result = evaluate(checkpoint, split.value, list(set_))
@@ -214,6 +224,7 @@ def sample(
         raise UserError(f"--top-k must be at least 1 (1: the most likely token), got {top_k}.")
     if not 0 <= seed <= MAX_SEED:
         raise UserError(f"--seed must be between 0 and {MAX_SEED}, got {seed}.")
+    _check_exists(checkpoint)
     from sffn_lab.training import sample as sample_text
 
     print(sample_text(checkpoint, prompt, tokens, temperature, top_k, seed))
@@ -362,14 +373,13 @@ def ablate(
                                    "each cluster job does)."),
 ) -> None:
     """Train a grid of matched runs over several seeds (resumable), then report mean ± std."""
-    from sffn_lab.ablation import ESTIMATE_METHOD, estimate_seconds, execute, load_grid, run_state, run_sweep
-
     seed_list = [int(s) for s in seeds.split(",")] if seeds else None
     grid_path = resolve(grid)
     if not grid_path.is_file():
         raise UserError(f"Grid file '{grid}' does not exist, nor is it a shipped grid ({', '.join(shipped_names())}).")
     if launcher is Launcher.slurm and jobs != 1:
         raise UserError("--jobs applies to --launcher local; on SLURM every run is its own job.")
+    from sffn_lab.ablation import ESTIMATE_METHOD, estimate_seconds, execute, load_grid, run_state, run_sweep
     sweep = load_grid(grid_path, list(set_), seed_list)
     sweep_dir = out / sweep.name
     if run is not None:
