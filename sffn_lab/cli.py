@@ -568,6 +568,43 @@ def _print_report(*sweep_dirs: Path, out: Path | None = None, baseline: str | No
     console.print(f"wrote {out}/results{suffix}.md, results{suffix}.csv and curves{suffix}.png", soft_wrap=True)
 
 
+data_app = typer.Typer(no_args_is_help=True, help="The named corpora: fill the download cache ahead of time.")
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("download")
+def data_download(
+    names: list[str] | None = typer.Argument(None, help="Corpora to download (tinyshakespeare, enwik8, …).",
+                                             autocompletion=_complete_corpus, show_default=False),
+    all_: bool = typer.Option(False, "--all", help="Every named corpus."),
+    cache_dir: Path | None = typer.Option(None, help="The cache to fill (data.cache_dir); default: $SFFN_DATA, "
+                                          "else ~/.cache/sffn-lab."),
+) -> None:
+    """Download and verify corpora into the cache training reads, so that an offline node finds them there."""
+    from sffn_lab.config import DataConfig
+    from sffn_lab.data.corpora import REGISTRY, cache_root, download_corpus, downloadable
+
+    if bool(names) == all_:
+        raise UserError("Name the corpora to download, or give --all (not both).")
+    names = list(REGISTRY) if all_ else names
+    for name in names:
+        downloadable(name)  # every name checked before the first download
+    cache = cache_root(DataConfig(cache_dir=str(cache_dir) if cache_dir else ""))
+    failed = []
+    for name in names:
+        try:
+            path, was_there = download_corpus(name, cache)
+        except UserError as error:
+            failed.append(f"{name}: {error}")
+            continue
+        what = "already in the cache, verified" if was_there else "downloaded and verified"
+        console.print(f"{name}: {what}: {path} ({path.stat().st_size:,} bytes)", soft_wrap=True, highlight=False)
+    if failed:
+        raise UserError(" ".join(failed))
+    console.print(f"Training finds them with data.cache_dir={cache} (or $SFFN_DATA), without network.",
+                  soft_wrap=True, highlight=False)
+
+
 config_app = typer.Typer(no_args_is_help=True, help="Show the resolved configuration, or every key.")
 app.add_typer(config_app, name="config")
 
