@@ -199,9 +199,12 @@ def eval_(
     if as_json:
         print(json.dumps(result))
         return
+    unit = per(result["unit"])
+    names = {"loss": f"loss (nats {unit})", "bits": f"bits {unit}", "ppl": f"perplexity {unit}",
+             "bpb": "bits per byte of the text", "tokens": f"tokens scored ({result['unit']}s)"}
     table = Table(title=f"{result['corpus']} — {split.value}", show_header=False)
     for key, value in result.items():
-        table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+        table.add_row(names.get(key, key), f"{value:.4f}" if isinstance(value, float) else str(value))
     console.print(table)
 
 
