@@ -156,8 +156,8 @@ class LanguageModelModule(L.LightningModule):
         ckpt = saved[0] if saved else "none saved yet"
         repeated = f" in {self.consecutive_skips} consecutive batches" if self.consecutive_skips > 1 else ""
         raise NonFiniteLossError(
-            f"The training loss became {loss.item()}{repeated} at step {self.global_step + 1}. The last good checkpoint "
-            f"is {ckpt}. Lower train.lr, raise train.warmup_steps, or set train.skip_nonfinite=true "
+            f"The training loss became {loss.item()}{repeated} at step {self.global_step + 1}. The last good "
+            f"checkpoint is {ckpt}. Lower train.lr, raise train.warmup_steps, or set train.skip_nonfinite=true "
             "to skip such batches."
         )
 

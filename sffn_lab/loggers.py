@@ -60,7 +60,8 @@ class StepsCompleted:
         super().log_metrics(metrics, None if step is None else step + 1)
 
 
-def counting_steps_completed(logger_class: type[Logger]) -> type[Logger]:
+def steps_completed(logger_class: type[Logger]) -> type[Logger]:
+    """``logger_class`` with ``StepsCompleted`` mixed in."""
     return type(logger_class.__name__, (StepsCompleted, logger_class), {})
 
 
@@ -141,19 +142,21 @@ def build_loggers(names: list[str], run_dir: Path, run_name: str, resume_step: i
         from lightning.pytorch.loggers import TensorBoardLogger
 
         purge = {"purge_step": resume_step + 1} if resume_step is not None else {}
-        loggers.append(counting_steps_completed(TensorBoardLogger)(save_dir=str(run_dir), name="tensorboard", version="", default_hp_metric=False,
-                                         **purge))
+        loggers.append(steps_completed(TensorBoardLogger)(save_dir=str(run_dir), name="tensorboard", version="",
+                                                          default_hp_metric=False, **purge))
     if "wandb" in names:
         from lightning.pytorch.loggers import WandbLogger
 
         ids.setdefault("wandb", _new_id())
-        loggers.append(counting_steps_completed(WandbLogger)(name=run_name, id=ids["wandb"], resume="allow", save_dir=str(run_dir),
-                                   project=os.environ.get("WANDB_PROJECT", "sffn-lab")))
+        loggers.append(steps_completed(WandbLogger)(name=run_name, id=ids["wandb"], resume="allow",
+                                                    save_dir=str(run_dir),
+                                                    project=os.environ.get("WANDB_PROJECT", "sffn-lab")))
     if "mlflow" in names:
         from lightning.pytorch.loggers import MLFlowLogger
 
-        mlflow = counting_steps_completed(MLFlowLogger)(experiment_name="sffn-lab", run_name=run_name, run_id=ids.get("mlflow"),
-                              tracking_uri=os.environ.get("MLFLOW_TRACKING_URI", f"file:{run_dir / 'mlruns'}"))
+        mlflow = steps_completed(MLFlowLogger)(
+            experiment_name="sffn-lab", run_name=run_name, run_id=ids.get("mlflow"),
+            tracking_uri=os.environ.get("MLFLOW_TRACKING_URI", f"file:{run_dir / 'mlruns'}"))
         ids["mlflow"] = mlflow.run_id
         loggers.append(mlflow)
     if ids and rank_zero:

@@ -252,7 +252,8 @@ def test_data_download_fills_the_cache_that_an_offline_run_then_reads(tmp_path, 
     assert code == 0, err
     cached = cache / "tinyshakespeare" / "input.txt"
     assert cached.read_bytes() == texts["tinyshakespeare"] and "downloaded and verified" in out
-    assert (cache / "tinyshakespeare" / "input.txt.sha256").read_text() == hashlib.sha256(cached.read_bytes()).hexdigest()
+    recorded = (cache / "tinyshakespeare" / "input.txt.sha256").read_text()
+    assert recorded == hashlib.sha256(cached.read_bytes()).hexdigest()
     assert not list(cache.glob("*/.*tmp*"))
 
     def offline(*args, **kwargs):

@@ -100,8 +100,8 @@ def test_bench_ratios_and_scaling(tmp_path, saved_figures):
     ]
     for label in ("N_E", "G", "K"):
         for x in (4, 8, 16):
-            rows.append(Measurement(f"scaling_{label}", f"{label}={x}", BANK, "time_ms", x * 0.3, reference=f"{label}=4",
-                                    x=x, note="T=4096 D=512; fp32"))
+            rows.append(Measurement(f"scaling_{label}", f"{label}={x}", BANK, "time_ms", x * 0.3,
+                                    reference=f"{label}=4", x=x, note="T=4096 D=512; fp32"))
             rows.append(Measurement(f"scaling_{label}", f"{label}={x}", LIMIT, "time_ms", x * 0.2, x=x))
     plot_ratios(rows, tmp_path / "ratios.png")
     plot_bench_scaling(rows, tmp_path / "scaling.png")

@@ -43,7 +43,7 @@ def run_unit(run_dir: Path) -> str | None:
 
 
 def run_corpus(run_dir: Path) -> str:
-    """The corpus a run trained on, with its tokenizer when one re-tokenizes it (``wikitext103 (sentencepiece:8000)``)."""
+    """The corpus a run trained on, with the tokenizer that re-tokenizes it if any: ``wikitext103 (bpe:8000)``."""
     import yaml
 
     path = Path(run_dir) / "config.yaml"
