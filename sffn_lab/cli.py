@@ -80,7 +80,7 @@ def _format_summary(summary) -> Table:
     table.add_row("forward FLOPs per token", f"{summary.flops_per_token:,}")
     table.add_row("steps", str(summary.step))
     table.add_row("tokens seen", f"{summary.tokens_seen:,}")
-    table.add_row("wall time", f"{summary.wall_time_s:.1f} s")
+    table.add_row("wall time", format_duration(summary.wall_time_s))
     return table
 
 
@@ -383,6 +383,7 @@ def ablate(
     if launcher is Launcher.slurm and jobs != 1:
         raise UserError("--jobs applies to --launcher local; on SLURM every run is its own job.")
     from sffn_lab.ablation import ESTIMATE_METHOD, estimate_seconds, execute, load_grid, run_state, run_sweep
+
     sweep = load_grid(grid_path, list(set_), seed_list)
     sweep_dir = out / sweep.name
     if run is not None:
@@ -604,8 +605,9 @@ def data_download(
         console.print(f"{name}: {what}: {path} ({path.stat().st_size:,} bytes)", soft_wrap=True, highlight=False)
     if failed:
         raise UserError(" ".join(failed))
-    console.print(f"Training finds them with data.cache_dir={cache} (or $SFFN_DATA), without network.",
-                  soft_wrap=True, highlight=False)
+    if cache_dir is not None:
+        console.print(f"Training reads them with --set data.cache_dir={cache} (or SFFN_DATA={cache}).",
+                      soft_wrap=True, highlight=False)
 
 
 config_app = typer.Typer(no_args_is_help=True, help="Show the resolved configuration, or every key.")
@@ -643,8 +645,9 @@ def config_keys() -> None:
         table.add_column(column)
     for row in key_help():
         value = reduce(dict.__getitem__, row.key.split("."), experiment)
-        table.add_row(row.key, row.type, repr(row.default), f"[bold]{escape(repr(value))}[/bold]"
-                      if value != row.default else escape(repr(value)), row.help)
+        shown = escape(repr(value))
+        table.add_row(row.key, row.type, escape(repr(row.default)), f"[bold]{shown}[/bold]" if value != row.default
+                      else shown, escape(row.help))
     console.print(table)
 
 
