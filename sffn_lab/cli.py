@@ -12,7 +12,6 @@ import os
 import sys
 from enum import Enum
 from pathlib import Path
-from types import SimpleNamespace
 
 import typer
 from rich.console import Console
@@ -143,8 +142,6 @@ def train(
         from sffn_lab.checkpoints import load_run_config
 
         cfg = load_run_config(resume, overrides)
-        if _print_if_finished(resume, cfg.train.max_steps):
-            return
     else:
         cfg = load_config(_experiment_file(config), overrides)
     from sffn_lab import training
@@ -154,20 +151,6 @@ def train(
     if not is_launched_rank():
         console.print(_format_summary(summary))
         console.print(f"run directory: {summary.run_dir}", soft_wrap=True)
-
-
-def _print_if_finished(run_dir: Path, max_steps: int) -> bool:
-    """Whether ``run_dir`` already finished ``max_steps`` steps; if so, say so and print its summary."""
-    from sffn_lab.run_dir import SUMMARY_FILE, read_status
-
-    status, summary = read_status(run_dir), run_dir / SUMMARY_FILE
-    if status.get("status") != "finished" or status.get("step", 0) < max_steps or not summary.is_file():
-        return False
-    console.print(f"{run_dir} already finished: {status['step']} of train.max_steps {max_steps} steps done, nothing "
-                  f"to train. To train it further: sffn train --resume {run_dir} --max-steps N (N > {status['step']})."
-                  " Its summary:", soft_wrap=True)
-    console.print(_format_summary(SimpleNamespace(**json.loads(summary.read_text()))))
-    return True
 
 
 def _check_exists(checkpoint: Path) -> None:

@@ -206,6 +206,8 @@ def train(
             checkpoint = read_checkpoint(last)
             check_resumable(checkpoint, config, last)
             ckpt_path, resume_step = str(last), checkpoint["global_step"]
+            if (finished := finished_summary(run_dir, resume_step, config.train.max_steps)) is not None:
+                return finished
         if not is_launched_rank():
             save_config(config, run_dir / CONFIG_FILE)  # a new train.max_steps is the run's from now on
     elif is_launched_rank():
@@ -241,6 +243,19 @@ def train(
         (run_dir / SUMMARY_FILE).write_text(json.dumps(asdict(summary), indent=2))
         write_status(run_dir, "finished", step=trainer.global_step)
     return summary
+
+
+def finished_summary(run_dir: Path, step: int, max_steps: int) -> RunSummary | None:
+    """The saved summary of a run whose last checkpoint already reached ``max_steps`` (said so on the console),
+    else None."""
+    path = run_dir / SUMMARY_FILE
+    saved = json.loads(path.read_text()) if step >= max_steps and path.is_file() else {}
+    if saved.get("step") != step:
+        return None
+    if not is_launched_rank():
+        print(f"{run_dir} already finished: {step} of train.max_steps {max_steps} steps done, nothing to train. "
+              f"To train it further: sffn train --resume {run_dir} --max-steps N (N > {step}).", flush=True)
+    return RunSummary(**{f.name: saved.get(f.name) for f in dataclasses.fields(RunSummary)})
 
 
 def summarize(run_dir: Path, trainer: L.Trainer, module: LanguageModelModule, wall: float) -> RunSummary:
