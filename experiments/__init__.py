@@ -19,12 +19,14 @@ def shipped(name: str | Path) -> Path | None:
     return path if path.is_file() and DIRECTORY in path.resolve().parents else None
 
 
-def resolve(path: Path) -> Path:
-    """``path`` itself when it is a file, else the shipped file of that name, else ``path`` unchanged (for
-    the caller's not-found error)."""
-    if path.is_file():
-        return path
-    return shipped(path) or path
+def resolve(path: Path, relative_to: Path | None = None) -> Path:
+    """``path`` itself when it is a file (a relative path read from ``relative_to``, by default the working
+    directory), else the shipped file of that name, else that path unchanged (for the caller's not-found
+    error). ``sffn train -c`` and a grid's ``config:`` (relative to the grid file) both resolve this way."""
+    candidate = Path(path) if relative_to is None else Path(relative_to) / path  # an absolute path stays itself
+    if candidate.is_file():
+        return candidate
+    return shipped(path) or candidate
 
 
 def shipped_names() -> list[str]:

@@ -3,7 +3,8 @@
 A grid file (YAML) holds::
 
     name: my_sweep
-    config: experiments/default.yaml     # optional base experiment (relative to the grid file)
+    config: default.yaml                 # base experiment: a path (absolute or relative to the grid file) or
+                                         # a shipped name; without it, the built-in defaults
     set: ["train.max_steps=300"]         # overrides applied to every run
     match: param_equal                   # param_equal | compute_equal | none
     baseline: dense                      # the run every other run is matched against
@@ -43,6 +44,7 @@ from sffn_lab.analysis.model_cost import count_model
 from sffn_lab.analysis.report import LR_MARK, SWEEP_FILE, TEST_FILE
 from sffn_lab.config import Config, read_yaml
 from sffn_lab.errors import UserError
+from sffn_lab.experiments import resolve, shipped_names
 
 # Vocabulary sizes of the word-level corpora as published (Merity et al. 2016), used to plan a grid
 # before the corpus is downloaded.
@@ -80,6 +82,7 @@ class Sweep:
     name: str
     match: str
     baseline: str
+    base_config: Path | None = None  # the grid's ``config:`` resolved; None: the built-in defaults
     runs: list[PlannedRun] = field(default_factory=list)
 
 
@@ -93,7 +96,9 @@ def load_grid(path: Path, extra_overrides: list[str] | None = None, seeds: list[
     from sffn_lab.config import load_config, validate
 
     path = Path(path)
-    spec = read_yaml(path)
+    spec = read_yaml(path, "Grid file")
+    if not {"runs", "grid"} & set(spec) and {"model", "data", "train", "eval"} & set(spec):
+        raise UserError(f"'{path}' is an experiment, not a grid: train it with  sffn train -c {path}")
     allowed = {"name", "config", "set", "match", "baseline", "seeds", "runs", "grid", "lrs"}
     unknown = set(spec) - allowed
     if unknown:
@@ -101,10 +106,7 @@ def load_grid(path: Path, extra_overrides: list[str] | None = None, seeds: list[
     match = spec.get("match", "param_equal")
     if match not in RULES:
         raise UserError(f"Grid 'match' must be one of {list(RULES)}, got '{match}'.")
-    base_file = spec.get("config")
-    base_path = (path.parent / base_file) if base_file and not Path(base_file).is_absolute() else base_file
-    if base_file and not Path(base_path).is_file():
-        base_path = Path(base_file)  # relative to the working directory
+    base_path = _base_config(path, spec.get("config"))
     common = list(spec.get("set", [])) + list(extra_overrides or [])
     variants = _variants(spec)
     if not variants:
@@ -126,7 +128,7 @@ def load_grid(path: Path, extra_overrides: list[str] | None = None, seeds: list[
             validate(cfg)
         except UserError as error:
             raise UserError(f"Grid run '{name}': {error}") from None
-    sweep = Sweep(spec.get("name", path.stem), match, baseline)
+    sweep = Sweep(spec.get("name", path.stem), match, baseline, base_path)
     seed_list = seeds or spec.get("seeds", [0])
     for name, cfg in configs.items():
         for seed in seed_list:
@@ -136,6 +138,20 @@ def load_grid(path: Path, extra_overrides: list[str] | None = None, seeds: list[
                                          cost.flops_per_token, evaluate_test=bool(lrs)))
     check_matching(sweep)
     return sweep
+
+
+def _base_config(grid: Path, name: str | None) -> Path | None:
+    """The experiment a grid's ``config:`` names, resolved as ``sffn train -c`` resolves it but relative to
+    the grid file: a path (absolute, or relative to the grid's folder), else a shipped name. None: no
+    ``config:``, the runs start from the built-in defaults (``sffn config keys``, column "built-in")."""
+    if name is None:
+        return None
+    base = resolve(Path(str(name)), relative_to=grid.parent)
+    if not base.is_file():
+        raise UserError(f"Grid file '{grid}': its config '{name}' is neither a file (looked for '{base}') nor a "
+                        f"shipped experiment ({', '.join(n for n in shipped_names() if not n.startswith('paper/'))}, "
+                        "paper/…).")
+    return base
 
 
 def with_lr(name: str, lr: float) -> str:

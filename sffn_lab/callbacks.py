@@ -12,6 +12,7 @@ from pathlib import Path
 import lightning as L
 from lightning.pytorch.callbacks import RichProgressBar
 
+from sffn_lab.durations import format_duration
 from sffn_lab.errors import UserError
 from sffn_lab.run_dir import write_status
 
@@ -23,10 +24,27 @@ class TrainingInterrupted(UserError):
 
 
 class StepProgressBar(RichProgressBar):
-    """A rich progress bar counted in optimizer steps (runs are step-based, not epoch-based)."""
+    """A rich progress bar counted in optimizer steps (runs are step-based, not epoch-based), showing the
+    training loss, tokens/s and the latest validation loss with its step."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.last_validation: tuple[int, float] | None = None
 
     def _get_train_description(self, current_epoch: int) -> str:
         return "train"
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if not trainer.sanity_checking and "val/loss" in trainer.callback_metrics:
+            self.last_validation = trainer.global_step, float(trainer.callback_metrics["val/loss"])
+        super().on_validation_end(trainer, pl_module)  # redraws the metrics
+
+    def get_metrics(self, trainer, pl_module) -> dict:
+        metrics = super().get_metrics(trainer, pl_module)
+        if self.last_validation is not None:
+            step, loss = self.last_validation
+            metrics["val/loss"] = f"{loss:.4f} (step {step})"
+        return metrics
 
     @property
     def total_train_batches(self) -> int | float:
@@ -61,7 +79,7 @@ class PlainProgress(L.Callback):
             parts.append(f"loss {float(metrics['train/loss']):.4f}")
         if "tok/s" in metrics:
             parts.append(f"tok/s {float(metrics['tok/s']):,.0f}")
-        parts += [f"elapsed {format_seconds(elapsed)}", f"ETA {format_seconds(eta)}"]
+        parts += [f"elapsed {format_duration(elapsed)}", f"ETA {format_duration(eta)}"]
         self._say("  ".join(parts))
 
     def on_validation_end(self, trainer, pl_module) -> None:
@@ -105,17 +123,6 @@ class StatusFile(L.Callback):
             elapsed_s=round(pl_module.wall_time_s(), 3), eta_s=None if math.isnan(eta) else round(eta, 1),
             **{key.replace("/", "_"): float(metrics[key]) for key in ("val/loss", "val/bits") if key in metrics},
         )
-
-
-def format_seconds(seconds: float) -> str:
-    """3725 → '1h02m05s'; 65 → '1m05s'; 4.2 → '4.2s'."""
-    if seconds != seconds:  # NaN: not known yet
-        return "?"
-    if seconds < 60:
-        return f"{seconds:.1f}s"
-    minutes, secs = divmod(round(seconds), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s"
 
 
 class ValidateAtLastStep(L.Callback):

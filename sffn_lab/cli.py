@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import sys
 from enum import Enum
@@ -17,9 +18,12 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from sffn_lab.config import MAX_SEED
 from sffn_lab.config_help import complete_override
+from sffn_lab.durations import format_duration
 from sffn_lab.errors import UserError
 from sffn_lab.experiments import DEFAULT_CONFIG, resolve, shipped_names
+from sffn_lab.units import per
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -58,12 +62,12 @@ def _typed_overrides(**values) -> list[str]:
 
 def _format_summary(summary) -> Table:
     table = Table(title="Run summary", show_header=False)
+    unit = per(summary.unit)
     if summary.val_loss is not None:
-        table.add_row("validation loss (nats/token)", f"{summary.val_loss:.4f}")
-        unit_name = {"byte": "bits per character", "word": "bits per word", "token": "bits per token"}
-        table.add_row(f"validation {unit_name.get(summary.unit, 'bits')}", f"{summary.val_bits:.4f}")
+        table.add_row(f"validation loss (nats {unit})", f"{summary.val_loss:.4f}")
+        table.add_row(f"validation bits {unit}", f"{summary.val_bits:.4f}")
     if summary.val_ppl is not None:
-        table.add_row("validation perplexity", f"{summary.val_ppl:.2f}")
+        table.add_row(f"validation perplexity {unit}", f"{summary.val_ppl:.2f}")
     if summary.val_bpb is not None:
         table.add_row("validation bits per byte of text", f"{summary.val_bpb:.4f}")
     if summary.entropy_rate_bits is not None and summary.entropy_gap_bits is not None:
@@ -75,7 +79,7 @@ def _format_summary(summary) -> Table:
     table.add_row("forward FLOPs per token", f"{summary.flops_per_token:,}")
     table.add_row("steps", str(summary.step))
     table.add_row("tokens seen", f"{summary.tokens_seen:,}")
-    table.add_row("wall time", f"{summary.wall_time_s:.1f} s")
+    table.add_row("wall time", format_duration(summary.wall_time_s))
     return table
 
 
@@ -124,8 +128,6 @@ def train(
     progress: bool = typer.Option(True, help="Show the progress bar."),
 ) -> None:
     """Train a language model (the default experiment when run without options)."""
-    from sffn_lab import training
-    from sffn_lab.checkpoints import load_run_config
     from sffn_lab.config import load_config
     from sffn_lab.run_dir import is_launched_rank
 
@@ -136,16 +138,26 @@ def train(
     if resume is not None:
         if config is not None:
             raise UserError("--resume continues a run with its own config; do not pass --config with it.")
+        if run_dir is not None:
+            raise UserError("--resume continues the run in its own directory; do not pass --run-dir with it.")
+        from sffn_lab.checkpoints import load_run_config
+
         cfg = load_run_config(resume, overrides)
     else:
         cfg = load_config(_experiment_file(config), overrides)
+    from sffn_lab import training
+
     _warn_if_cpu_busy()
-    if resume is not None and run_dir is not None:
-        raise UserError("--resume continues the run in its own directory; do not pass --run-dir with it.")
     summary = training.train(cfg, progress=progress, resume_dir=resume, run_dir=run_dir)
     if not is_launched_rank():
         console.print(_format_summary(summary))
         console.print(f"run directory: {summary.run_dir}", soft_wrap=True)
+
+
+def _check_exists(checkpoint: Path) -> None:
+    """A checkpoint or run directory that is not there is refused before torch and Lightning are imported."""
+    if not checkpoint.exists():
+        raise UserError(f"Checkpoint '{checkpoint}' does not exist.")
 
 
 class Split(str, Enum):
@@ -161,15 +173,22 @@ def eval_(
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Exact loss and bits / perplexity over every token of a split."""
+    from sffn_lab.config import Config, apply_overrides, from_dict, to_dict
+
+    _check_exists(checkpoint)
+    from_dict(Config, apply_overrides(to_dict(Config()), list(set_)))  # keys and types, before torch is imported
     from sffn_lab.training import evaluate
 
     result = evaluate(checkpoint, split.value, list(set_))
     if as_json:
         print(json.dumps(result))
         return
+    unit = per(result["unit"])
+    names = {"loss": f"loss (nats {unit})", "bits": f"bits {unit}", "ppl": f"perplexity {unit}",
+             "bpb": "bits per byte of the text", "tokens": f"tokens scored ({result['unit']}s)"}
     table = Table(title=f"{result['corpus']} — {split.value}", show_header=False)
     for key, value in result.items():
-        table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+        table.add_row(names.get(key, key), f"{value:.4f}" if isinstance(value, float) else str(value))
     console.print(table)
 
 
@@ -177,16 +196,24 @@ def eval_(
 def sample(
     checkpoint: Path = typer.Argument(..., help="A .ckpt file, a run directory or an sffn export folder."),
     prompt: str = typer.Option("", help="Text to continue."),
-    tokens: int = typer.Option(200, help="Number of tokens to generate."),
-    temperature: float = typer.Option(1.0, help="Sampling temperature (0: greedy)."),
-    top_k: int | None = typer.Option(None, help="Sample from the k most likely tokens."),
-    seed: int = typer.Option(0, help="Random seed."),
+    tokens: int = typer.Option(200, help="Number of tokens to generate (at least 1)."),
+    temperature: float = typer.Option(1.0, help="Sampling temperature, > 0; 0 is greedy decoding (always the "
+                                      "most likely token, whatever --top-k and --seed)."),
+    top_k: int | None = typer.Option(None, help="Sample from the k most likely tokens (1 to the vocabulary size)."),
+    seed: int = typer.Option(0, help=f"Random seed (0 to {MAX_SEED})."),
 ) -> None:
     """Generate text from a trained model."""
+    if tokens < 1:
+        raise UserError(f"--tokens must be at least 1, got {tokens}.")
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise UserError(f"--temperature must be 0 (greedy decoding) or a positive number, got {temperature}.")
+    if top_k is not None and top_k < 1:
+        raise UserError(f"--top-k must be at least 1 (1: the most likely token), got {top_k}.")
+    if not 0 <= seed <= MAX_SEED:
+        raise UserError(f"--seed must be between 0 and {MAX_SEED}, got {seed}.")
+    _check_exists(checkpoint)
     from sffn_lab.training import sample as sample_text
 
-    if tokens < 1:
-        raise UserError("--tokens must be at least 1.")
     print(sample_text(checkpoint, prompt, tokens, temperature, top_k, seed))
 
 
@@ -228,9 +255,14 @@ def plot(
     x: XAxis = typer.Option(XAxis.steps, help="Horizontal axis."),
     output: Path = typer.Option(Path("curves.png"), "--output", "-o", help="PNG file to write."),
 ) -> None:
-    """Plot validation bpc / perplexity curves of one or more runs into a PNG."""
-    from sffn_lab.analysis.curves import plot_runs
+    """Plot validation curves (bits, or perplexity for word corpora) of one or more runs into a PNG."""
+    from sffn_lab.analysis.curves import plot_runs, run_corpus
 
+    corpora = {run: run_corpus(run) for run in runs}
+    if len(set(corpora.values())) > 1:
+        console.print("[yellow]warning:[/yellow] these runs trained on different corpora, so their losses are not "
+                      "comparable: " + ", ".join(f"{run.name}: {corpus}" for run, corpus in corpora.items()),
+                      soft_wrap=True)
     plot_runs(runs, output, x.value)
     console.print(f"wrote {output}")
 
@@ -340,14 +372,14 @@ def ablate(
                                    "each cluster job does)."),
 ) -> None:
     """Train a grid of matched runs over several seeds (resumable), then report mean ± std."""
-    from sffn_lab.ablation import ESTIMATE_METHOD, estimate_seconds, execute, load_grid, run_state, run_sweep
-
     seed_list = [int(s) for s in seeds.split(",")] if seeds else None
     grid_path = resolve(grid)
     if not grid_path.is_file():
         raise UserError(f"Grid file '{grid}' does not exist, nor is it a shipped grid ({', '.join(shipped_names())}).")
     if launcher is Launcher.slurm and jobs != 1:
         raise UserError("--jobs applies to --launcher local; on SLURM every run is its own job.")
+    from sffn_lab.ablation import ESTIMATE_METHOD, estimate_seconds, execute, load_grid, run_state, run_sweep
+
     sweep = load_grid(grid_path, list(set_), seed_list)
     sweep_dir = out / sweep.name
     if run is not None:
@@ -362,15 +394,23 @@ def ablate(
             console.print(f"{run}: {execute(chosen[0], sweep_dir)}")
         return
     estimate_seconds(sweep)
+    base = sweep.base_config or "the built-in defaults (the grid has no config:; see sffn config keys)"
     table = Table(title=f"Plan: {sweep.name} ({len(sweep.runs)} runs, matched: {sweep.match}, "
-                        f"baseline: {sweep.baseline}) → {sweep_dir}")
+                        f"baseline: {sweep.baseline}) → {sweep_dir}\nevery run starts from {base}")
     for column in ("run", "variant", "seed", "total params", "active params", "FLOPs/token", "est. time", "state"):
         table.add_column(column, justify="left" if column in ("run", "variant", "state") else "right")
     for planned in sweep.runs:
         table.add_row(planned.name, planned.variant, str(planned.seed), f"{planned.total_params:,}",
-                      f"{planned.active_params:,}", f"{planned.flops_per_token:,}", f"{planned.estimated_s:.3g} s",
-                      run_state(sweep_dir / planned.dir_name))
+                      f"{planned.active_params:,}", f"{planned.flops_per_token:,}",
+                      format_duration(planned.estimated_s), run_state(sweep_dir / planned.dir_name))
+    total = sum(planned.estimated_s for planned in sweep.runs)
+    table.add_section()
+    table.add_row("total", "", "", "", "", "", format_duration(total), "", style="bold")
     console.print(table)
+    if launcher is Launcher.local and jobs > 1:
+        longest = max(planned.estimated_s for planned in sweep.runs)
+        console.print(f"with --jobs {jobs}: at least {format_duration(max(total / jobs, longest))} of wall time",
+                      soft_wrap=True)
     console.print(f"estimated times: {ESTIMATE_METHOD}", soft_wrap=True)
     if launcher is Launcher.slurm:
         _submit_to_slurm(sweep, sweep_dir, grid_path, out, list(set_), sbatch, dry_run)
@@ -563,6 +603,44 @@ def _print_report(*sweep_dirs: Path, out: Path | None = None, baseline: str | No
     console.print(f"wrote {out}/results{suffix}.md, results{suffix}.csv and curves{suffix}.png", soft_wrap=True)
 
 
+data_app = typer.Typer(no_args_is_help=True, help="The named corpora: fill the download cache ahead of time.")
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("download")
+def data_download(
+    names: list[str] | None = typer.Argument(None, help="Corpora to download (tinyshakespeare, enwik8, …).",
+                                             autocompletion=_complete_corpus, show_default=False),
+    all_: bool = typer.Option(False, "--all", help="Every named corpus."),
+    cache_dir: Path | None = typer.Option(None, help="The cache to fill (data.cache_dir); default: $SFFN_DATA, "
+                                          "else ~/.cache/sffn-lab."),
+) -> None:
+    """Download and verify corpora into the cache training reads, so that an offline node finds them there."""
+    from sffn_lab.config import DataConfig
+    from sffn_lab.data.corpora import REGISTRY, cache_root, download_corpus, downloadable
+
+    if bool(names) == all_:
+        raise UserError("Name the corpora to download, or give --all (not both).")
+    names = list(REGISTRY) if all_ else names
+    for name in names:
+        downloadable(name)  # every name checked before the first download
+    cache = cache_root(DataConfig(cache_dir=str(cache_dir) if cache_dir else ""))
+    failed = []
+    for name in names:
+        try:
+            path, was_there = download_corpus(name, cache)
+        except UserError as error:
+            failed.append(f"{name}: {error}")
+            continue
+        what = "already in the cache, verified" if was_there else "downloaded and verified"
+        console.print(f"{name}: {what}: {path} ({path.stat().st_size:,} bytes)", soft_wrap=True, highlight=False)
+    if failed:
+        raise UserError(" ".join(failed))
+    if cache_dir is not None:
+        console.print(f"Training reads them with --set data.cache_dir={cache} (or SFFN_DATA={cache}).",
+                      soft_wrap=True, highlight=False)
+
+
 config_app = typer.Typer(no_args_is_help=True, help="Show the resolved configuration, or every key.")
 app.add_typer(config_app, name="config")
 
@@ -584,14 +662,23 @@ def config_show(
 
 @config_app.command("keys")
 def config_keys() -> None:
-    """Every config key with its type, default and what it sets."""
+    """Every config key with its type, built-in default, value in the default experiment and what it sets."""
+    from functools import reduce
+
+    from sffn_lab.config import load_config, to_dict
     from sffn_lab.config_help import key_help
 
-    table = Table(title="Config keys (set with --set key=value)")
-    for column in ("key", "type", "default", "what it sets"):
+    experiment = to_dict(load_config(DEFAULT_CONFIG))
+    table = Table(title="Config keys (set with --set key=value)",
+                  caption=f"built-in: the value a config file (or a grid without config:) leaves a key at. sffn train: "
+                  f"the value sffn train uses without --config ({DEFAULT_CONFIG.name}; bold where it differs).")
+    for column in ("key", "type", "built-in", "sffn train", "what it sets"):
         table.add_column(column)
     for row in key_help():
-        table.add_row(row.key, row.type, repr(row.default), row.help)
+        value = reduce(dict.__getitem__, row.key.split("."), experiment)
+        shown = escape(repr(value))
+        table.add_row(row.key, row.type, escape(repr(row.default)), f"[bold]{shown}[/bold]" if value != row.default
+                      else shown, escape(row.help))
     console.print(table)
 
 

@@ -28,6 +28,7 @@ POSITIONS = ("rope", "learned", "relative")
 SMLP_ROUTINGS = ("deterministic", "partial_prediction")
 SMLP_MIXINGS = ("toeplitz", "full")
 TOKENIZER_KINDS = ("byte", "word", "sentencepiece", "bpe", "gpt2")
+MAX_SEED = 2**32 - 1  # seeds are NumPy's (through Lightning's seed_everything): 0 … 2³² − 1
 TRAINED_TOKENIZERS = ("sentencepiece", "bpe")  # trained on the training split: <kind>:<vocabulary size>
 
 # ----------------------------------------------------------------------------------------------
@@ -346,18 +347,19 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
-def read_yaml(path: str | Path) -> dict[str, Any]:
+def read_yaml(path: str | Path, what: str = "Config file") -> dict[str, Any]:
+    """The mapping in a YAML file; ``what`` names the file in the errors ("Config file", "Grid file")."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"Config file '{path}' does not exist.")
+        raise UserError(f"{what} '{path}' does not exist.")
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
-        raise UserError(f"Config file '{path}' is not valid YAML: {exc}") from None
+        raise UserError(f"{what} '{path}' is not valid YAML: {exc}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise UserError(f"Config file '{path}' must hold a mapping at the top level.")
+        raise UserError(f"{what} '{path}' must hold a mapping at the top level.")
     return data
 
 
@@ -419,6 +421,8 @@ def validate(config: Config) -> None:
         raise UserError("train.accumulate_grad_batches must be at least 1.")
     if t.num_nodes < 1:
         raise UserError("train.num_nodes must be at least 1.")
+    if not 0 <= t.seed <= MAX_SEED:
+        raise UserError(f"train.seed must be between 0 and {MAX_SEED}, got {t.seed}.")
     validate_ffn(m.ffn)
     if m.ffn.kind == "base" and m.ffn.base.form == "fairseq" and m.init == "paper":
         raise UserError("model.ffn.base.form=fairseq initialises as fairseq does (orthogonal centroids, a zero second "

@@ -216,7 +216,7 @@ class LanguageModelModule(L.LightningModule):
         ckpt = saved[0] if saved else "none saved yet"
         repeated = f" in {self.consecutive_skips} consecutive batches" if self.consecutive_skips > 1 else ""
         return NonFiniteLossError(
-            f"The training loss became {loss}{repeated} at step {step} (its update was not applied). The last good "
+            f"The training loss became {loss}{repeated} at step {step + 1} (its update was not applied). The last good "
             f"checkpoint is {ckpt}. Lower train.lr, raise train.warmup_steps, or set train.skip_nonfinite=true "
             "to skip such batches."
         )
@@ -289,11 +289,9 @@ class LanguageModelModule(L.LightningModule):
         self._log_usage(split)
 
     def eval_metrics(self, split: str, loss: torch.Tensor) -> dict[str, torch.Tensor]:
-        """loss in nats/token → the corpus' customary numbers (bpc for bytes, perplexity for words)."""
+        """loss in nats per token (the corpus' unit: byte, word or token) → bits and perplexity per token."""
         bits = loss / math.log(2)
-        metrics = {f"{split}/loss": loss, f"{split}/bits": bits}
-        if self.corpus.unit == "word":
-            metrics[f"{split}/ppl"] = loss.exp()
+        metrics = {f"{split}/loss": loss, f"{split}/bits": bits, f"{split}/ppl": loss.exp()}
         per_byte = (self.corpus.tokens_per_byte or {}).get("valid" if split == "val" else split)
         if per_byte is not None:  # bits per byte of the original text: comparable across tokenizers
             metrics[f"{split}/bpb"] = bits * per_byte
@@ -329,7 +327,7 @@ class LanguageModelModule(L.LightningModule):
             for key, value in usage_stats(counts).items():
                 self.log(f"{stage}_usage/layer{layer}/{key}", float(value))
             log_histogram(self.loggers, f"{stage}_usage/layer{layer}/load", counts / counts.mean().clamp_min(1e-9),
-                          self.global_step)
+                          self.global_step + (stage == "train"))  # steps completed: a training step counts itself
             if stage == "val":
                 self.last_val_usage[layer] = counts.cpu()
         for layer, (total, n) in sorted(gates_of_stage.items()):

@@ -1,13 +1,16 @@
 """The run's metric loggers (``train.loggers``), whose history survives a resume.
 
 - ``csv`` (always): ``metrics.csv``. Lightning's CSV logger deletes an existing file; here a resumed
-  run keeps the rows logged before its checkpoint's step, drops the rows of steps that will be
+  run keeps the rows logged up to its checkpoint's step, drops the rows of steps that will be
   repeated, and appends. The rows are flushed to disk at every checkpoint (see
   ``FlushLogsBeforeCheckpoint`` for the one-row window Lightning's hook order leaves).
 - ``tensorboard``: events under ``tensorboard/``; a resumed writer purges the events from the
-  checkpoint's step on (``purge_step``), so TensorBoard shows one history.
+  step after the checkpoint's on (``purge_step``), so TensorBoard shows one history.
 - ``wandb`` / ``mlflow`` (optional extras): a resumed run continues the same W&B / MLflow run (its id
   is kept in the run directory).
+
+Every logger counts steps completed (``StepsCompleted``): the row of step 10 holds the 10th optimizer step's
+training loss and the validation after it, as the console and the checkpoint names (``best-10.ckpt``) count.
 """
 
 from __future__ import annotations
@@ -49,6 +52,19 @@ def check_installed(names: list[str]) -> None:
             )
 
 
+class StepsCompleted:
+    """Logger mixin: Lightning passes the number of optimizer steps done *before* a training step (and before
+    the validation that follows it); the log gets the steps completed, one more."""
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        super().log_metrics(metrics, None if step is None else step + 1)
+
+
+def steps_completed(logger_class: type[Logger]) -> type[Logger]:
+    """``logger_class`` with ``StepsCompleted`` mixed in."""
+    return type(logger_class.__name__, (StepsCompleted, logger_class), {})
+
+
 class _AppendingWriter(ExperimentWriter):
     """Lightning's CSV writer, except that an existing metrics.csv is kept and appended to."""
 
@@ -58,7 +74,7 @@ class _AppendingWriter(ExperimentWriter):
                 self.metrics_keys = list(csv.DictReader(f).fieldnames or [])
 
 
-class AppendingCSVLogger(CSVLogger):
+class AppendingCSVLogger(StepsCompleted, CSVLogger):
     """``metrics.csv`` directly in the run directory, appended to across resumes."""
 
     @property
@@ -69,14 +85,14 @@ class AppendingCSVLogger(CSVLogger):
         return self._experiment
 
 
-def keep_history_before(metrics_csv: Path, step: int) -> None:
-    """Drop the rows of steps ≥ ``step`` (logged after the checkpoint a run resumes from)."""
+def keep_history_to(metrics_csv: Path, step: int) -> None:
+    """Drop the rows of steps after ``step`` (logged after the checkpoint a run resumes from)."""
     if not metrics_csv.is_file():
         return
     with open(metrics_csv, newline="") as f:
         reader = csv.DictReader(f)
         fields = reader.fieldnames or []
-        rows = [row for row in reader if row.get("step", "") == "" or int(row["step"]) < step]
+        rows = [row for row in reader if row.get("step", "") == "" or int(row["step"]) <= step]
     tmp = metrics_csv.with_suffix(".tmp")
     with open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields)
@@ -119,15 +135,15 @@ def build_loggers(names: list[str], run_dir: Path, run_name: str, resume_step: i
     """The loggers of a run; ``resume_step`` is the step of the checkpoint a resumed run continues from.
     Only rank zero touches the run directory's history (other DDP ranks' loggers never write)."""
     if resume_step is not None and rank_zero:
-        keep_history_before(run_dir / "metrics.csv", resume_step)
+        keep_history_to(run_dir / "metrics.csv", resume_step)
     loggers: list[Logger] = [AppendingCSVLogger(save_dir=str(run_dir), name="", version="")]
     ids = _read_ids(run_dir)
     if "tensorboard" in names:
         from lightning.pytorch.loggers import TensorBoardLogger
 
-        purge = {"purge_step": resume_step} if resume_step is not None else {}
-        loggers.append(TensorBoardLogger(save_dir=str(run_dir), name="tensorboard", version="", default_hp_metric=False,
-                                         **purge))
+        purge = {"purge_step": resume_step + 1} if resume_step is not None else {}
+        loggers.append(steps_completed(TensorBoardLogger)(save_dir=str(run_dir), name="tensorboard", version="",
+                                                          default_hp_metric=False, **purge))
     if "wandb" in names:
         import wandb
         from lightning.pytorch.loggers import WandbLogger
@@ -135,8 +151,9 @@ def build_loggers(names: list[str], run_dir: Path, run_name: str, resume_step: i
         ids.setdefault("wandb", _new_id())
         if wandb.run is not None and wandb.run.id != ids["wandb"]:  # an earlier run of this process (sffn ablate
             wandb.finish()  # trains a grid's runs one after another), which WandbLogger would reuse
-        loggers.append(WandbLogger(name=run_name, id=ids["wandb"], resume="allow", save_dir=str(run_dir),
-                                   project=os.environ.get("WANDB_PROJECT", "sffn-lab")))
+        loggers.append(steps_completed(WandbLogger)(name=run_name, id=ids["wandb"], resume="allow",
+                                                    save_dir=str(run_dir),
+                                                    project=os.environ.get("WANDB_PROJECT", "sffn-lab")))
     if "mlflow" in names:
         loggers.append(_mlflow_logger(run_dir, run_name, ids))
     if ids and rank_zero:
@@ -155,8 +172,8 @@ def _mlflow_logger(run_dir: Path, run_name: str, ids: dict[str, str]) -> Logger:
         uri = f"file:{run_dir / 'mlruns'}"
         os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
     try:
-        logger = MLFlowLogger(experiment_name="sffn-lab", run_name=run_name, run_id=ids.get("mlflow"),
-                              tracking_uri=uri)
+        logger = steps_completed(MLFlowLogger)(experiment_name="sffn-lab", run_name=run_name,
+                                               run_id=ids.get("mlflow"), tracking_uri=uri)
         ids["mlflow"] = logger.run_id  # creates (or finds) the experiment and the run
     except MlflowException as exc:
         raise UserError(f"MLflow cannot log to '{uri}': {str(exc).splitlines()[0]}") from None

@@ -209,6 +209,10 @@ def train(
             checkpoint = read_checkpoint(last)
             check_resumable(checkpoint, config, last)
             ckpt_path, resume_step = str(last), checkpoint["global_step"]
+            if (finished := finished_summary(run_dir, resume_step, config.train.max_steps)) is not None:
+                return finished
+        if not is_launched_rank():
+            save_config(config, run_dir / CONFIG_FILE)  # a new train.max_steps is the run's from now on
     elif is_launched_rank():
         run_dir = launched_rank_run_dir(run_dir)
     else:
@@ -220,6 +224,7 @@ def train(
     rank_zero = not is_launched_rank()
     if rank_zero:
         write_status(run_dir, "running", step=resume_step or 0)
+        print(f"run directory: {run_dir}  (follow it: tensorboard --logdir {run_dir})", flush=True)
     trainer = None
     try:
         trainer = build_trainer(config, run_dir, progress and rank_zero, resume_step, rank_zero)
@@ -241,6 +246,19 @@ def train(
         (run_dir / SUMMARY_FILE).write_text(json.dumps(asdict(summary), indent=2))
         write_status(run_dir, "finished", step=trainer.global_step)
     return summary
+
+
+def finished_summary(run_dir: Path, step: int, max_steps: int) -> RunSummary | None:
+    """The saved summary of a run whose last checkpoint already reached ``max_steps`` (said so on the console),
+    else None."""
+    path = run_dir / SUMMARY_FILE
+    saved = json.loads(path.read_text()) if step >= max_steps and path.is_file() else {}
+    if saved.get("step") != step:
+        return None
+    if not is_launched_rank():
+        print(f"{run_dir} already finished: {step} of train.max_steps {max_steps} steps done, nothing to train. "
+              f"To train it further: sffn train --resume {run_dir} --max-steps N (N > {step}).", flush=True)
+    return RunSummary(**{f.name: saved.get(f.name) for f in dataclasses.fields(RunSummary)})
 
 
 def summarize(run_dir: Path, trainer: L.Trainer, module: LanguageModelModule, wall: float) -> RunSummary:
@@ -278,6 +296,8 @@ def sample(ckpt: Path, prompt: str, tokens: int, temperature: float, top_k: int 
     from sffn_lab.models.sampling import generate
 
     module = load_trained(ckpt)
+    if top_k is not None and top_k > module.corpus.vocab_size:
+        raise UserError(f"--top-k {top_k} is more than the model's vocabulary of {module.corpus.vocab_size} tokens.")
     tokenizer = saved_tokenizer(ckpt, module)
     try:
         ids = tokenizer.encode(prompt) if prompt else [0]

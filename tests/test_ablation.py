@@ -145,3 +145,60 @@ def test_a_learning_rate_search_scores_every_run_on_test_and_reports_the_best(tm
     assert json.loads((sweep / "sweep.json").read_text())["baseline"] == "dense@lr=0.001"
     report = (sweep / "results.md").read_text()
     assert "Each variant at its own best learning rate" in report and "(lr 0.00" in report
+
+
+@pytest.mark.parametrize("config", ["default", "default.yaml", "base.yaml", "sub/../base.yaml", "{absolute}"])
+def test_a_grids_config_is_resolved_like_train_c_relative_to_the_grid(tmp_path, monkeypatch, config):
+    """A grid outside experiments/: a shipped name, a path relative to the grid file, an absolute path; never
+    the working directory."""
+    from sffn_lab.config import load_config
+    from sffn_lab.experiments import DEFAULT_CONFIG
+
+    folder = tmp_path / "grids"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "base.yaml").write_text(DEFAULT_CONFIG.read_text())
+    monkeypatch.chdir(tmp_path)  # where a working-directory lookup would look: nothing there
+    grid = folder / "grid.yaml"
+    grid.write_text(yaml.safe_dump({"config": config.format(absolute=folder / "base.yaml"), "match": "none",
+                                    "runs": [{"name": "dense", "set": ["model.ffn.kind=dense"]}]}))
+    sweep = load_grid(grid)
+    assert sweep.base_config.read_text() == DEFAULT_CONFIG.read_text()
+    assert sweep.runs[0].config.model == load_config(DEFAULT_CONFIG, ["model.ffn.kind=dense"]).model
+
+
+def test_a_grids_missing_config_is_named_with_where_it_was_looked_for(tmp_path):
+    grid = write_grid(tmp_path, RUNS, config="nosuch.yaml")
+    with pytest.raises(UserError, match=r"config 'nosuch.yaml' is neither a file \(looked for '.*grid.*nosuch"):
+        load_grid(grid)
+
+
+def test_grid_plan_names_its_base_durations_and_total(tmp_path, capsys, monkeypatch):
+    from sffn_lab import ablation
+
+    def fake_estimates(sweep):
+        for run, seconds in zip(sweep.runs, [7040, 7.05e6, 65, 4.2], strict=True):
+            run.estimated_s = seconds
+
+    monkeypatch.setattr(ablation, "estimate_seconds", fake_estimates)
+    code, out, err = run_cli(["ablate", write_grid(tmp_path, RUNS), "--dry-run", "--out", tmp_path / "s"], capsys)
+    assert code == 0, err
+    assert "built-in defaults" in out and "no config:" in out
+    assert "1 h 57 min" in out and "81 d 14 h" in out and "1 min 5 s" in out and "4.2 s" in out and "e+" not in out
+    total = next(line for line in out.splitlines() if line.startswith("│ total"))
+    assert "81 d 16 h" in total  # 7040 + 7.05e6 + 65 + 4.2 s
+
+
+@pytest.mark.parametrize("content, message", [
+    ("runs: [\n", "Grid file '{grid}' is not valid YAML"),
+    ("model: {d_model: 64}\n", "is an experiment, not a grid: train it with sffn train -c"),
+])
+def test_grid_file_mistakes_are_named_as_such(tmp_path, capsys, content, message):
+    grid = tmp_path / "g.yaml"
+    grid.write_text(content)
+    code, _, err = run_cli(["ablate", grid], capsys)
+    assert code == 2 and message.format(grid=grid) in " ".join(err.split()) and "Traceback" not in err
+
+
+def test_ablate_on_the_default_experiment_points_to_train(capsys):
+    code, _, err = run_cli(["ablate", "default"], capsys)
+    assert code == 2 and "sffn train -c" in err and "unknown keys" not in err

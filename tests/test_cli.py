@@ -10,7 +10,7 @@ import lightning as L
 import pytest
 
 from sffn_lab import training
-from sffn_lab.callbacks import format_seconds
+from sffn_lab.durations import format_duration
 from sffn_lab.run_dir import read_status
 from tests.histories import csv_history, tensorboard_history
 from tests.support import TINY as TINY_OVERRIDES
@@ -229,9 +229,12 @@ def test_batch_jobs_get_one_plain_progress_line_every_log_every_steps(tmp_path, 
     assert "━" not in out  # no progress bar drawing
 
 
-@pytest.mark.parametrize("seconds, text", [(4.24, "4.2s"), (65, "1m05s"), (3725, "1h02m05s"), (float("nan"), "?")])
-def test_format_seconds(seconds, text):
-    assert format_seconds(seconds) == text
+@pytest.mark.parametrize("seconds, text", [
+    (4.24, "4.2 s"), (42.4, "42 s"), (65, "1 min 5 s"), (3725, "1 h 2 min"), (7040, "1 h 57 min"), (7199, "2 h"),
+    (7.05e6, "81 d 14 h"), (float("nan"), "?"),
+])
+def test_format_duration(seconds, text):
+    assert format_duration(seconds) == text
 
 
 def test_sample_uses_the_run_directorys_tokenizer_and_names_unencodable_characters(tmp_path, capsys):

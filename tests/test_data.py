@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import zipfile
 from pathlib import Path
@@ -224,3 +225,62 @@ def test_download_retries_then_falls_back_to_a_mirror_with_a_user_agent(tmp_path
     # 3 tries, then the mirror
     assert [url for url, _ in calls] == ["http://primary.invalid/c.txt"] * 3 + [source.as_uri()]
     assert all(agent == corpora.USER_AGENT for _, agent in calls)
+
+
+def published_locally(monkeypatch, tmp_path, names) -> dict[str, bytes]:
+    """The registry's corpora ``names`` served from local files (file:// URLs) with their size and sha256, and
+    downloads without waits between tries."""
+    monkeypatch.setattr(corpora, "RETRY_DELAYS_S", (0.0, 0.0))
+    texts = {}
+    (tmp_path / "remote").mkdir()
+    for i, name in enumerate(names):
+        spec = corpora.REGISTRY[name]
+        texts[name] = write_text(tmp_path / "remote" / name, 4000, seed=10 + i)
+        remote = RemoteFile("http://offline.invalid/" + spec.remote.filename, spec.remote.filename,
+                            size=len(texts[name]), sha256=hashlib.sha256(texts[name]).hexdigest(),
+                            mirrors=((tmp_path / "remote" / name).as_uri(),))
+        monkeypatch.setitem(corpora.REGISTRY, name, CorpusSpec(name, "byte", remote, {"*": spec.remote.filename}))
+    return texts
+
+
+def test_data_download_fills_the_cache_that_an_offline_run_then_reads(tmp_path, monkeypatch, capsys):
+    from tests.support import run_cli
+
+    texts = published_locally(monkeypatch, tmp_path, ["tinyshakespeare"])
+    cache = tmp_path / "cache"
+    code, out, err = run_cli(["data", "download", "tinyshakespeare", "--cache-dir", cache], capsys)
+    assert code == 0, err
+    cached = cache / "tinyshakespeare" / "input.txt"
+    assert cached.read_bytes() == texts["tinyshakespeare"] and "downloaded and verified" in out
+    recorded = (cache / "tinyshakespeare" / "input.txt.sha256").read_text()
+    assert recorded == hashlib.sha256(cached.read_bytes()).hexdigest()
+    assert not list(cache.glob("*/.*tmp*"))
+
+    def offline(*args, **kwargs):
+        raise AssertionError("no download once the cache holds the corpus")
+
+    monkeypatch.setattr(corpora.urllib.request, "urlopen", offline)
+    corpus = load_corpus(DataConfig(corpus="tinyshakespeare", cache_dir=str(cache)))
+    assert bytes(corpus.splits["train"][:64]) == texts["tinyshakespeare"][:64]
+    code, out, err = run_cli(["data", "download", "tinyshakespeare", "--cache-dir", cache], capsys)
+    assert code == 0 and "already in the cache, verified" in out
+
+
+def test_data_download_all_and_its_mistakes(tmp_path, monkeypatch, capsys):
+    from tests.support import run_cli
+
+    published_locally(monkeypatch, tmp_path, list(corpora.REGISTRY))
+    code, out, err = run_cli(["data", "download", "--all", "--cache-dir", tmp_path / "c"], capsys)
+    assert code == 0, err
+    assert all((tmp_path / "c" / name / spec.remote.filename).is_file() for name, spec in corpora.REGISTRY.items())
+
+    for args, message in ((["enwik8", "enwik9"], "Did you mean 'enwik8'"), (["synthetic"], "nothing to download"),
+                          ([], "or give --all"), (["enwik8", "--all"], "or give --all")):
+        code, _, err = run_cli(["data", "download", *args, "--cache-dir", tmp_path / "d"], capsys)
+        assert code == 2 and message in err and "Traceback" not in err
+        assert not (tmp_path / "d").exists()  # nothing downloaded before a name is refused
+
+    monkeypatch.setitem(corpora.REGISTRY, "text8", dataclasses.replace(
+        corpora.REGISTRY["text8"], remote=dataclasses.replace(corpora.REGISTRY["text8"].remote, sha256="0" * 64)))
+    code, out, err = run_cli(["data", "download", "enwik8", "text8", "--cache-dir", tmp_path / "e"], capsys)
+    assert code == 2 and "enwik8: downloaded and verified" in out and "text8: Checksum mismatch" in err

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = {"sffn_lab": ROOT / "sffn_lab", "sffn_lab.kernels": ROOT / "kernels",
@@ -83,3 +87,32 @@ def test_analysis_does_not_import_the_benchmarks():
         if name.startswith("sffn_lab.analysis"):
             upward = {t for t in imports_of(path, set(found)) if t.startswith("sffn_lab.bench")}
             assert not upward, f"{name} imports {sorted(upward)}"
+
+
+def test_new_leaves_import_nothing_of_the_package():
+    found = modules()
+    for leaf in ("sffn_lab.units", "sffn_lab.durations"):
+        assert imports_of(found[leaf], set(found)) == set(), leaf
+
+
+@pytest.mark.parametrize("args", [
+    ["train", "--set", "no.such.key=1"],
+    ["train", "-c", "/nonexistent.yaml"],
+    ["train", "--max-steps", "0"],
+    ["eval", "/nonexistent.ckpt"],
+    ["eval", "{run}", "--set", "no.such.key=1"],
+    ["sample", "/nonexistent"],
+    ["sample", "{run}", "--top-k", "0"],
+    ["ablate", "/nonexistent.yaml"],
+])
+def test_a_mistake_is_answered_without_importing_torch_or_lightning(tmp_path, args):
+    """What makes an answer take seconds is importing torch and Lightning; the speed itself is measured by
+    tools/error_latency.py."""
+    (tmp_path / "config.yaml").write_text("")  # only a path that exists
+    args = [a.format(run=tmp_path) for a in args]
+    probe = ("import sys; sys.argv = ['sffn', *sys.argv[1:]]\n"
+             "from sffn_lab.cli import main\n"
+             "try:\n    main()\nexcept SystemExit:\n    pass\n"
+             "print(sorted(m for m in ('torch', 'lightning') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True, text=True, cwd=ROOT)
+    assert done.stdout.strip().splitlines()[-1] == "[]", done.stdout + done.stderr

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sffn_lab.errors import UserError
+from sffn_lab.units import METRIC_NAMES, metric_label
 
 X_COLUMNS = {"steps": ("step", "step"), "tokens": ("tokens_seen", "tokens seen"), "time": ("elapsed_s", "seconds"),
              "flops": ("tokens_seen", "training FLOPs (3 × forward per token seen)")}
@@ -20,6 +21,7 @@ class Curve:
     metric: str  # the y-axis name, e.g. "val/bits"
     x: list[float]
     y: list[float]
+    unit: str | None = None  # what the metric is per (sffn_lab.units), None: not known yet
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, float]]:
@@ -34,11 +36,25 @@ def read_metrics(run_dir: Path) -> list[dict[str, float]]:
     return rows
 
 
+def run_unit(run_dir: Path) -> str | None:
+    """The unit of a finished run's corpus (byte, word, token); None before its summary exists."""
+    summary = Path(run_dir) / "summary.json"
+    return json.loads(summary.read_text()).get("unit") if summary.is_file() else None
+
+
+def run_corpus(run_dir: Path) -> str:
+    """The corpus a run trained on, with the tokenizer that re-tokenizes it if any: ``wikitext103 (bpe:8000)``."""
+    import yaml
+
+    path = Path(run_dir) / "config.yaml"
+    data = (yaml.safe_load(path.read_text()) or {}).get("data", {}) if path.is_file() else {}
+    corpus = str(data.get("corpus", "?"))
+    return f"{corpus} ({data['tokenizer']})" if data.get("tokenizer") else corpus
+
+
 def curve_metric(run_dir: Path) -> str:
-    """Perplexity for word corpora, bits per character/token otherwise."""
-    config_path = Path(run_dir) / "summary.json"
-    unit = json.loads(config_path.read_text()).get("unit") if config_path.is_file() else None
-    return "val/ppl" if unit == "word" else "val/bits"
+    """Perplexity for word corpora, bits otherwise (both per token of the corpus' unit)."""
+    return "val/ppl" if run_unit(run_dir) == "word" else "val/bits"
 
 
 def validation_curve(run_dir: Path, x_axis: str = "steps", metric: str | None = None) -> Curve:
@@ -59,7 +75,7 @@ def validation_curve(run_dir: Path, x_axis: str = "steps", metric: str | None = 
     if not by_step:
         raise UserError(f"'{run_dir}' has no '{metric}' values against '{x_axis}' yet.")
     points = [by_step[s] for s in sorted(by_step)]
-    return Curve(Path(run_dir).name, metric, [p[0] for p in points], [p[1] for p in points])
+    return Curve(Path(run_dir).name, metric, [p[0] for p in points], [p[1] for p in points], run_unit(run_dir))
 
 
 def value_at(curve: Curve, x: float) -> float:
@@ -89,17 +105,18 @@ def plot_runs(run_dirs: list[Path], output: Path, x_axis: str = "steps") -> None
     plt = pyplot()
 
     curves = [validation_curve(r, x_axis) for r in run_dirs]
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(7, 4.5), layout="constrained")
     for c, style in zip(curves, line_styles(len(curves)), strict=True):
         ax.plot(c.x, c.y, marker="o", markersize=3, label=c.label, **style)
     metric = curves[0].metric
     ax.set_xlabel(X_COLUMNS[x_axis][1])
-    ax.set_ylabel({"val/ppl": "validation perplexity", "val/bits": "validation bits per token"}[metric])
+    ax.set_ylabel(metric_label(metric, curves[0].unit))
+    ax.set_title(f"Validation {METRIC_NAMES[metric]} of {len(curves)} run{'s' * (len(curves) > 1)} "
+                 "(lower is better)")
     if metric == "val/ppl":
         ax.set_yscale("log")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
     output.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(output, dpi=120)
     plt.close(fig)

@@ -22,6 +22,7 @@ from sffn_lab.analysis.curves import X_COLUMNS, line_styles, read_metrics, valid
 from sffn_lab.errors import UserError
 from sffn_lab.markdown import markdown_table
 from sffn_lab.run_dir import EVERY_TOKEN
+from sffn_lab.units import METRIC_NAMES, metric_label
 
 RUN_DIR = re.compile(r"^(?P<name>.+)-s(?P<seed>\d+)$")
 SWEEP_FILE = "sweep.json"  # {"name": ..., "baseline": ..., "match": ...}, written by sffn ablate
@@ -33,7 +34,7 @@ TEST_FILE = "test.json"  # a learning-rate search scores each run's best checkpo
 class Row:
     name: str
     seeds: list[int]
-    metric: str  # "val/bits" (bits per character/token) or "val/ppl"
+    metric: str  # "val/bits" (bits per token of the corpus' unit) or "val/ppl"
     mean: float
     std: float
     total_params: int
@@ -88,8 +89,23 @@ def collect(*sweep_dirs: Path) -> dict[str, list[Path]]:
         for name, run_dirs in runs.items():
             groups[f"{sweep_dir.name}/{name}" if names.count(name) > 1 else name] = run_dirs
     if not groups:
-        raise UserError(f"{', '.join(map(str, sweep_dirs))}: no finished runs yet.")
+        raise UserError(" ".join(_nothing_to_report(Path(d)) for d in sweep_dirs))
     return groups
+
+
+def _nothing_to_report(folder: Path) -> str:
+    """Why ``folder`` has no finished sweep runs: a sweep still running, a run directory, or other runs."""
+    if (folder / SWEEP_FILE).is_file():
+        return f"'{folder}' is a sweep with no finished runs yet."
+    if (folder / "config.yaml").is_file():
+        return (f"'{folder}' is a run directory of sffn train, not a sweep of sffn ablate: plot it with  sffn plot "
+                f"{folder}  or score it with  sffn eval {folder}")
+    runs = sorted(p.name for p in folder.iterdir() if (p / "config.yaml").is_file())
+    if runs:
+        return (f"'{folder}' holds {len(runs)} run directories of sffn train ({', '.join(runs[:3])}"
+                f"{', …' if len(runs) > 3 else ''}), not a sweep of sffn ablate (no {SWEEP_FILE}): overlay them "
+                f"with  sffn plot {folder}/*  or write a grid and run it with sffn ablate.")
+    return f"'{folder}' is not a sweep directory of sffn ablate (no {SWEEP_FILE} and no run directories in it)."
 
 
 def sweep_baseline(*sweep_dirs: Path) -> str | None:
@@ -270,13 +286,13 @@ def plot_sweep(sweep_dirs: tuple[Path, ...], output: Path, x_axis: str = "steps"
     plt = pyplot()
     import numpy as np
 
-    fig, ax = plt.subplots(figsize=(7.5, 4.5))
-    metric = "val/bits"
+    fig, ax = plt.subplots(figsize=(7.5, 4.5), layout="constrained")
+    metric, unit = "val/bits", None
     runs = collect(*sweep_dirs)
     for (name, run_dirs), style in zip(runs.items(), line_styles(len(runs)), strict=True):
         curves = [validation_curve(d) for d in run_dirs]
         along = [validation_curve(d, x_axis) for d in run_dirs]  # the same validations, against x_axis
-        metric = curves[0].metric
+        metric, unit = curves[0].metric, curves[0].unit
         steps = sorted(set.intersection(*(set(c.x) for c in curves)))
         ys = np.array([[dict(zip(c.x, c.y, strict=True))[s] for s in steps] for c in curves])
         xs = np.array([[dict(zip(c.x, a.x, strict=True))[s] for s in steps]
@@ -285,9 +301,10 @@ def plot_sweep(sweep_dirs: tuple[Path, ...], output: Path, x_axis: str = "steps"
         if len(curves) > 1:
             ax.fill_between(xs.mean(0), ys.min(0), ys.max(0), color=style["color"], alpha=0.15)
     ax.set_xlabel(X_COLUMNS[x_axis][1])
-    ax.set_ylabel("validation perplexity" if metric == "val/ppl" else "validation bits per token")
+    ax.set_ylabel(metric_label(metric, unit))
+    ax.set_title(f"{', '.join(Path(d).name for d in sweep_dirs)}: validation {METRIC_NAMES[metric]} "
+                 "(lower is better)\nmean over seeds, band: min to max")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
     fig.savefig(output, dpi=120)
     plt.close(fig)

@@ -18,10 +18,11 @@ import numpy as np
 import yaml
 from scipy.optimize import curve_fit
 
-from sffn_lab.analysis.curves import TRAIN_FLOPS_PER_FORWARD
+from sffn_lab.analysis.curves import TRAIN_FLOPS_PER_FORWARD, run_unit
 from sffn_lab.analysis.report import collect, summarize_sweep
 from sffn_lab.errors import UserError
 from sffn_lab.markdown import markdown_table
+from sffn_lab.units import metric_label
 
 AXES = {"active_params": "active parameters", "train_flops": "training FLOPs"}
 MIN_POINTS = 4
@@ -88,13 +89,13 @@ def fit_variants(points: list[SizePoint], axis: str) -> dict[str, PowerLaw]:
     return fits
 
 
-def plot_scaling(points: list[SizePoint], output: Path, metric_label: str) -> dict[str, dict[str, PowerLaw]]:
+def plot_scaling(points: list[SizePoint], output: Path, y_label: str) -> dict[str, dict[str, PowerLaw]]:
     """Points and fitted curves against active parameters and against training FLOPs (log x); returns the fits."""
     from sffn_lab.analysis.curves import line_styles
     from sffn_lab.analysis.plotting import pyplot
 
     plt = pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.6), layout="constrained")
     variants = sorted({p.variant for p in points})
     fits = {}
     for ax, axis in zip(axes, AXES, strict=True):
@@ -111,10 +112,10 @@ def plot_scaling(points: list[SizePoint], output: Path, metric_label: str) -> di
             ax.plot(xs, [p.loss for p in mine], "o", color=style["color"], label=label)
         ax.set_xscale("log")
         ax.set_xlabel(AXES[axis])
-        ax.set_ylabel(metric_label)
+        ax.set_ylabel(y_label)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
+    fig.suptitle(f"Final {y_label} against model size: L = c + a·x^(−b) per variant (lower is better)")
     fig.savefig(output, dpi=120)
     plt.close(fig)
     return fits
@@ -123,8 +124,9 @@ def plot_scaling(points: list[SizePoint], output: Path, metric_label: str) -> di
 def write_scaling_report(*sweep_dirs: Path, out: Path) -> dict[str, dict[str, PowerLaw]]:
     """scaling.png and scaling.md in ``out``: every variant's fits against both axes."""
     rows = summarize_sweep(*sweep_dirs, baseline=None)
-    points = size_points(rows, collect(*sweep_dirs))
-    label = "validation perplexity" if rows[0].metric == "val/ppl" else "validation bits per token"
+    runs = collect(*sweep_dirs)
+    points = size_points(rows, runs)
+    label = metric_label(rows[0].metric, run_unit(next(iter(runs.values()))[0]))
     out.mkdir(parents=True, exist_ok=True)
     fits = plot_scaling(points, out / "scaling.png", label)
     cells = [(variant, AXES[axis], str(len({getattr(p, axis) for p in points if p.variant == variant})),

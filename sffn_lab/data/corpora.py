@@ -370,6 +370,26 @@ def verify(remote: RemoteFile, path: Path) -> None:
         write_atomically(recorded, actual.encode())
 
 
+def downloadable(name: str) -> CorpusSpec:
+    """The registered corpus ``name``; a clear error for any other name."""
+    if name == "synthetic":
+        raise UserError("The synthetic corpus is generated from data.synthetic.seed: there is nothing to download.")
+    if name not in REGISTRY:
+        raise UserError(f"Unknown corpus '{name}'.{did_you_mean(name, REGISTRY)} Corpora to download: "
+                        f"{', '.join(REGISTRY)}.")
+    return REGISTRY[name]
+
+
+def download_corpus(name: str, cache: Path) -> tuple[Path, bool]:
+    """Put the named corpus' file in ``cache`` as training would fetch it (same addresses, mirrors, size and
+    checksum), for a node without network later → (the verified file, whether it was already there)."""
+    spec = downloadable(name)
+    path = cache / spec.name / spec.remote.filename
+    was_there = path.is_file()
+    fetch(spec.remote, path.parent)
+    return path, was_there
+
+
 def fetch(remote: RemoteFile, folder: Path) -> Path:
     """The verified local copy of ``remote`` in ``folder``, downloading it first if needed."""
     path = folder / remote.filename
