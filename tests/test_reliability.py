@@ -317,7 +317,7 @@ def test_a_nonfinite_batch_leaves_parameters_and_optimizer_state_untouched(tmp_p
     trained, skipped = (probe.copies for probe in probes)
     assert not all(a.equal(b) for a, b in zip(trained["before"], trained["after"], strict=True))
     assert all(a.equal(b) for a, b in zip(skipped["before"], skipped["after"], strict=True))
-    assert logged(summary.run_dir)["train/nonfinite_skips"] == {4: 1.0, 5: 1.0}  # log step 5 and the last, 6
+    assert logged(summary.run_dir)["train/nonfinite_skips"] == {5: 1.0, 6: 1.0}  # log step 5 and the last, 6
     assert summary.tokens_seen == 5 * 8 * 32  # the skipped batch's tokens are not counted
 
 
@@ -332,7 +332,7 @@ def test_too_many_nonfinite_batches_in_a_row_stop_with_the_step_and_last_checkpo
     code, _, err = run_cli(["train", *as_flags([*TINY, "train.skip_nonfinite=true"]), "--max-steps", "40",
                             "--out", tmp_path / "runs", "--no-progress"], capsys)
     assert code == 2, err
-    assert "in 21 consecutive batches at step 22" in err and "last.ckpt" in err
+    assert "in 21 consecutive batches at step 23" in err and "last.ckpt" in err  # steps completed: the 23rd
     run_dir = next((tmp_path / "runs").iterdir())
     last = read_checkpoint(run_dir / "checkpoints" / "last.ckpt")
     assert last["global_step"] == 21 and last["sffn"]["nonfinite_skips"] == 19
@@ -371,7 +371,7 @@ def test_training_steps_read_nothing_from_the_device_between_log_steps(tmp_path,
     summary = training.train(config, progress=False)
     assert guarded == {"training_step": 12 - 3, "backward": 12, "on_before_optimizer_step": 12,
                        "configure_gradient_clipping": 12}
-    assert logged(summary.run_dir)["train/nonfinite_skips"][9] == 1.0
+    assert logged(summary.run_dir)["train/nonfinite_skips"][10] == 1.0
 
 
 # ------------------------------------------------------------------------------------------- bad input
