@@ -47,13 +47,11 @@ EPS_START = 0.25  # ε of the first phase, as a fraction of the score range (max
 EPS_FINAL = 1e-3  # ε of the last phase, as a fraction of the score range
 N_PHASES = 3  # ε falls by (EPS_START / EPS_FINAL)^(1 / (N_PHASES − 1)) from one phase to the next
 MAX_ROUNDS = 1024  # bidding rounds per phase at most
-CHECK_EVERY = 8  # rounds between two "everyone served?" host reads
-BLOCK = 256  # tokens bidding in one round at most
+CHECK_EVERY = 8  # rounds between two host reads of the unmet demand
 
 
 def balanced_assignment(scores: torch.Tensor, k: int, eps_final: float = EPS_FINAL, n_phases: int = N_PHASES,
-                        max_rounds: int = MAX_ROUNDS, check_every: int = CHECK_EVERY,
-                        block: int = BLOCK) -> torch.Tensor:
+                        max_rounds: int = MAX_ROUNDS, check_every: int = CHECK_EVERY) -> torch.Tensor:
     """scores [T, E] → indices [T, k] (long): k distinct experts per token (in increasing order), at most
     C = ⌈T·k/E⌉ tokens per expert (exactly T·k/E when E divides T·k), total score within E·C·ε of the optimum,
     ε = ``eps_final`` · (max − min of the scores). Non-finite scores count as the lowest finite one."""
@@ -78,11 +76,13 @@ def balanced_assignment(scores: torch.Tensor, k: int, eps_final: float = EPS_FIN
     for phase in range(n_phases):
         eps = spread * eps_final * ratio ** (n_phases - 1 - phase)
         slots = slots.free_violations(s, eps)
-        for round_ in range(1, max_rounds + 1):
-            slots = bidding_round(s, want, k, slots, eps, min(block, len(s)))
-            if round_ % check_every == 0 and bool((slots.counts() == want).all()):
-                break
-        if bool((slots.counts() == want).all()):
+        rounds = 0
+        while (unmet := int((want - slots.counts()).sum())) and rounds < max_rounds:
+            size = 1 << (unmet - 1).bit_length()  # ≥ the unmet demand, which no round increases
+            for _ in range(min(check_every, max_rounds - rounds)):
+                slots = bidding_round(s, want, k, slots, eps, size)
+            rounds += check_every
+        if not unmet:
             complete = slots
     holds = (complete if complete is not None else slots).holds()[:T]
     short = holds.sum(1) < k
@@ -112,27 +112,41 @@ class Slots:
         """[N]: how many experts each token holds."""
         return torch.bincount(self.owner.reshape(-1), minlength=self.n_tokens + 1)[: self.n_tokens]
 
-    def holds(self) -> torch.Tensor:
-        """[N + 1, E] bool: token t holds expert e (the last row: nobody's slots)."""
+    def holds(self, tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """[B + 1, E] bool: the b-th of ``tokens`` [B] (indices < N, or N = nobody; default: all N) holds
+        expert e; the last row: the slots of the other tokens and nobody's."""
         E, C = self.owner.shape
-        holds = torch.zeros(self.n_tokens + 1, E, dtype=torch.bool, device=self.owner.device)
-        experts = torch.arange(E, device=self.owner.device)[:, None].expand(E, C)
-        return holds.index_put_((self.owner, experts), torch.ones((), dtype=torch.bool, device=holds.device))
+        N = self.n_tokens
+        device = self.owner.device
+        if tokens is None:
+            row, B = self.owner.reshape(-1), N
+        else:
+            B = len(tokens)
+            row = torch.full((N + 1,), B, device=device).scatter_(0, tokens, torch.arange(B, device=device))
+            row = row.index_fill_(0, torch.tensor([N], device=device), B).index_select(0, self.owner.reshape(-1))
+        place = row * E + torch.arange(E, device=device).repeat_interleave(C)
+        return torch.zeros((B + 1) * E, dtype=torch.bool, device=device).index_fill_(0, place, True).view(B + 1, E)
 
     def free_violations(self, s: torch.Tensor, eps: torch.Tensor) -> Slots:
-        """Free the held slots whose owner gains more than ε by switching to an expert it does not hold at
-        today's prices (s [N, E]); a freed slot costs what its expert's cheapest slot costs (so no expert
-        gets cheaper, and every other pair keeps its ε-complementary slackness)."""
+        """Start a phase at a smaller ε (s [N, E]): a held slot whose owner, at what it paid, is within ε of
+        the best expert it does not hold (at today's prices) stays; one that is within ε only at its expert's
+        price (its cheapest slot's) stays at that price; the others are freed, also at that price. No expert
+        gets cheaper, and every held pair satisfies ε-complementary slackness at what it paid."""
         holds = self.holds()[:-1]
         prices = self.expert_prices()
         best_other = (s - prices).masked_fill(holds, float("-inf")).amax(1)
-        best_other = torch.cat([best_other, best_other.new_full((1,), float("-inf"))])
+        best_other = torch.cat([best_other, best_other.new_full((1,), float("-inf"))])[self.owner] - eps
         N = self.n_tokens
         experts = torch.arange(s.shape[1], device=s.device)[:, None]
-        gain = s[self.owner.clamp_max(N - 1), experts] - self.price
-        violated = (self.owner < N) & (gain < best_other[self.owner] - eps)
-        price, order = torch.where(violated, prices[:, None], self.price).sort(dim=1, descending=True, stable=True)
-        return Slots(price, self.owner.masked_fill(violated, N).gather(1, order), N)
+        score = s[self.owner.clamp_max(N - 1), experts]
+        held = self.owner < N
+        freed = held & (score - prices[:, None] < best_other)
+        repriced = held & (score - self.price < best_other)
+        owner = self.owner.masked_fill(freed, N)
+        by_owner = (owner == N).to(torch.uint8).argsort(dim=1, stable=True)  # a free slot goes after an equal held one
+        price, order = torch.where(repriced, prices[:, None], self.price).gather(1, by_owner).sort(
+            dim=1, descending=True, stable=True)
+        return Slots(price, owner.gather(1, by_owner).gather(1, order), N)
 
     def take(self, bids: torch.Tensor, bidders: torch.Tensor) -> Slots:
         """Each expert keeps the C highest of its slots and its bids [E, B] (sorted descending along each row,
@@ -148,21 +162,40 @@ class Slots:
         return Slots(price[:, :C].contiguous(), owner[:, :C].contiguous(), self.n_tokens)
 
 
-def bidding_round(s: torch.Tensor, want: torch.Tensor, k: int, slots: Slots, eps: torch.Tensor, block: int) -> Slots:
-    """The first ``block`` tokens (s [N, E], wanting ``want`` [N] ≤ k experts) that are short bid; every expert
-    keeps its C best slots and bids."""
-    N = s.shape[0]
+def bidding_round(s: torch.Tensor, want: torch.Tensor, k: int, slots: Slots, eps: torch.Tensor, size: int) -> Slots:
+    """Every token (s [N, E], wanting ``want`` [N] ≤ k experts) that is short bids, ``size`` bids at most in all
+    (≥ the unmet demand); every expert keeps its C best slots and bids. (index_select rather than indexing:
+    faster on the CPU.)"""
+    N, E = s.shape
+    C = slots.price.shape[1]
     demand = want - slots.counts()
-    bidders = torch.nonzero_static(demand > 0, size=block, fill_value=N).squeeze(1)  # [B], N pads
+    bidders = torch.nonzero_static(demand > 0, size=min(size, N), fill_value=N).squeeze(1)  # [B], N pads
+    B = len(bidders)
     rows = bidders.clamp_max(N - 1)
-    short = torch.where(bidders < N, demand[rows], 0)[:, None]  # [B, 1]
-    s_rows = s.index_select(0, rows)  # (index_select: indexing with many repeated rows is slow on the CPU)
-    value = (s_rows - slots.expert_prices()).masked_fill(slots.holds().index_select(0, bidders), float("-inf"))
+    short = torch.where(bidders < N, demand.index_select(0, rows), 0)[:, None]  # [B, 1]
+    s_rows = s.index_select(0, rows)
+    value = (s_rows - slots.expert_prices()).masked_fill(slots.holds(bidders)[:-1], float("-inf"))
     threshold = value.topk(k + 1, dim=1).values.gather(1, short)  # the (d+1)-th best value [B, 1]
     chosen = first_by_index(value, threshold, short, dim=1)  # the d best, ties to the lower expert
-    bids = torch.where(chosen, s_rows - threshold + eps, float("-inf")).t().contiguous()  # [E, B]
-    bids, order = bids.sort(dim=1, descending=True, stable=True)  # equal bids: the lower token first
-    return slots.take(bids, bidders[order])
+    # the bids as a list, by bidder (= by token) then expert; padding: bidder B, expert E, bid −inf
+    flat = torch.nonzero_static(chosen.view(-1), size=min(size, B * k), fill_value=B * E).squeeze(1)
+    pad = flat == B * E
+    bidder = torch.div(flat, E, rounding_mode="floor").clamp_max(B - 1)
+    bid = s_rows.view(-1).index_select(0, flat.clamp_max(B * E - 1)) - threshold.view(-1).index_select(0, bidder)
+    bid = (bid + eps).masked_fill(pad, float("-inf"))
+    expert = torch.where(pad, E, flat % E)
+    bid, order = bid.sort(descending=True, stable=True)  # equal bids: the lower token first
+    expert, by_expert = expert.index_select(0, order).sort(stable=True)  # then grouped by expert
+    order = order.index_select(0, by_expert)
+    bid = bid.index_select(0, by_expert)
+    token = bidders.index_select(0, bidder.index_select(0, order))
+    per_expert = torch.bincount(expert, minlength=E + 1)
+    rank = torch.arange(len(order), device=s.device) - (per_expert.cumsum(0) - per_expert).index_select(0, expert)
+    width = min(C, len(order))  # an expert's C best bids at most can win
+    place = torch.where((expert < E) & (rank < width), expert * width + rank, E * width)
+    bids = bid.new_full((E * width + 1,), float("-inf")).scatter_(0, place, bid)[:-1].view(E, width)
+    owners = token.new_full((E * width + 1,), N).scatter_(0, place, token)[:-1].view(E, width)
+    return slots.take(bids, owners)
 
 
 def first_by_index(x: torch.Tensor, threshold: torch.Tensor, count: torch.Tensor, dim: int) -> torch.Tensor:
