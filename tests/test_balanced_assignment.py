@@ -87,7 +87,7 @@ def test_an_unfinished_last_phase_returns_the_last_finished_one(monkeypatch):
         slots = real_free(self, s, eps)
         if len(phases) < 2:
             return slots
-        monkeypatch.setattr(auction, "bidding_round", lambda s, want, k, slots, eps, block: slots)
+        monkeypatch.setattr(auction, "bidding_round", lambda s, want, k, slots, eps, size: slots)
         return auction.Slots(slots.price, torch.full_like(slots.owner, slots.n_tokens), slots.n_tokens)
 
     monkeypatch.setattr(auction.Slots, "free_violations", stall_in_phase_two)

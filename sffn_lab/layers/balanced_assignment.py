@@ -14,29 +14,34 @@ bidder that wants K objects, each bid judged against its (K+1)-th best value, as
 their C best tokens against the (C+1)-th), not a second-choice round. ε shrinks in phases (ε-scaling,
 Bertsekas & Eckstein 1988) down to ``eps_final`` · (max s − min s).
 
-State: an expert's C slots, each with a price and an owner (or nobody), kept in descending price order.
-The price of an expert, p_e, is its cheapest slot's.
-One round: up to ``block`` of the tokens still short of experts bid at once (a Jacobi auction over a
-block, so that every tensor has a fixed shape). Token t, short by d, takes the values v_e = s[t, e] − p_e
-of the experts it does not hold, w = its (d+1)-th best value, and bids s[t, e] − w + ε (≥ p_e + ε) for
-each of its d best. Every expert keeps the C highest of its slots and its new bids (a merge of two
-sorted lists); a token whose slot is taken bids again later. Ties go to the lower index (equal values:
-the lower expert; equal new bids: the lower token; a held slot stays ahead of an equal new bid), so the
-result is deterministic. A new phase keeps prices and the pairs that still satisfy
-ε-complementary slackness (s[t, e] − paid ≥ best alternative value − ε) and frees the others, at their
-expert's price.
+State: an expert's C slots, each with a price and an owner (or nobody), kept in descending price order,
+a free slot after the held ones of equal price. The price of an expert, p_e, is its cheapest slot's; a free
+slot always costs exactly p_e, so a bid fills a free slot before it displaces a token.
+One round (a Jacobi auction): every token still short of experts bids. Token t, short by d, takes the values
+v_e = s[t, e] − p_e of the experts it does not hold, w = its (d+1)-th best value, and bids s[t, e] − w + ε
+(≥ p_e + ε) for each of its d best. The bids, a list, are grouped by one sort (by expert, then bid, then
+token), and every expert keeps the C highest of its slots and its bids (a merge of two sorted lists); a
+token whose slot is taken bids again in the next round. Ties go to the lower index (equal values: the lower
+expert; equal new bids: the lower token; a held slot stays ahead of an equal new bid), so the result is
+deterministic. A new phase keeps the prices; a held pair that satisfies ε-complementary slackness at what
+its token paid (s[t, e] − paid ≥ best value of an expert t does not hold − ε) stays; one that satisfies it
+only at its expert's price p_e stays at that price; the others are freed, at p_e.
 
-Guarantee: at the end of the last phase every held (token, expert) pair satisfies ε-complementary
-slackness, so the total score is within E·C·ε of the optimum (T·K·ε when E divides T·K; each dummy
-token adds one ε).
+Guarantee: at the end of the last phase every held pair satisfies ε-complementary slackness at its expert's
+price (s[t, e] − p_e ≥ s[t, e] − paid ≥ the best alternative value − ε: prices only rise), and the prices p_e
+with each token's (wanted + 1)-th best value form a dual solution, so the total score is within E·C·ε of the
+optimum (T·K·ε when E divides T·K; each dummy token adds one ε).
 
-Bounded work, device-side: ``n_phases`` phases of at most ``max_rounds`` rounds, no shape that depends
-on the data (bidders are compacted with ``nonzero_static``); the only host read is the "everyone
-served?" check, once every ``check_every`` rounds (on CUDA a data-dependent ``while`` would synchronise
-every round). A phase still incomplete after ``max_rounds`` rounds hands on its prices; if it is the last,
-the assignment of the last phase that did finish is returned (within E·C times that phase's ε of the
-optimum). Only if no phase finished are the tokens still short completed by a round-robin fill of the
-free slots: exact capacities and distinct experts, but score-blind.
+Bounded work, device-side: ``n_phases`` phases of at most ``max_rounds`` rounds. The only host read is the
+unmet demand (Σ over tokens of how many experts each still lacks), at rounds 0, 1, 2, 4, 8 of a phase and
+then every ``check_every`` rounds (on CUDA a data-dependent ``while`` would synchronise every round): the
+phase ends when it is 0, and until the next read a round works on padded lists of the next power of two
+above it (bidders compacted with ``nonzero_static``; no round increases the unmet demand), so every shape
+comes from a fixed set and a round's work shrinks with the demand. A phase still incomplete after
+``max_rounds`` rounds hands on its prices; if it is the last, the assignment of the last phase that did
+finish is returned (within E·C times that phase's ε of the optimum). Only if no phase finished are the
+tokens still short completed by a round-robin fill of the free slots: exact capacities and distinct experts,
+but score-blind.
 """
 
 from __future__ import annotations
@@ -47,7 +52,7 @@ EPS_START = 0.25  # ε of the first phase, as a fraction of the score range (max
 EPS_FINAL = 1e-3  # ε of the last phase, as a fraction of the score range
 N_PHASES = 3  # ε falls by (EPS_START / EPS_FINAL)^(1 / (N_PHASES − 1)) from one phase to the next
 MAX_ROUNDS = 1024  # bidding rounds per phase at most
-CHECK_EVERY = 8  # rounds between two host reads of the unmet demand
+CHECK_EVERY = 8  # rounds between two host reads of the unmet demand, once a phase has run 8 rounds
 
 
 def balanced_assignment(scores: torch.Tensor, k: int, eps_final: float = EPS_FINAL, n_phases: int = N_PHASES,
@@ -79,9 +84,10 @@ def balanced_assignment(scores: torch.Tensor, k: int, eps_final: float = EPS_FIN
         rounds = 0
         while (unmet := int((want - slots.counts()).sum())) and rounds < max_rounds:
             size = 1 << (unmet - 1).bit_length()  # ≥ the unmet demand, which no round increases
-            for _ in range(min(check_every, max_rounds - rounds)):
+            between = min(max(rounds, 1), check_every, max_rounds - rounds)  # reads at rounds 0, 1, 2, 4, 8, 16, …
+            for _ in range(between):
                 slots = bidding_round(s, want, k, slots, eps, size)
-            rounds += check_every
+            rounds += between
         if not unmet:
             complete = slots
     holds = (complete if complete is not None else slots).holds()[:T]
