@@ -14,21 +14,19 @@ bidder that wants K objects, each bid judged against its (K+1)-th best value, as
 their C best tokens against the (C+1)-th), not a second-choice round. ε shrinks in phases (ε-scaling,
 Bertsekas & Eckstein 1988) down to ``eps_final`` · (max s − min s).
 
-State: an expert's C slots, each with a price and an owner (or nobody), kept in descending price order,
-a free slot after the held ones of equal price. The price of an expert, p_e, is its cheapest slot's; a free
-slot always costs exactly p_e, so a bid fills a free slot before it displaces a token.
+State: an expert's C slots, each with a price and an owner (or nobody), kept in descending price order.
+The price of an expert, p_e, is its cheapest slot's.
 One round (a Jacobi auction): every token still short of experts bids. Token t, short by d, takes the values
 v_e = s[t, e] − p_e of the experts it does not hold, w = its (d+1)-th best value, and bids s[t, e] − w + ε
-(≥ p_e + ε) for each of its d best. The bids, a list, are grouped by one sort (by expert, then bid, then
-token), and every expert keeps the C highest of its slots and its bids (a merge of two sorted lists); a
-token whose slot is taken bids again in the next round. Ties go to the lower index (equal values: the lower
-expert; equal new bids: the lower token; a held slot stays ahead of an equal new bid), so the result is
-deterministic. A new phase keeps the prices; a held pair that satisfies ε-complementary slackness at what
-its token paid (s[t, e] − paid ≥ best value of an expert t does not hold − ε) stays; one that satisfies it
-only at its expert's price p_e stays at that price; the others are freed, at p_e.
+(≥ p_e + ε) for each of its d best. The bids, one list, are grouped by expert with one sort (by expert, then
+bid, then token), and every expert keeps the C highest of its slots and its bids (a merge of two sorted
+lists); a token whose slot is taken bids again in the next round. Ties go to the lower index (equal values:
+the lower expert; equal new bids: the lower token; a held slot stays ahead of an equal new bid), so the
+result is deterministic. A new phase keeps prices and the pairs that still satisfy ε-complementary
+slackness (s[t, e] − paid ≥ best alternative value − ε) and frees the others, at their expert's price.
 
-Guarantee: at the end of the last phase every held pair satisfies ε-complementary slackness at its expert's
-price (s[t, e] − p_e ≥ s[t, e] − paid ≥ the best alternative value − ε: prices only rise), and the prices p_e
+Guarantee: at the end of the last phase every held pair satisfies ε-complementary slackness, also at its
+expert's price (s[t, e] − p_e ≥ s[t, e] − paid ≥ the best alternative value − ε), and the prices p_e
 with each token's (wanted + 1)-th best value form a dual solution, so the total score is within E·C·ε of the
 optimum (T·K·ε when E divides T·K; each dummy token adds one ε).
 
@@ -134,38 +132,39 @@ class Slots:
         return torch.zeros((B + 1) * E, dtype=torch.bool, device=device).index_fill_(0, place, True).view(B + 1, E)
 
     def free_violations(self, s: torch.Tensor, eps: torch.Tensor) -> Slots:
-        """Start a phase at a smaller ε (s [N, E]): a held slot whose owner, at what it paid, is within ε of
-        the best expert it does not hold (at today's prices) stays; one that is within ε only at its expert's
-        price (its cheapest slot's) stays at that price; the others are freed, also at that price. No expert
-        gets cheaper, and every held pair satisfies ε-complementary slackness at what it paid."""
+        """Free the held slots whose owner gains more than ε by switching to an expert it does not hold at
+        today's prices (s [N, E]); a freed slot costs what its expert's cheapest slot costs (so no expert
+        gets cheaper, and every other pair keeps its ε-complementary slackness)."""
         holds = self.holds()[:-1]
         prices = self.expert_prices()
         best_other = (s - prices).masked_fill(holds, float("-inf")).amax(1)
-        best_other = torch.cat([best_other, best_other.new_full((1,), float("-inf"))])[self.owner] - eps
+        best_other = torch.cat([best_other, best_other.new_full((1,), float("-inf"))])
         N = self.n_tokens
         experts = torch.arange(s.shape[1], device=s.device)[:, None]
-        score = s[self.owner.clamp_max(N - 1), experts]
-        held = self.owner < N
-        freed = held & (score - prices[:, None] < best_other)
-        repriced = held & (score - self.price < best_other)
-        owner = self.owner.masked_fill(freed, N)
-        by_owner = (owner == N).to(torch.uint8).argsort(dim=1, stable=True)  # a free slot goes after an equal held one
-        price, order = torch.where(repriced, prices[:, None], self.price).gather(1, by_owner).sort(
-            dim=1, descending=True, stable=True)
-        return Slots(price, owner.gather(1, by_owner).gather(1, order), N)
+        gain = s[self.owner.clamp_max(N - 1), experts] - self.price
+        violated = (self.owner < N) & (gain < best_other[self.owner] - eps)
+        price, order = torch.where(violated, prices[:, None], self.price).sort(dim=1, descending=True, stable=True)
+        return Slots(price, self.owner.masked_fill(violated, N).gather(1, order), N)
 
-    def take(self, bids: torch.Tensor, bidders: torch.Tensor) -> Slots:
-        """Each expert keeps the C highest of its slots and its bids [E, B] (sorted descending along each row,
-        −inf: no bid) from ``bidders`` [E, B]; a slot stays ahead of an equal bid. Two sorted lists merge by
-        rank: an entry's place is its own index plus the number of entries of the other list ahead of it."""
+    def take(self, bids: torch.Tensor, bidders: torch.Tensor, experts: torch.Tensor) -> Slots:
+        """Each of ``experts`` [U] (E: none) keeps the C highest of its slots and its bids [U, W] (sorted
+        descending along each row, −inf: no bid) from ``bidders`` [U, W]; a slot stays ahead of an equal bid.
+        Two sorted lists merge by rank: an entry's place is its own index plus the number of entries of the
+        other list ahead of it. Only the U rows bid for are merged (a spare row E takes the padding)."""
         E, C = self.price.shape
-        B = bids.shape[1]
+        W = bids.shape[1]
         device = bids.device
-        slot_rank = torch.arange(C, device=device) + torch.searchsorted(-bids, -self.price, side="left")
-        bid_rank = torch.arange(B, device=device) + torch.searchsorted(-self.price, -bids, side="right")
-        price = bids.new_empty(E, C + B).scatter_(1, slot_rank, self.price).scatter_(1, bid_rank, bids)
-        owner = bidders.new_empty(E, C + B).scatter_(1, slot_rank, self.owner).scatter_(1, bid_rank, bidders)
-        return Slots(price[:, :C].contiguous(), owner[:, :C].contiguous(), self.n_tokens)
+        price = torch.cat([self.price, self.price.new_zeros(1, C)])
+        owner = torch.cat([self.owner, self.owner.new_full((1, C), self.n_tokens)])
+        old_price, old_owner = price.index_select(0, experts), owner.index_select(0, experts)
+        slot_rank = torch.arange(C, device=device) + torch.searchsorted(-bids, -old_price, side="left")
+        bid_rank = torch.arange(W, device=device) + torch.searchsorted(-old_price, -bids, side="right")
+        new_price = bids.new_empty(len(experts), C + W).scatter_(1, slot_rank, old_price).scatter_(1, bid_rank, bids)
+        new_owner = bidders.new_empty(len(experts), C + W).scatter_(1, slot_rank, old_owner).scatter_(
+            1, bid_rank, bidders)
+        price.index_copy_(0, experts, new_price[:, :C])
+        owner.index_copy_(0, experts, new_owner[:, :C])
+        return Slots(price[:E], owner[:E], self.n_tokens)
 
 
 def bidding_round(s: torch.Tensor, want: torch.Tensor, k: int, slots: Slots, eps: torch.Tensor, size: int) -> Slots:
@@ -195,13 +194,16 @@ def bidding_round(s: torch.Tensor, want: torch.Tensor, k: int, slots: Slots, eps
     order = order.index_select(0, by_expert)
     bid = bid.index_select(0, by_expert)
     token = bidders.index_select(0, bidder.index_select(0, order))
-    per_expert = torch.bincount(expert, minlength=E + 1)
-    rank = torch.arange(len(order), device=s.device) - (per_expert.cumsum(0) - per_expert).index_select(0, expert)
-    width = min(C, len(order))  # an expert's C best bids at most can win
-    place = torch.where((expert < E) & (rank < width), expert * width + rank, E * width)
-    bids = bid.new_full((E * width + 1,), float("-inf")).scatter_(0, place, bid)[:-1].view(E, width)
-    owners = token.new_full((E * width + 1,), N).scatter_(0, place, token)[:-1].view(E, width)
-    return slots.take(bids, owners)
+    rank = torch.arange(len(order), device=s.device) - torch.searchsorted(expert, expert)  # within its expert
+    # one row for each expert bid for (U at most), with its C best bids at most (only those can win)
+    U, width = min(E, len(order)), min(C, len(order))
+    first = (rank == 0) & (expert < E)
+    row = first.cumsum(0) - 1
+    experts = expert.new_full((U + 1,), E).scatter_(0, torch.where(first, row, U), expert)[:U]  # E pads
+    place = torch.where((expert < E) & (rank < width), row * width + rank, U * width)
+    bids = bid.new_full((U * width + 1,), float("-inf")).scatter_(0, place, bid)[:-1].view(U, width)
+    owners = token.new_full((U * width + 1,), N).scatter_(0, place, token)[:-1].view(U, width)
+    return slots.take(bids, owners, experts)
 
 
 def first_by_index(x: torch.Tensor, threshold: torch.Tensor, count: torch.Tensor, dim: int) -> torch.Tensor:
