@@ -49,7 +49,7 @@ import torch
 EPS_START = 0.25  # ε of the first phase, as a fraction of the score range (max s − min s)
 EPS_FINAL = 1e-3  # ε of the last phase, as a fraction of the score range
 N_PHASES = 3  # ε falls by (EPS_START / EPS_FINAL)^(1 / (N_PHASES − 1)) from one phase to the next
-MAX_ROUNDS = 1024  # bidding rounds per phase at most
+MAX_ROUNDS = 2048  # bidding rounds per phase at most
 CHECK_EVERY = 8  # rounds between two host reads of the unmet demand, once a phase has run 8 rounds
 
 
