@@ -127,7 +127,8 @@ class Slots:
         else:
             B = len(tokens)
             row = torch.full((N + 1,), B, device=device).scatter_(0, tokens, torch.arange(B, device=device))
-            row = row.index_fill_(0, torch.tensor([N], device=device), B).index_select(0, self.owner.reshape(-1))
+            row[N:] = B  # nobody (and the padding of ``tokens``)
+            row = row.index_select(0, self.owner.reshape(-1))
         place = row * E + torch.arange(E, device=device).repeat_interleave(C)
         return torch.zeros((B + 1) * E, dtype=torch.bool, device=device).index_fill_(0, place, True).view(B + 1, E)
 
@@ -182,7 +183,7 @@ def bidding_round(s: torch.Tensor, want: torch.Tensor, k: int, slots: Slots, eps
     value = (s_rows - slots.expert_prices()).masked_fill(slots.holds(bidders)[:-1], float("-inf"))
     threshold = value.topk(k + 1, dim=1).values.gather(1, short)  # the (d+1)-th best value [B, 1]
     chosen = first_by_index(value, threshold, short, dim=1)  # the d best, ties to the lower expert
-    # the bids as a list, by bidder (= by token) then expert; padding: bidder B, expert E, bid −inf
+    # the bids as a list, by bidder (= by token) then expert; padding (flat index B·E): expert E, bid −inf
     flat = torch.nonzero_static(chosen.view(-1), size=min(size, B * k), fill_value=B * E).squeeze(1)
     pad = flat == B * E
     bidder = torch.div(flat, E, rounding_mode="floor").clamp_max(B - 1)
