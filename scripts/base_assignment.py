@@ -1,19 +1,25 @@
 """BASE's balanced assignment: the auction against the greedy heuristic it replaced, in one run.
 
-    python scripts/base_assignment.py [--seed 0] [--repeats 5]
+    python scripts/base_assignment.py [--seed 0] [--repeats 5] [--previous GIT_REF]
 
 Prints the machine, then (1) how far each method's total score is from the optimum of
 ``scipy.optimize.linear_sum_assignment`` on capacity-expanded scores (K = 1, low-rank scores like W_sel x,
-at the shapes of issue 26) and (2) the time per call of each at T 8192 / E 64 (K = 1 and 2), median of
-``--repeats`` calls, with the ratio.
+at the shapes of issue 26) and (2) the time per call of each at T 8192 / E 64 (K = 1 and 2) and, for the
+auction, at T 3072 / E 128 / K 32 (``cpu_avgk_compute_equal.yaml``'s base_e128), median of ``--repeats``
+calls, with the ratio. ``--previous`` adds the auction as it was at a git revision (read with ``git show``
+into a temporary module) as another column, on the same scores.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import platform
 import statistics
+import subprocess
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -65,6 +71,18 @@ def optimum(scores: torch.Tensor) -> float:
     return float(s[rows, cols // C].sum())
 
 
+def previous_auction(ref: str):
+    """``balanced_assignment`` as it was at git revision ``ref``."""
+    source = subprocess.run(["git", "show", f"{ref}:sffn_lab/layers/balanced_assignment.py"], check=True,
+                            capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent).stdout
+    path = Path(tempfile.mkdtemp()) / "previous_balanced_assignment.py"
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location("previous_balanced_assignment", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.balanced_assignment
+
+
 def median_seconds(fn, repeats: int) -> float:
     fn()
     times = []
@@ -79,28 +97,38 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--previous", metavar="GIT_REF", help="also time the auction as it was at this revision")
     args = parser.parse_args()
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
                platform.processor())
     print(f"machine: {cpu}, {torch.get_num_threads()} torch threads; torch {torch.__version__}; seed {args.seed}")
+    methods = {"greedy": greedy_assignment, "auction": balanced_assignment}
+    if args.previous:
+        methods[f"auction@{args.previous}"] = previous_auction(args.previous)
     generator = torch.Generator().manual_seed(args.seed)
     print("\nK = 1, low-rank scores: total score short of the optimum (linear_sum_assignment), % of the optimum")
-    print("T     E   rank  greedy    auction   (balancing itself costs: unconstrained top-1 above the optimum)")
+    print("(balancing itself costs: unconstrained top-1 above the optimum)")
+    print("T     E   rank  " + "".join(f"{name:<20}" for name in methods) + "balancing costs")
     for T, E, rank in [(256, 8, 4), (1024, 16, 8), (2048, 64, 16)]:
         scores = low_rank_scores(T, E, rank, generator)
         best = optimum(scores)
-        gap = {name: 100 * (best - float(scores.double().gather(1, fn(scores, 1)).sum())) / abs(best)
-               for name, fn in (("greedy", greedy_assignment), ("auction", balanced_assignment))}
+        gaps = [100 * (best - float(scores.double().gather(1, fn(scores, 1)).sum())) / abs(best)
+                for fn in methods.values()]
         free = 100 * (float(scores.double().max(1).values.sum()) - best) / abs(best)
-        print(f"{T:<5} {E:<3} {rank:<5} {gap['greedy']:.4f}%   {gap['auction']:.4f}%   ({free:.2f}%)")
-    print(f"\ntime per call at T 8192 / E 64 (low-rank 16), median of {args.repeats}")
-    print("K  greedy      auction     auction / greedy")
-    for k in (1, 2):
-        scores = low_rank_scores(8192, 64, 16, generator)
-        greedy = median_seconds(lambda s=scores, k=k: greedy_assignment(s, k), args.repeats)
-        auction = median_seconds(lambda s=scores, k=k: balanced_assignment(s, k), args.repeats)
-        print(f"{k}  {1e3 * greedy:8.1f} ms  {1e3 * auction:8.1f} ms  {auction / greedy:8.1f}x")
-
+        print(f"{T:<5} {E:<3} {rank:<5} " + "".join(f"{gap:<20.4f}" for gap in gaps) + f"{free:.2f}%")
+    print(f"\ntime per call (low-rank 16), median of {args.repeats}; total score in brackets")
+    print("T     E    K   " + "".join(f"{name:<28}" for name in methods))
+    for T, E, k in [(8192, 64, 1), (8192, 64, 2), (3072, 128, 32)]:
+        scores = low_rank_scores(T, E, 16, generator)
+        cells = []
+        for name, fn in methods.items():
+            if name == "greedy" and k > 2:  # the greedy heuristic's swap step is not reproduced (see above)
+                cells.append("-")
+                continue
+            seconds = median_seconds(lambda s=scores, k=k, fn=fn: fn(s, k), args.repeats)
+            total = float(scores.double().gather(1, fn(scores, k)).sum())
+            cells.append(f"{1e3 * seconds:.1f} ms ({total:.1f})")
+        print(f"{T:<5} {E:<4} {k:<3} " + "".join(f"{cell:<28}" for cell in cells))
 
 if __name__ == "__main__":
     main()

@@ -43,6 +43,7 @@ def low_rank_scores(T: int, E: int, rank: int) -> torch.Tensor:
 @pytest.mark.parametrize("T, E, k, rank", [
     (256, 8, 1, 4), (1024, 16, 1, 8), (100, 7, 1, 4),  # K = 1; the last: E does not divide T
     (64, 8, 2, 4), (96, 6, 3, 3), (50, 7, 2, 3), (64, 8, 2, 64),  # K > 1; (50, 7, 2): 100 slots of 105
+    (128, 32, 1, 4), (60, 20, 3, 3),  # many experts: late rounds bid for a few of them only
 ])
 def test_auction_is_within_eps_of_the_optimal_balanced_assignment(T, E, k, rank):
     scores = low_rank_scores(T, E, rank)
@@ -87,7 +88,7 @@ def test_an_unfinished_last_phase_returns_the_last_finished_one(monkeypatch):
         slots = real_free(self, s, eps)
         if len(phases) < 2:
             return slots
-        monkeypatch.setattr(auction, "bidding_round", lambda s, want, k, slots, eps, block: slots)
+        monkeypatch.setattr(auction, "bidding_round", lambda s, want, k, slots, eps, size: slots)
         return auction.Slots(slots.price, torch.full_like(slots.owner, slots.n_tokens), slots.n_tokens)
 
     monkeypatch.setattr(auction.Slots, "free_violations", stall_in_phase_two)

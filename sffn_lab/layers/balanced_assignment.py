@@ -16,27 +16,30 @@ Bertsekas & Eckstein 1988) down to ``eps_final`` · (max s − min s).
 
 State: an expert's C slots, each with a price and an owner (or nobody), kept in descending price order.
 The price of an expert, p_e, is its cheapest slot's.
-One round: up to ``block`` of the tokens still short of experts bid at once (a Jacobi auction over a
-block, so that every tensor has a fixed shape). Token t, short by d, takes the values v_e = s[t, e] − p_e
-of the experts it does not hold, w = its (d+1)-th best value, and bids s[t, e] − w + ε (≥ p_e + ε) for
-each of its d best. Every expert keeps the C highest of its slots and its new bids (a merge of two
-sorted lists); a token whose slot is taken bids again later. Ties go to the lower index (equal values:
+One round (a Jacobi auction): every token still short of experts bids. Token t, short by d, takes the values
+v_e = s[t, e] − p_e of the experts it does not hold, w = its (d+1)-th best value, and bids s[t, e] − w + ε
+(≥ p_e + ε) for each of its d best. The bids, one list, are grouped by expert with one sort (by expert, then
+bid, then token), and every expert keeps the C highest of its slots and its bids (a merge of two sorted
+lists); a token whose slot is taken bids again in the next round. Ties go to the lower index (equal values:
 the lower expert; equal new bids: the lower token; a held slot stays ahead of an equal new bid), so the
-result is deterministic. A new phase keeps prices and the pairs that still satisfy
-ε-complementary slackness (s[t, e] − paid ≥ best alternative value − ε) and frees the others, at their
-expert's price.
+result is deterministic. A new phase keeps prices and the pairs that still satisfy ε-complementary
+slackness (s[t, e] − paid ≥ best alternative value − ε) and frees the others, at their expert's price.
 
-Guarantee: at the end of the last phase every held (token, expert) pair satisfies ε-complementary
-slackness, so the total score is within E·C·ε of the optimum (T·K·ε when E divides T·K; each dummy
-token adds one ε).
+Guarantee: at the end of the last phase every held pair satisfies ε-complementary slackness, also at its
+expert's price (s[t, e] − p_e ≥ s[t, e] − paid ≥ the best alternative value − ε), and the prices p_e
+with each token's (wanted + 1)-th best value form a dual solution, so the total score is within E·C·ε of the
+optimum (T·K·ε when E divides T·K; each dummy token adds one ε).
 
-Bounded work, device-side: ``n_phases`` phases of at most ``max_rounds`` rounds, no shape that depends
-on the data (bidders are compacted with ``nonzero_static``); the only host read is the "everyone
-served?" check, once every ``check_every`` rounds (on CUDA a data-dependent ``while`` would synchronise
-every round). A phase still incomplete after ``max_rounds`` rounds hands on its prices; if it is the last,
-the assignment of the last phase that did finish is returned (within E·C times that phase's ε of the
-optimum). Only if no phase finished are the tokens still short completed by a round-robin fill of the
-free slots: exact capacities and distinct experts, but score-blind.
+Bounded work, device-side: ``n_phases`` phases of at most ``max_rounds`` rounds. The only host read is the
+unmet demand (Σ over tokens of how many experts each still lacks), at rounds 0, 1, 2, 4, 8 of a phase and
+then every ``check_every`` rounds (on CUDA a data-dependent ``while`` would synchronise every round): the
+phase ends when it is 0, and until the next read a round works on padded lists of the next power of two
+above it (bidders compacted with ``nonzero_static``; no round increases the unmet demand), so every shape
+comes from a fixed set and a round's work shrinks with the demand. A phase still incomplete after
+``max_rounds`` rounds hands on its prices; if it is the last, the assignment of the last phase that did
+finish is returned (within E·C times that phase's ε of the optimum). Only if no phase finished are the
+tokens still short completed by a round-robin fill of the free slots: exact capacities and distinct experts,
+but score-blind.
 """
 
 from __future__ import annotations
@@ -46,14 +49,12 @@ import torch
 EPS_START = 0.25  # ε of the first phase, as a fraction of the score range (max s − min s)
 EPS_FINAL = 1e-3  # ε of the last phase, as a fraction of the score range
 N_PHASES = 3  # ε falls by (EPS_START / EPS_FINAL)^(1 / (N_PHASES − 1)) from one phase to the next
-MAX_ROUNDS = 1024  # bidding rounds per phase at most
-CHECK_EVERY = 8  # rounds between two "everyone served?" host reads
-BLOCK = 256  # tokens bidding in one round at most
+MAX_ROUNDS = 2048  # bidding rounds per phase at most
+CHECK_EVERY = 8  # rounds between two host reads of the unmet demand, once a phase has run 8 rounds
 
 
 def balanced_assignment(scores: torch.Tensor, k: int, eps_final: float = EPS_FINAL, n_phases: int = N_PHASES,
-                        max_rounds: int = MAX_ROUNDS, check_every: int = CHECK_EVERY,
-                        block: int = BLOCK) -> torch.Tensor:
+                        max_rounds: int = MAX_ROUNDS, check_every: int = CHECK_EVERY) -> torch.Tensor:
     """scores [T, E] → indices [T, k] (long): k distinct experts per token (in increasing order), at most
     C = ⌈T·k/E⌉ tokens per expert (exactly T·k/E when E divides T·k), total score within E·C·ε of the optimum,
     ε = ``eps_final`` · (max − min of the scores). Non-finite scores count as the lowest finite one."""
@@ -78,11 +79,14 @@ def balanced_assignment(scores: torch.Tensor, k: int, eps_final: float = EPS_FIN
     for phase in range(n_phases):
         eps = spread * eps_final * ratio ** (n_phases - 1 - phase)
         slots = slots.free_violations(s, eps)
-        for round_ in range(1, max_rounds + 1):
-            slots = bidding_round(s, want, k, slots, eps, min(block, len(s)))
-            if round_ % check_every == 0 and bool((slots.counts() == want).all()):
-                break
-        if bool((slots.counts() == want).all()):
+        rounds = 0
+        while (unmet := int((want - slots.counts()).sum())) and rounds < max_rounds:
+            size = 1 << (unmet - 1).bit_length()  # ≥ the unmet demand, which no round increases
+            between = min(max(rounds, 1), check_every, max_rounds - rounds)  # reads at rounds 0, 1, 2, 4, 8, 16, …
+            for _ in range(between):
+                slots = bidding_round(s, want, k, slots, eps, size)
+            rounds += between
+        if not unmet:
             complete = slots
     holds = (complete if complete is not None else slots).holds()[:T]
     short = holds.sum(1) < k
@@ -112,12 +116,21 @@ class Slots:
         """[N]: how many experts each token holds."""
         return torch.bincount(self.owner.reshape(-1), minlength=self.n_tokens + 1)[: self.n_tokens]
 
-    def holds(self) -> torch.Tensor:
-        """[N + 1, E] bool: token t holds expert e (the last row: nobody's slots)."""
+    def holds(self, tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """[B + 1, E] bool: the b-th of ``tokens`` [B] (indices < N, or N = nobody; default: all N) holds
+        expert e; the last row: the slots of the other tokens and nobody's."""
         E, C = self.owner.shape
-        holds = torch.zeros(self.n_tokens + 1, E, dtype=torch.bool, device=self.owner.device)
-        experts = torch.arange(E, device=self.owner.device)[:, None].expand(E, C)
-        return holds.index_put_((self.owner, experts), torch.ones((), dtype=torch.bool, device=holds.device))
+        N = self.n_tokens
+        device = self.owner.device
+        if tokens is None:
+            row, B = self.owner.reshape(-1), N
+        else:
+            B = len(tokens)
+            row = torch.full((N + 1,), B, device=device).scatter_(0, tokens, torch.arange(B, device=device))
+            row[N:] = B  # nobody (and the padding of ``tokens``)
+            row = row.index_select(0, self.owner.reshape(-1))
+        place = row * E + torch.arange(E, device=device).repeat_interleave(C)
+        return torch.zeros((B + 1) * E, dtype=torch.bool, device=device).index_fill_(0, place, True).view(B + 1, E)
 
     def free_violations(self, s: torch.Tensor, eps: torch.Tensor) -> Slots:
         """Free the held slots whose owner gains more than ε by switching to an expert it does not hold at
@@ -134,35 +147,64 @@ class Slots:
         price, order = torch.where(violated, prices[:, None], self.price).sort(dim=1, descending=True, stable=True)
         return Slots(price, self.owner.masked_fill(violated, N).gather(1, order), N)
 
-    def take(self, bids: torch.Tensor, bidders: torch.Tensor) -> Slots:
-        """Each expert keeps the C highest of its slots and its bids [E, B] (sorted descending along each row,
-        −inf: no bid) from ``bidders`` [E, B]; a slot stays ahead of an equal bid. Two sorted lists merge by
-        rank: an entry's place is its own index plus the number of entries of the other list ahead of it."""
+    def take(self, bids: torch.Tensor, bidders: torch.Tensor, experts: torch.Tensor) -> Slots:
+        """Each of ``experts`` [U] (E: none) keeps the C highest of its slots and its bids [U, W] (sorted
+        descending along each row, −inf: no bid) from ``bidders`` [U, W]; a slot stays ahead of an equal bid.
+        Two sorted lists merge by rank: an entry's place is its own index plus the number of entries of the
+        other list ahead of it. Only the U rows bid for are merged (a spare row E takes the padding)."""
         E, C = self.price.shape
-        B = bids.shape[1]
+        W = bids.shape[1]
         device = bids.device
-        slot_rank = torch.arange(C, device=device) + torch.searchsorted(-bids, -self.price, side="left")
-        bid_rank = torch.arange(B, device=device) + torch.searchsorted(-self.price, -bids, side="right")
-        price = bids.new_empty(E, C + B).scatter_(1, slot_rank, self.price).scatter_(1, bid_rank, bids)
-        owner = bidders.new_empty(E, C + B).scatter_(1, slot_rank, self.owner).scatter_(1, bid_rank, bidders)
-        return Slots(price[:, :C].contiguous(), owner[:, :C].contiguous(), self.n_tokens)
+        price = torch.cat([self.price, self.price.new_zeros(1, C)])
+        owner = torch.cat([self.owner, self.owner.new_full((1, C), self.n_tokens)])
+        old_price, old_owner = price.index_select(0, experts), owner.index_select(0, experts)
+        slot_rank = torch.arange(C, device=device) + torch.searchsorted(-bids, -old_price, side="left")
+        bid_rank = torch.arange(W, device=device) + torch.searchsorted(-old_price, -bids, side="right")
+        new_price = bids.new_empty(len(experts), C + W).scatter_(1, slot_rank, old_price).scatter_(1, bid_rank, bids)
+        new_owner = bidders.new_empty(len(experts), C + W).scatter_(1, slot_rank, old_owner).scatter_(
+            1, bid_rank, bidders)
+        price.index_copy_(0, experts, new_price[:, :C])
+        owner.index_copy_(0, experts, new_owner[:, :C])
+        return Slots(price[:E], owner[:E], self.n_tokens)
 
 
-def bidding_round(s: torch.Tensor, want: torch.Tensor, k: int, slots: Slots, eps: torch.Tensor, block: int) -> Slots:
-    """The first ``block`` tokens (s [N, E], wanting ``want`` [N] ≤ k experts) that are short bid; every expert
-    keeps its C best slots and bids."""
-    N = s.shape[0]
+def bidding_round(s: torch.Tensor, want: torch.Tensor, k: int, slots: Slots, eps: torch.Tensor, size: int) -> Slots:
+    """Every token (s [N, E], wanting ``want`` [N] ≤ k experts) that is short bids, ``size`` bids at most in all
+    (≥ the unmet demand); every expert keeps its C best slots and bids. (index_select rather than indexing:
+    faster on the CPU.)"""
+    N, E = s.shape
+    C = slots.price.shape[1]
     demand = want - slots.counts()
-    bidders = torch.nonzero_static(demand > 0, size=block, fill_value=N).squeeze(1)  # [B], N pads
+    bidders = torch.nonzero_static(demand > 0, size=min(size, N), fill_value=N).squeeze(1)  # [B], N pads
+    B = len(bidders)
     rows = bidders.clamp_max(N - 1)
-    short = torch.where(bidders < N, demand[rows], 0)[:, None]  # [B, 1]
-    s_rows = s.index_select(0, rows)  # (index_select: indexing with many repeated rows is slow on the CPU)
-    value = (s_rows - slots.expert_prices()).masked_fill(slots.holds().index_select(0, bidders), float("-inf"))
+    short = torch.where(bidders < N, demand.index_select(0, rows), 0)[:, None]  # [B, 1]
+    s_rows = s.index_select(0, rows)
+    value = (s_rows - slots.expert_prices()).masked_fill(slots.holds(bidders)[:-1], float("-inf"))
     threshold = value.topk(k + 1, dim=1).values.gather(1, short)  # the (d+1)-th best value [B, 1]
     chosen = first_by_index(value, threshold, short, dim=1)  # the d best, ties to the lower expert
-    bids = torch.where(chosen, s_rows - threshold + eps, float("-inf")).t().contiguous()  # [E, B]
-    bids, order = bids.sort(dim=1, descending=True, stable=True)  # equal bids: the lower token first
-    return slots.take(bids, bidders[order])
+    # the bids as a list, by bidder (= by token) then expert; padding (flat index B·E): expert E, bid −inf
+    flat = torch.nonzero_static(chosen.view(-1), size=min(size, B * k), fill_value=B * E).squeeze(1)
+    pad = flat == B * E
+    bidder = torch.div(flat, E, rounding_mode="floor").clamp_max(B - 1)
+    bid = s_rows.view(-1).index_select(0, flat.clamp_max(B * E - 1)) - threshold.view(-1).index_select(0, bidder)
+    bid = (bid + eps).masked_fill(pad, float("-inf"))
+    expert = torch.where(pad, E, flat % E)
+    bid, order = bid.sort(descending=True, stable=True)  # equal bids: the lower token first
+    expert, by_expert = expert.index_select(0, order).sort(stable=True)  # then grouped by expert
+    order = order.index_select(0, by_expert)
+    bid = bid.index_select(0, by_expert)
+    token = bidders.index_select(0, bidder.index_select(0, order))
+    rank = torch.arange(len(order), device=s.device) - torch.searchsorted(expert, expert)  # within its expert
+    # one row for each expert bid for (U at most), with its C best bids at most (only those can win)
+    U, width = min(E, len(order)), min(C, len(order))
+    first = (rank == 0) & (expert < E)
+    row = first.cumsum(0) - 1
+    experts = expert.new_full((U + 1,), E).scatter_(0, torch.where(first, row, U), expert)[:U]  # E pads
+    place = torch.where((expert < E) & (rank < width), row * width + rank, U * width)
+    bids = bid.new_full((U * width + 1,), float("-inf")).scatter_(0, place, bid)[:-1].view(U, width)
+    owners = token.new_full((U * width + 1,), N).scatter_(0, place, token)[:-1].view(U, width)
+    return slots.take(bids, owners, experts)
 
 
 def first_by_index(x: torch.Tensor, threshold: torch.Tensor, count: torch.Tensor, dim: int) -> torch.Tensor:
