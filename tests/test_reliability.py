@@ -29,7 +29,7 @@ from sffn_lab.kernels import triton_available
 from tests.gloo_ranks import AUX_ROUTERS, aux_loss_rank, router_aux_and_grad
 from tests.histories import csv_history, tensorboard_history
 from tests.support import TINY as SHARED_TINY
-from tests.support import as_flags, host_reads_are_errors, run_cli
+from tests.support import add_to_every_trainer, as_flags, host_reads_are_errors, run_cli
 
 TINY = [*SHARED_TINY, "train.checkpoint_every=7"]
 SIGMA_MOE = ["model.ffn.kind=sigma_moe", "model.ffn.n_experts=4", "model.ffn.expert_size=16",
@@ -303,14 +303,8 @@ def test_a_nonfinite_batch_leaves_parameters_and_optimizer_state_untouched(tmp_p
     step before it changed them, and the batch is counted once."""
     poison_batches(monkeypatch, {3})
     probes = [StateAroundStep(2), StateAroundStep(3)]
-    build = training.build_trainer
-
-    def with_probes(*args, **kwargs):
-        trainer = build(*args, **kwargs)
-        trainer.callbacks.extend(probes)
-        return trainer
-
-    monkeypatch.setattr(training, "build_trainer", with_probes)
+    for probe in probes:
+        add_to_every_trainer(monkeypatch, probe)
     config = load_config(DEFAULT_CONFIG, [*TINY, *SIGMA_MOE, "train.max_steps=6", "train.skip_nonfinite=true",
                                           f"train.precision={precision}", f"train.out_dir={tmp_path}"])
     summary = training.train(config, progress=False)
