@@ -9,10 +9,15 @@ import torch
 
 from sffn_lab.analysis.accounting import compute_equal, count_ffn, param_equal, variants_table
 from sffn_lab.analysis.model_cost import count_model
-from sffn_lab.config import BLOCK_KINDS, FFN_KINDS, BaseOptions, FFNConfig, PKMOptions, load_config
+from sffn_lab.config import FFNConfig, load_config
 from sffn_lab.errors import UserError
 from sffn_lab.layers.factory import build_ffn
 from sffn_lab.models import build_model
+from sffn_lab.variants import bank_kinds, kinds
+from sffn_lab.variants.base import BaseOptions
+from sffn_lab.variants.pkm import PKMOptions
+
+FFN_KINDS, BLOCK_KINDS = kinds(), bank_kinds()
 
 D = 48
 BASE = FFNConfig(d_ff=192, n_experts=6, expert_size=32, top_k=2, pkm=PKMOptions(heads=2, n_keys=10, knn=4, key_dim=8))
