@@ -13,7 +13,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
@@ -37,6 +37,9 @@ TRAINED_TOKENIZERS = ("sentencepiece", "bpe")  # trained on the training split: 
 # this table (the package registers the built-ins on import), and config.py reads only what a section needs:
 # a variant's ``Options`` dataclass (the section ``model.ffn.<kind>``, or None) and ``check(model)``.
 VARIANTS: dict[str, Any] = {}
+# Called with a config's ``plugins`` value before its keys are read, so that a plugin's variant section is a
+# key (``sffn_lab.variants`` adds its loader).
+PLUGIN_LOADERS: list[Callable[[str], None]] = []
 
 
 @dataclass
@@ -183,6 +186,7 @@ class EvalConfig:
 @dataclass
 class Config:
     name: str = "default"  # run name: the prefix of the run directory
+    plugins: str = ""  # FFN variants from outside: files or modules, comma-separated (sffn train --plugin)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -254,6 +258,8 @@ def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     """Build dataclass ``cls`` from a nested dict, rejecting unknown keys and wrong types."""
     if not isinstance(data, dict):
         raise UserError(f"Config section '{prefix or '<root>'}' must be a mapping, got {data!r}.")
+    if cls is Config:
+        load_plugins(data.get("plugins") or "")
     types_ = field_types(cls)
     sections = _sections_field(cls)
     kwargs: dict[str, Any] = {sections: {}} if sections else {}
@@ -311,9 +317,13 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply dotted overrides to a nested dict, validating each key path against ``Config``."""
+    parsed = [parse_override(text) for text in overrides]
+    for path, value in parsed:
+        if path == ["plugins"]:
+            data["plugins"] = value
+    load_plugins(data.get("plugins") or "")
     valid = all_keys()
-    for text in overrides:
-        path, value = parse_override(text)
+    for text, (path, value) in zip(overrides, parsed):
         dotted = ".".join(path)
         if dotted not in valid:
             raise UserError(f"Unknown config key '{dotted}'.{_suggest(dotted, valid)}")
@@ -324,6 +334,12 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
                 raise UserError(f"Config key '{dotted}': '{part}' is not a section in the config file.")
         node[path[-1]] = value
     return data
+
+
+def load_plugins(spec: str) -> None:
+    """Load the plugins a ``plugins`` value names (their variants become kinds and sections)."""
+    for loader in PLUGIN_LOADERS:
+        loader(str(spec))
 
 
 def read_yaml(path: str | Path, what: str = "Config file") -> dict[str, Any]:

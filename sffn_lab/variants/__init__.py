@@ -19,6 +19,8 @@ at once): their modules are imported when they are built, and ``Router``, ``Line
 
 from typing import Any
 
+from sffn_lab.config import PLUGIN_LOADERS
+from sffn_lab.variants import plugins
 from sffn_lab.variants.bank import RouterVariant
 from sffn_lab.variants.cost import Cost
 from sffn_lab.variants.layer import Layer
@@ -26,6 +28,8 @@ from sffn_lab.variants.registry import Variant, bank_kinds, kinds, register, var
 from sffn_lab.variants import dense, topk, sigma_moe, switch, sbase, base, hash, avgk, pkm  # noqa: F401  isort: skip
 
 _ROUTER_NAMES = ("LinearRouter", "Router", "Routing")
+PLUGIN_LOADERS.append(plugins.load)
+plugins.load_installed()
 
 
 def __getattr__(name: str) -> Any:
