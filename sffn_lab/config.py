@@ -52,7 +52,7 @@ class FFNConfig:
     ``FFNConfig(kind="pkm", pkm=PKMOptions(heads=2)).pkm.heads``.
     """
 
-    kind: str = "dense"  # the FFN variant: dense, topk, sigma_moe, switch, sbase, base, hash, avgk, pkm or a plugin's
+    kind: str = "dense"  # the FFN variant: a built-in or a plugin's (sffn variants lists them)
     d_ff: int = 512  # dense width: the number of memory cells (topk keeps top_k of them)
     activation: str = "relu"  # "relu" or "gelu"
     n_experts: int = 8  # N_E
@@ -71,7 +71,6 @@ class FFNConfig:
         if name in options:
             return options[name]
         raise AttributeError(f"FFNConfig has no field or variant section '{name}'")
-
 
 
 def _init_taking_sections(init):
@@ -266,12 +265,13 @@ def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     for key, value in data.items():
         where = f"{prefix}{key}"
         if key not in types_:
-            hint = " (a plugin's variant section? load the plugin with --plugin)" if sections else ""
+            plugin = sections and isinstance(value, dict)
+            hint = " (a plugin's variant section? load the plugin with --plugin)" if plugin else ""
             raise UserError(f"Unknown config key '{where}'{hint}.{_suggest(str(key), list(types_))}")
         expected = types_[key]
         if dataclasses.is_dataclass(expected):
-            section = from_dict(expected, value or {}, prefix=f"{where}.")
-            (kwargs[sections] if sections and key in VARIANTS else kwargs)[key] = section
+            target = kwargs[sections] if sections and key in VARIANTS else kwargs  # a variant's options section
+            target[key] = from_dict(expected, value or {}, prefix=f"{where}.")
         else:
             kwargs[key] = _coerce(value, expected, where)
     return cls(**kwargs)
