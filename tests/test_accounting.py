@@ -140,3 +140,14 @@ def test_pkm_reading_every_slot_counts_the_whole_table_as_active():
     cost = count_ffn(cfg, D)
     assert cost.active_params == cost.total_params == numel(build_ffn(cfg, D, n_layers=2, vocab_size=64))
     assert cost.flops_per_token == 2 * 2 * 10 * D + 2 * 10**2 + 2 * 10**2 * D  # sub-key scores, pair sums, read
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_the_smlp_honours_tie_embeddings_and_its_count_follows(tie):
+    """The sMLP tied its output head whatever model.tie_embeddings said, while the count followed the key."""
+    cfg = load_config(None, ["model.backbone=smlp", "model.d_model=32", "model.smlp.d_hidden=64",
+                             "model.ffn.kind=switch", "model.ffn.n_experts=4", "model.ffn.expert_size=16",
+                             "model.ffn.top_k=1", f"model.tie_embeddings={str(tie).lower()}"]).model
+    model = build_model(cfg, vocab_size=50, max_seq_len=32)
+    assert (model.head.weight is model.embed.weight) == tie
+    assert count_model(cfg, 50, 32).total_params == numel(model)
