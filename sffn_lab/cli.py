@@ -126,15 +126,19 @@ def train(
     run_dir: Path | None = typer.Option(None, help="The new run's directory instead of a timestamped one; a "
                                         "multi-node run gives the same shared path on every node."),
     progress: bool = typer.Option(True, help="Show the progress bar."),
+    plugin: list[str] = typer.Option([], "--plugin", help="A Python file or module that registers FFN variants "
+                                     "(repeatable; with $SFFN_PLUGINS, saved as the config key plugins)."),
 ) -> None:
     """Train a language model (the default experiment when run without options)."""
     from sffn_lab.config import load_config
     from sffn_lab.run_dir import is_launched_rank
+    from sffn_lab.variants.plugins import canonical, from_environment
 
+    plugins = [canonical(p) for p in [*from_environment(), *plugin]]
     overrides = _typed_overrides(
         data=data, max_steps=max_steps, seed=seed, accelerator=accelerator, devices=devices,
         strategy=strategy, precision=precision, out=out, name=name, num_nodes=num_nodes,
-    ) + list(set_)
+    ) + ([f"plugins={','.join(plugins)}"] if plugins else []) + list(set_)
     if resume is not None:
         if config is not None:
             raise UserError("--resume continues a run with its own config; do not pass --config with it.")
@@ -684,6 +688,9 @@ def config_keys() -> None:
 
 def main() -> None:
     try:
+        from sffn_lab.variants.plugins import from_environment, load
+
+        load(",".join(from_environment()))  # $SFFN_PLUGINS: their variants for every command
         app()
     except UserError as exc:
         Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)

@@ -13,15 +13,12 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
 from sffn_lab.errors import UserError, did_you_mean
 
-BLOCK_KINDS = ("sigma_moe", "switch", "sbase", "base", "hash", "avgk")  # expert bank + router
-FFN_KINDS = ("dense", "topk", *BLOCK_KINDS, "pkm")
-GATES = {"sigma_moe": ("sigmoid", "softmax", "softmax_topk", "none"), "avgk": ("none", "softmax", "sigmoid")}
 ACTIVATION_NAMES = ("relu", "gelu")  # the keys of layers.dense.ACTIVATIONS
 BACKBONES = ("transformer", "smlp")
 POSITIONS = ("rope", "learned", "relative")
@@ -36,94 +33,58 @@ TRAINED_TOKENIZERS = ("sentencepiece", "bpe")  # trained on the training split: 
 # ----------------------------------------------------------------------------------------------
 
 
-@dataclass
-class SigmaMoEOptions:
-    """σ-MoE (Csordás et al. 2023): sigmoid gates on W_sel x, top-K experts, no renormalisation."""
-
-    entropy_coef: float = 1e-3  # γ of the entropy regulariser on the batch-mean selection softmax
-    expert_dropout: float = 0.0  # δ: probability of dropping a whole expert from selection (training)
-    gate: str = "sigmoid"  # "sigmoid" (authors' sweeps: moe.selection_mode); "softmax", "softmax_topk" (the K), "none"
-    renormalize: bool = False  # renormalise the K selected gates to sum to 1 (ablation)
-    init: str = "paper"  # value fan-in N_E·G ("paper") or G ("standard": each expert as its own small FFN)
-
-
-@dataclass
-class SwitchOptions:
-    """Switch Transformer routing: softmax gate, top-1, load-balancing loss."""
-
-    balance_coef: float = 0.01  # α of α·N·Σ f_i P_i (the σ-MoE paper's Switch: 0.01 / N², see paper grids)
-    capacity_factor: float = 0.0  # 0 = unlimited; otherwise tokens beyond capacity are dropped
-    init_scale: float = 0.1  # model.init=paper: every std times √init_scale (the σ-MoE paper's Switch: 0.1)
-
-
-@dataclass
-class SBaseOptions:
-    """S-BASE: Sinkhorn-balanced selection in training, top-K of the logits at eval."""
-
-    sinkhorn_iters: int = 3  # Sinkhorn normalisation rounds per training batch
-    entropy_coef: float = 0.0  # γ entropy regulariser as in σ-MoE (the σ-MoE paper's S-BASE: its γ)
-    expert_dropout: float = 0.0  # δ as in σ-MoE (the σ-MoE paper's S-BASE: its δ)
-
-
-@dataclass
-class BaseOptions:
-    """BASE layers: the optimal balanced assignment in training (an auction), greedy top-K at eval. The fairseq
-    form is fairseq's BaseLayer with one sublayer (K = 1 there; K > 1 sums the K experts' updates), applied to
-    the block's LN(x) rather than the raw residual stream, every expert in one process."""
-
-    form: str = "bank"  # "bank" (expert bank, σ(W_sel x) gates) or "fairseq" (BaseLayer: σ(x·c_e)·FFN_e(LN_e x))
-
-
-@dataclass
-class HashOptions:
-    """HashLayer: a fixed random hash of the token id picks the expert."""
-
-    seed: int = 0  # seed of the fixed random token-id → experts table
-
-
-@dataclass
-class AvgKOptions:
-    """Avg-K: score a block by x · mean of its key vectors."""
-
-    gate: str = "none"  # "none" (assumed the Avg-K paper's; no source at hand) or "softmax" / "sigmoid" of the scores
-
-
-@dataclass
-class PKMOptions:
-    """Product-key memory: sub-key tables per head, top-k per half, cartesian top-k."""
-
-    heads: int = 4  # query heads, each selecting knn slots
-    n_keys: int = 32  # sub-keys per half: the memory has n_keys² value slots
-    knn: int = 32  # slots selected per head; 0: every slot, head scores summed (the σ-MoE paper's PKM runs)
-    key_dim: int = 64  # query size per head (two halves of key_dim / 2); query=input: d_model
-    activation: str = "softmax"  # "softmax" (original PKM) or "relu" (improved PKM)
-    query: str = "projection"  # "projection" (a learned query per head) or "input" (the σ-MoE paper's PKM)
-    normalize: str = "head"  # softmax over each head's knn slots ("head") or all heads' ("joint", σ-MoE paper)
-    value_fan_in: str = "d_model"  # model.init=paper value std s/√D ("d_model") or s/n_keys ("slots": "init" variant)
+# The FFN variants: kind → its registered class. config.py lists none: ``sffn_lab.variants.register`` fills
+# this table (the package registers the built-ins on import), and config.py reads only what a section needs:
+# a variant's ``Options`` dataclass (the section ``model.ffn.<kind>``, or None) and ``check(model)``.
+VARIANTS: dict[str, Any] = {}
+# Called with a config's ``plugins`` value before its keys are read, so that a plugin's variant section is a
+# key (``sffn_lab.variants`` adds its loader).
+PLUGIN_LOADERS: list[Callable[[str], None]] = []
 
 
 @dataclass
 class FFNConfig:
-    """Sizes shared by all variants, plus per-variant options in sub-sections.
+    """Sizes shared by all variants, plus each variant's options in its own section ``model.ffn.<kind>``.
 
     ``d_ff`` is the dense width (number of memory cells); block-sparse variants use
-    ``n_experts`` blocks of ``expert_size`` cells and select ``top_k`` blocks per token.
+    ``n_experts`` blocks of ``expert_size`` cells and select ``top_k`` blocks per token. The sections live
+    in ``options`` (kind → that variant's ``Options``), given and read by the kind's name:
+    ``FFNConfig(kind="pkm", pkm=PKMOptions(heads=2)).pkm.heads``.
     """
 
-    kind: str = "dense"  # dense, topk, sigma_moe, switch, sbase, base, hash, avgk or pkm
+    kind: str = "dense"  # the FFN variant: a built-in or a plugin's (sffn variants lists them)
     d_ff: int = 512  # dense width: the number of memory cells (topk keeps top_k of them)
     activation: str = "relu"  # "relu" or "gelu"
     n_experts: int = 8  # N_E
     expert_size: int = 64  # G (cells per block)
     top_k: int = 2  # K (blocks per token; for kind=topk: cells per token)
     dropout: float = 0.0  # dropout on the FFN's hidden units (dense, Top-K, experts) or PKM's read weights
-    sigma_moe: SigmaMoEOptions = field(default_factory=SigmaMoEOptions)
-    switch: SwitchOptions = field(default_factory=SwitchOptions)
-    sbase: SBaseOptions = field(default_factory=SBaseOptions)
-    base: BaseOptions = field(default_factory=BaseOptions)
-    hash: HashOptions = field(default_factory=HashOptions)
-    avgk: AvgKOptions = field(default_factory=AvgKOptions)
-    pkm: PKMOptions = field(default_factory=PKMOptions)
+    options: dict[str, Any] = field(default_factory=dict, metadata={"sections": True})
+
+    def __post_init__(self) -> None:
+        for name, cls in VARIANTS.items():
+            if cls.Options is not None and name not in self.options:
+                self.options[name] = cls.Options()
+
+    def __getattr__(self, name: str) -> Any:
+        options = self.__dict__.get("options", {})
+        if name in options:
+            return options[name]
+        raise AttributeError(f"FFNConfig has no field or variant section '{name}'")
+
+
+def _init_taking_sections(init):
+    """``FFNConfig(kind="pkm", pkm=PKMOptions(...))`` and ``dataclasses.replace(cfg, pkm=...)``: keywords named
+    after a registered kind set that variant's section in ``options``."""
+
+    def __init__(self, *args, options: dict[str, Any] | None = None, **values: Any) -> None:
+        sections = {name: values.pop(name) for name in list(values) if name in VARIANTS}
+        init(self, *args, options={**(options or {}), **sections}, **values)
+
+    return __init__
+
+
+FFNConfig.__init__ = _init_taking_sections(FFNConfig.__init__)  # type: ignore[method-assign]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -224,6 +185,7 @@ class EvalConfig:
 @dataclass
 class Config:
     name: str = "default"  # run name: the prefix of the run directory
+    plugins: str = ""  # FFN variants from outside: files or modules, comma-separated (sffn train --plugin)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -235,9 +197,18 @@ class Config:
 # ----------------------------------------------------------------------------------------------
 
 
-def _field_types(cls: type) -> dict[str, Any]:
+def field_types(cls: type) -> dict[str, Any]:
+    """Every key of section ``cls`` → its type: its fields, and for ``FFNConfig`` each variant's options section."""
     hints = typing.get_type_hints(cls)
-    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+    types_ = {f.name: hints[f.name] for f in dataclasses.fields(cls) if not f.metadata.get("sections")}
+    if _sections_field(cls):
+        types_.update({name: v.Options for name, v in VARIANTS.items() if v.Options is not None})
+    return types_
+
+
+def _sections_field(cls: type) -> str | None:
+    """The field of ``cls`` that holds the variant sections (``FFNConfig.options``), if it has one."""
+    return next((f.name for f in dataclasses.fields(cls) if f.metadata.get("sections")), None)
 
 
 def _suggest(key: str, options: list[str]) -> str:
@@ -286,28 +257,42 @@ def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     """Build dataclass ``cls`` from a nested dict, rejecting unknown keys and wrong types."""
     if not isinstance(data, dict):
         raise UserError(f"Config section '{prefix or '<root>'}' must be a mapping, got {data!r}.")
-    types_ = _field_types(cls)
-    kwargs = {}
+    if cls is Config:
+        load_plugins(data.get("plugins") or "")
+    types_ = field_types(cls)
+    sections = _sections_field(cls)
+    kwargs: dict[str, Any] = {sections: {}} if sections else {}
     for key, value in data.items():
         where = f"{prefix}{key}"
         if key not in types_:
-            raise UserError(f"Unknown config key '{where}'.{_suggest(str(key), list(types_))}")
+            plugin = sections and isinstance(value, dict)
+            hint = " (a plugin's variant section? load the plugin with --plugin)" if plugin else ""
+            raise UserError(f"Unknown config key '{where}'{hint}.{_suggest(str(key), list(types_))}")
         expected = types_[key]
         if dataclasses.is_dataclass(expected):
-            kwargs[key] = from_dict(expected, value or {}, prefix=f"{where}.")
+            target = kwargs[sections] if sections and key in VARIANTS else kwargs  # a variant's options section
+            target[key] = from_dict(expected, value or {}, prefix=f"{where}.")
         else:
             kwargs[key] = _coerce(value, expected, where)
     return cls(**kwargs)
 
 
 def to_dict(config: Any) -> dict[str, Any]:
-    return dataclasses.asdict(config)
+    """A config as nested plain data, each variant's options as its section (``model.ffn.sigma_moe: {...}``)."""
+    data = {}
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if f.metadata.get("sections"):
+            data.update({name: to_dict(options) for name, options in value.items()})
+        else:
+            data[f.name] = to_dict(value) if dataclasses.is_dataclass(value) else value
+    return data
 
 
 def all_keys(cls: type = Config, prefix: str = "") -> list[str]:
     """Every dotted leaf key of a config class, e.g. ``model.ffn.top_k``."""
     keys = []
-    for name, expected in _field_types(cls).items():
+    for name, expected in field_types(cls).items():
         if dataclasses.is_dataclass(expected):
             keys += all_keys(expected, f"{prefix}{name}.")
         else:
@@ -332,9 +317,13 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply dotted overrides to a nested dict, validating each key path against ``Config``."""
+    parsed = [parse_override(text) for text in overrides]
+    for path, value in parsed:
+        if path == ["plugins"]:
+            data["plugins"] = value
+    load_plugins(data.get("plugins") or "")
     valid = all_keys()
-    for text in overrides:
-        path, value = parse_override(text)
+    for text, (path, value) in zip(overrides, parsed):
         dotted = ".".join(path)
         if dotted not in valid:
             raise UserError(f"Unknown config key '{dotted}'.{_suggest(dotted, valid)}")
@@ -345,6 +334,12 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
                 raise UserError(f"Config key '{dotted}': '{part}' is not a section in the config file.")
         node[path[-1]] = value
     return data
+
+
+def load_plugins(spec: str) -> None:
+    """Load the plugins a ``plugins`` value names (their variants become kinds and sections)."""
+    for loader in PLUGIN_LOADERS:
+        loader(str(spec))
 
 
 def read_yaml(path: str | Path, what: str = "Config file") -> dict[str, Any]:
@@ -423,62 +418,20 @@ def validate(config: Config) -> None:
         raise UserError("train.num_nodes must be at least 1.")
     if not 0 <= t.seed <= MAX_SEED:
         raise UserError(f"train.seed must be between 0 and {MAX_SEED}, got {t.seed}.")
-    validate_ffn(m.ffn)
-    if m.ffn.kind == "base" and m.ffn.base.form == "fairseq" and m.init == "paper":
-        raise UserError("model.ffn.base.form=fairseq initialises as fairseq does (orthogonal centroids, a zero second "
-                        "projection); use model.init=default with it, or model.ffn.base.form=bank.")
+    validate_ffn(m)
     if m.backbone == "smlp":
         validate_smlp(m.smlp)
 
 
-def validate_ffn(cfg: FFNConfig) -> None:
-    """Reject impossible FFN settings with a message that says what to change."""
-    choice(cfg.kind, FFN_KINDS, "model.ffn.kind")
+def validate_ffn(m: ModelConfig) -> None:
+    """Reject impossible FFN settings with a message that says what to change: the shared sizes here, the
+    variant's own options by its ``check``."""
+    cfg = m.ffn
+    choice(cfg.kind, tuple(VARIANTS), "model.ffn.kind")
     choice(cfg.activation, ACTIVATION_NAMES, "model.ffn.activation")
     if cfg.d_ff < 1 or not 0 <= cfg.dropout < 1:
         raise UserError("model.ffn.d_ff must be positive and model.ffn.dropout in [0, 1).")
-    if cfg.kind == "topk" and not 1 <= cfg.top_k <= cfg.d_ff:
-        raise UserError(f"model.ffn.top_k ({cfg.top_k}) must be between 1 and model.ffn.d_ff ({cfg.d_ff}).")
-    if cfg.kind in BLOCK_KINDS:
-        if cfg.n_experts < 1 or cfg.expert_size < 1:
-            raise UserError("model.ffn.n_experts and model.ffn.expert_size must be positive.")
-        if not 1 <= cfg.top_k <= cfg.n_experts:
-            raise UserError(
-                f"model.ffn.top_k ({cfg.top_k}) must be between 1 and model.ffn.n_experts ({cfg.n_experts}): "
-                "a token cannot use more experts than exist."
-            )
-    if cfg.kind in GATES:
-        choice(getattr(cfg, cfg.kind).gate, GATES[cfg.kind], f"model.ffn.{cfg.kind}.gate")
-    if cfg.kind == "sigma_moe":
-        o = cfg.sigma_moe
-        choice(o.init, ("paper", "standard"), "model.ffn.sigma_moe.init")
-        if not 0 <= o.expert_dropout < 1:
-            raise UserError("model.ffn.sigma_moe.expert_dropout must be in [0, 1).")
-        if o.expert_dropout > 0 and cfg.n_experts - cfg.top_k < 1:
-            raise UserError("Expert dropout needs model.ffn.n_experts > model.ffn.top_k, or nothing is left to pick.")
-    if cfg.kind == "switch" and cfg.switch.capacity_factor < 0:
-        raise UserError("model.ffn.switch.capacity_factor must be ≥ 0 (0: no capacity limit).")
-    if cfg.kind == "switch" and cfg.switch.init_scale <= 0:
-        raise UserError("model.ffn.switch.init_scale must be > 0.")
-    if cfg.kind == "sbase" and cfg.sbase.sinkhorn_iters < 1:
-        raise UserError("model.ffn.sbase.sinkhorn_iters must be at least 1.")
-    if cfg.kind == "sbase" and not 0 <= cfg.sbase.expert_dropout < 1:
-        raise UserError("model.ffn.sbase.expert_dropout must be in [0, 1).")
-    if cfg.kind == "base":
-        choice(cfg.base.form, ("bank", "fairseq"), "model.ffn.base.form")
-    if cfg.kind == "pkm":
-        p = cfg.pkm
-        choice(p.activation, ("softmax", "relu"), "model.ffn.pkm.activation")
-        choice(p.query, ("projection", "input"), "model.ffn.pkm.query")
-        choice(p.normalize, ("head", "joint"), "model.ffn.pkm.normalize")
-        choice(p.value_fan_in, ("d_model", "slots"), "model.ffn.pkm.value_fan_in")
-        if p.heads < 1 or p.key_dim < 2 or p.key_dim % 2:
-            raise UserError("model.ffn.pkm needs heads ≥ 1 and an even key_dim ≥ 2.")
-        if not 0 <= p.knn <= p.n_keys:
-            raise UserError(
-                f"model.ffn.pkm.knn ({p.knn}) must be between 1 and model.ffn.pkm.n_keys ({p.n_keys}): each half "
-                "selects knn of its n_keys sub-keys (or 0: read every slot)."
-            )
+    VARIANTS[cfg.kind].check(m)
 
 
 def parse_tokenizer(spec: str) -> tuple[str, int]:
@@ -502,11 +455,6 @@ def parse_tokenizer(spec: str) -> tuple[str, int]:
 def attention_head_dim(m: ModelConfig) -> int:
     """Each attention head's size: model.head_dim, or d_model / n_heads when it is 0."""
     return m.head_dim or m.d_model // m.n_heads
-
-
-def pkm_query_size(p: PKMOptions, d_model: int) -> int:
-    """The size of each PKM head's query: key_dim, or d_model when the heads query with the input itself."""
-    return d_model if p.query == "input" else p.key_dim
 
 
 def validate_smlp(s: SMLPConfig) -> None:

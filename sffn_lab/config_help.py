@@ -11,7 +11,7 @@ import re
 import typing
 from dataclasses import dataclass
 
-from sffn_lab.config import Config, all_keys
+from sffn_lab.config import Config, all_keys, field_types
 
 _FIELD = re.compile(r"^\s+(\w+)\s*:[^=]+=.*?(?:#\s*(.*))?$")
 
@@ -35,18 +35,17 @@ def _comments(cls: type) -> dict[str, str]:
 
 
 def key_help(cls: type = Config, prefix: str = "") -> list[KeyHelp]:
-    """KeyHelp of every dotted leaf key under ``cls``, in declaration order."""
-    hints = typing.get_type_hints(cls)
+    """KeyHelp of every dotted leaf key under ``cls``, in declaration order (each variant's section after the
+    shared FFN keys, its help the comments in its own options dataclass)."""
     comments = _comments(cls)
     defaults = cls()
     rows = []
-    for f in dataclasses.fields(cls):
-        kind = hints[f.name]
+    for name, kind in field_types(cls).items():
         if dataclasses.is_dataclass(kind):
-            rows += key_help(kind, f"{prefix}{f.name}.")
+            rows += key_help(kind, f"{prefix}{name}.")
         else:
-            rows.append(KeyHelp(f"{prefix}{f.name}", getattr(kind, "__name__", str(kind)),
-                                getattr(defaults, f.name), comments.get(f.name, "")))
+            rows.append(KeyHelp(f"{prefix}{name}", getattr(kind, "__name__", str(kind)),
+                                getattr(defaults, name), comments.get(name, "")))
     return rows
 
 

@@ -30,6 +30,7 @@ from sffn_lab.errors import UserError
 from sffn_lab.lm_module import LanguageModelModule
 from sffn_lab.markdown import markdown_table
 from sffn_lab.run_dir import CONFIG_FILE, SUMMARY_FILE, TOKENIZER_FILE
+from sffn_lab.variants import variant
 
 WEIGHTS_FILE = "model.safetensors"
 CARD_FILE = "README.md"
@@ -108,12 +109,7 @@ def model_card(module: LanguageModelModule, tokenizer_kind: str, ckpt: Path, ste
     cost = count_model(m, corpus.vocab_size, config.data.seq_len)
     run_dir = ckpt.parent.parent
     summary = json.loads((run_dir / SUMMARY_FILE).read_text()) if (run_dir / SUMMARY_FILE).is_file() else {}
-    if f.kind == "pkm":
-        ffn = f"pkm: {f.pkm.heads} heads, {f.pkm.n_keys}² keys, {f.pkm.knn} read per head"
-    elif f.kind in ("dense", "topk"):
-        ffn = f"{f.kind}: d_ff {f.d_ff}" + (f", top {f.top_k} cells per token" if f.kind == "topk" else "")
-    else:
-        ffn = f"{f.kind}: {f.n_experts} experts of {f.expert_size} cells, {f.top_k} per token"
+    ffn = f"{f.kind}: {variant(f.kind).describe(f)}"
     rows = [
         ("variant", ffn),
         ("backbone", f"{m.backbone}: d_model {m.d_model}, n_layers {m.n_layers}, n_heads {m.n_heads}, "

@@ -7,9 +7,15 @@ import zlib
 import pytest
 import torch
 
+from sffn_lab.variants.plugins import from_environment, load
+
 if not torch.cuda.is_available():
     # Without a GPU the Triton kernels run in Triton's CPU interpreter, so they are tested everywhere.
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# $SFFN_PLUGINS: a user's variants join every test that iterates over the registered kinds (README, "How to add a
+# variant")
+load(",".join(from_environment()))
 
 
 def pytest_addoption(parser):

@@ -7,8 +7,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from sffn_lab.config import FFNConfig, SBaseOptions, SigmaMoEOptions, SwitchOptions
-from sffn_lab.layers.routers import build_router
+from sffn_lab.config import FFNConfig
+from sffn_lab.variants import variant
+from sffn_lab.variants.sbase import SBaseOptions
+from sffn_lab.variants.sigma_moe import SigmaMoEOptions
+from sffn_lab.variants.switch import SwitchOptions
 
 AUX_ROUTERS = {
     "sigma_moe": FFNConfig(kind="sigma_moe", n_experts=6, top_k=2,
@@ -21,7 +24,7 @@ AUX_ROUTERS = {
 def router_aux_and_grad(kind: str, x: torch.Tensor) -> tuple[float, torch.Tensor]:
     """The router's auxiliary loss on x [T, D] and its gradient on the selector [N_E, D], in float64."""
     torch.manual_seed(0)
-    router = build_router(AUX_ROUTERS[kind], x.shape[1], n_layers=2, vocab_size=64).double().train()
+    router = variant(kind).router_class()(AUX_ROUTERS[kind], x.shape[1], n_layers=2, vocab_size=64).double().train()
     routing = router(x)
     routing.aux_loss.backward()
     return routing.aux_loss.item(), router.selector.grad

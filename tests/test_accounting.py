@@ -9,10 +9,15 @@ import torch
 
 from sffn_lab.analysis.accounting import compute_equal, count_ffn, param_equal, variants_table
 from sffn_lab.analysis.model_cost import count_model
-from sffn_lab.config import BLOCK_KINDS, FFN_KINDS, BaseOptions, FFNConfig, PKMOptions, load_config
+from sffn_lab.config import FFNConfig, load_config
 from sffn_lab.errors import UserError
 from sffn_lab.layers.factory import build_ffn
 from sffn_lab.models import build_model
+from sffn_lab.variants import bank_kinds, kinds
+from sffn_lab.variants.base import BaseOptions
+from sffn_lab.variants.pkm import PKMOptions
+
+FFN_KINDS, BLOCK_KINDS = kinds(), bank_kinds()
 
 D = 48
 BASE = FFNConfig(d_ff=192, n_experts=6, expert_size=32, top_k=2, pkm=PKMOptions(heads=2, n_keys=10, knn=4, key_dim=8))
@@ -135,3 +140,14 @@ def test_pkm_reading_every_slot_counts_the_whole_table_as_active():
     cost = count_ffn(cfg, D)
     assert cost.active_params == cost.total_params == numel(build_ffn(cfg, D, n_layers=2, vocab_size=64))
     assert cost.flops_per_token == 2 * 2 * 10 * D + 2 * 10**2 + 2 * 10**2 * D  # sub-key scores, pair sums, read
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_the_smlp_honours_tie_embeddings_and_its_count_follows(tie):
+    """The sMLP tied its output head whatever model.tie_embeddings said, while the count followed the key."""
+    cfg = load_config(None, ["model.backbone=smlp", "model.d_model=32", "model.smlp.d_hidden=64",
+                             "model.ffn.kind=switch", "model.ffn.n_experts=4", "model.ffn.expert_size=16",
+                             "model.ffn.top_k=1", f"model.tie_embeddings={str(tie).lower()}"]).model
+    model = build_model(cfg, vocab_size=50, max_seq_len=32)
+    assert (model.head.weight is model.embed.weight) == tie
+    assert count_model(cfg, 50, 32).total_params == numel(model)

@@ -7,10 +7,11 @@ import pytest
 import torch
 from torch import nn
 
-from sffn_lab.config import BaseOptions, FFNConfig, load_config, validate_ffn
+from sffn_lab.config import FFNConfig, ModelConfig, load_config, validate_ffn
 from sffn_lab.errors import UserError
 from sffn_lab.experiments import DEFAULT_CONFIG
 from sffn_lab.layers.factory import build_ffn
+from sffn_lab.variants.base import BaseOptions
 
 D, G, ATOL = 10, 6, 1e-12
 
@@ -68,7 +69,7 @@ def base_layer_forward(input_features, centroids, experts, assignment=None):
 
 def fairseq_layer(n_experts: int) -> nn.Module:
     cfg = FFNConfig(kind="base", n_experts=n_experts, expert_size=G, top_k=1, base=BaseOptions(form="fairseq"))
-    validate_ffn(cfg)
+    validate_ffn(ModelConfig(ffn=cfg))
     return build_ffn(cfg, D, n_layers=2, vocab_size=50).double()
 
 

@@ -19,9 +19,9 @@ from sffn_lab.bench.layer_vs_dense import FLOP_MATCHED
 from sffn_lab.bench.records import NOT_MEASURED_NO_GPU
 from sffn_lab.bench.scaling import BANK, LIMIT
 from sffn_lab.bench.sizes import QUICK
-from sffn_lab.config import FFN_KINDS
 from sffn_lab.kernels import triton_available
 from sffn_lab.kernels.reference import expert_down_reference, expert_up_reference
+from sffn_lab.variants import kinds
 from tests.support import host_reads_are_errors, run_cli
 
 
@@ -125,7 +125,7 @@ def test_gpu_check_passes_at_quick_sizes_on_this_machine(device, tmp_path):
     saved = json.loads((tmp_path / "gpu_check.json").read_text())
     assert [p["name"] for p in saved["parts"]] == ["configs", "precisions", "edges", "training", "host syncs"]
     n_backends = 2  # triton and torch
-    expected = 2 + n_backends * len(gpu_check.PRECISIONS) + (n_backends + 1) + n_backends + 2 * len(FFN_KINDS)
+    expected = 2 + n_backends * len(gpu_check.PRECISIONS) + (n_backends + 1) + n_backends + 2 * len(kinds())
     assert len(saved["results"]) == expected and all(r["passed"] for r in saved["results"])
     assert written == sorted(written) and written[-1] == expected  # the file grew with the results
     assert [line for line in lines if line.startswith("PASS  part")] == [f"PASS  part {p['name']}"

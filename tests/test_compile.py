@@ -9,11 +9,12 @@ import warnings
 import pytest
 import torch
 
-from sffn_lab.config import FFN_KINDS, load_config
+from sffn_lab.config import load_config
 from sffn_lab.kernels import RoutingPlan, expert_down, expert_up, triton_available
 from sffn_lab.kernels.backends import get_backend
 from sffn_lab.kernels.routing_plan import PlanReads
 from sffn_lab.models import build_model
+from sffn_lab.variants import kinds
 
 SIZES = ["model.d_model=64", "model.n_layers=2", "model.ffn.d_ff=128", "model.ffn.n_experts=8",
          "model.ffn.expert_size=16", "model.ffn.top_k=2", "model.ffn.pkm.n_keys=8", "model.ffn.pkm.knn=4",
@@ -38,7 +39,7 @@ def graph_breaks(model, *args) -> list[str]:
     return [str(b.reason).splitlines()[0] for b in explained.break_reasons]
 
 
-@pytest.mark.parametrize("kind", [k for k in FFN_KINDS if k != "base"])
+@pytest.mark.parametrize("kind", [k for k in kinds() if k != "base"])
 def test_every_ffn_kind_compiles_without_a_graph_break(kind):
     assert graph_breaks(model_of([f"model.ffn.kind={kind}"]), torch.randint(0, 50, (2, 32))) == []
 

@@ -13,8 +13,9 @@ import torch
 
 from sffn_lab import training
 from sffn_lab.ablation import is_grid, load_grid
-from sffn_lab.config import FFN_KINDS, Config, load_config, validate
+from sffn_lab.config import Config, load_config, validate
 from sffn_lab.models import build_model
+from sffn_lab.variants import kinds
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 CPU_PRECISIONS = ("32-true", "bf16-mixed", "bf16-true")  # Lightning's 16-mixed needs CUDA
@@ -44,7 +45,7 @@ def train_tiny(kind: str, precision: str, out: Path) -> training.RunSummary:
     return training.train(config, progress=False)
 
 
-@pytest.mark.parametrize("kind", [*FFN_KINDS, "smlp"])
+@pytest.mark.parametrize("kind", [*kinds(), "smlp"])
 def test_every_kind_trains_validates_and_evaluates_in_each_cpu_precision(kind, tmp_path):
     reference = train_tiny(kind, "32-true", tmp_path)
     reference_first = first_train_losses(Path(reference.run_dir))[0]
@@ -102,7 +103,7 @@ def test_every_shipped_experiment_and_grid_runs_a_step_of_each_run_at_its_precis
         assert summary.step == 1 and math.isfinite(summary.val_loss), name
 
 
-@pytest.mark.parametrize("kind", [*FFN_KINDS, "smlp"])
+@pytest.mark.parametrize("kind", [*kinds(), "smlp"])
 def test_under_bf16_autocast_fp32_parameters_get_fp32_gradients_and_routing_stays_fp32(kind):
     backbone = ["model.backbone=smlp", "model.ffn.kind=base", "model.ffn.top_k=1"] if kind == "smlp" else []
     config = load_config(None, [*TINY, f"model.ffn.kind={kind}", *backbone])

@@ -8,17 +8,12 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sffn_lab.config import (
-    BLOCK_KINDS,
-    Config,
-    FFNConfig,
-    SigmaMoEOptions,
-    SwitchOptions,
-    all_keys,
-    load_config,
-)
+from sffn_lab.config import Config, FFNConfig, all_keys, load_config
 from sffn_lab.errors import UserError
 from sffn_lab.layers.moe import MoEFFN
+from sffn_lab.variants import bank_kinds
+from sffn_lab.variants.sigma_moe import SigmaMoEOptions
+from sffn_lab.variants.switch import SwitchOptions
 
 FAST = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 KEYS = all_keys(Config)
@@ -71,7 +66,7 @@ def test_any_override_gives_a_valid_config_or_a_user_error(overrides):
 @st.composite
 def block_layers(draw) -> tuple[FFNConfig, int, int, int]:
     """A valid block-sparse FFN config for each router kind, with a batch shape (B, S) and width D."""
-    kind = draw(st.sampled_from(BLOCK_KINDS))
+    kind = draw(st.sampled_from(bank_kinds()))
     n_experts = draw(st.integers(1, 9))
     top_k = draw(st.integers(1, n_experts))
     cfg = FFNConfig(kind=kind, n_experts=n_experts, top_k=top_k, expert_size=draw(st.integers(1, 6)),

@@ -8,12 +8,19 @@ import math
 import pytest
 import torch
 
-from sffn_lab.config import FFN_KINDS, FFNConfig, load_config, validate_ffn
+from sffn_lab.config import FFNConfig, ModelConfig, load_config, validate_ffn
 from sffn_lab.errors import UserError
 from sffn_lab.kernels import RoutingPlan
 from sffn_lab.layers.expert_bank import ExpertBank
 from sffn_lab.layers.factory import build_ffn
 from sffn_lab.models import build_model
+from sffn_lab.variants import kinds
+from sffn_lab.variants.avgk import AvgKOptions
+from sffn_lab.variants.pkm import PKMOptions
+from sffn_lab.layers.routers import sinkhorn
+from sffn_lab.variants.sbase import SBaseOptions
+from sffn_lab.variants.sigma_moe import SigmaMoEOptions
+from sffn_lab.variants.switch import SwitchOptions
 from tests.causality import assert_causal
 
 D = 12
@@ -27,7 +34,7 @@ def fresh(*shape, dtype=torch.float64):
 
 def layer(kind: str, **options) -> torch.nn.Module:
     cfg = dataclasses.replace(FFNConfig(kind=kind, d_ff=24, n_experts=6, expert_size=4, top_k=2), **options)
-    validate_ffn(cfg)
+    validate_ffn(ModelConfig(ffn=cfg))
     return build_ffn(cfg, D, n_layers=2, vocab_size=VOCAB).double()
 
 
@@ -108,7 +115,6 @@ def routed_reference(module, scores_of, gate_of, k):
 def test_sigma_moe(gate, renormalize):
     if gate == "none" and renormalize:
         pytest.skip("nothing to renormalise")
-    from sffn_lab.config import SigmaMoEOptions
 
     m = layer("sigma_moe", sigma_moe=SigmaMoEOptions(gate=gate, renormalize=renormalize)).eval()
     sel = m.router.selector
@@ -141,7 +147,6 @@ def test_balanced_routers_are_greedy_top_k_with_sigmoid_gates_at_eval(kind):
 
 @pytest.mark.parametrize("gate", ["none", "softmax"])
 def test_avgk_scores_blocks_by_their_mean_key(gate):
-    from sffn_lab.config import AvgKOptions
 
     m = layer("avgk", avgk=AvgKOptions(gate=gate)).eval()
 
@@ -206,7 +211,6 @@ def test_topk_dropout_acts_before_the_k_cells_are_chosen():
     ("softmax", "input", "joint"), ("relu", "input", "head"),  # the σ-MoE paper's PKM and its ReLU variant
 ])
 def test_pkm_against_exhaustive_product_keys(activation, query, normalize):
-    from sffn_lab.config import PKMOptions
 
     opts = PKMOptions(heads=2, n_keys=5, knn=3, key_dim=6, activation=activation, query=query, normalize=normalize)
     m = layer("pkm", pkm=opts)
@@ -257,7 +261,6 @@ def test_topk_with_k_equal_d_ff_is_the_dense_ffn():
 
 @pytest.mark.parametrize("kind, options", [("avgk", {}), ("sigma_moe", {"gate": "none"})])
 def test_all_experts_without_gates_is_the_dense_ffn(kind, options):
-    from sffn_lab.config import SigmaMoEOptions
 
     extra = {"sigma_moe": SigmaMoEOptions(**options)} if kind == "sigma_moe" else {}
     m = layer(kind, top_k=6, **extra).eval()
@@ -278,7 +281,6 @@ def test_base_gives_exactly_balanced_loads_in_training(k):
 
 
 def test_sinkhorn_balances_the_marginals():
-    from sffn_lab.layers.routers import sinkhorn
 
     logits = fresh(40, 5) * 3
     p = sinkhorn(logits, iters=200).exp()
@@ -295,7 +297,6 @@ def test_sinkhorn_balances_the_marginals():
 
 
 def test_sigma_moe_entropy_regulariser_and_expert_dropout():
-    from sffn_lab.config import SigmaMoEOptions
 
     m = layer("sigma_moe", sigma_moe=SigmaMoEOptions(entropy_coef=0.5, expert_dropout=0.5)).train()
     x = fresh(30, D)
@@ -315,7 +316,6 @@ def test_sigma_moe_entropy_regulariser_and_expert_dropout():
 def test_sigma_moe_gives_a_dropped_but_selected_expert_gate_zero(gate):
     """Per token: drop each expert with probability δ, take the top-K of the survivors, then the best of the
     dropped ones when fewer than K survive; a dropped expert's gate is 0."""
-    from sffn_lab.config import SigmaMoEOptions
 
     m = layer("sigma_moe", sigma_moe=SigmaMoEOptions(entropy_coef=0.0, expert_dropout=0.6, gate=gate)).train()
     x = fresh(4, 20, D)
@@ -339,7 +339,6 @@ def test_sigma_moe_gives_a_dropped_but_selected_expert_gate_zero(gate):
 
 
 def test_switch_balance_loss_and_capacity():
-    from sffn_lab.config import SwitchOptions
 
     m = layer("switch", top_k=1, n_experts=4, switch=SwitchOptions(balance_coef=0.01, capacity_factor=1.0)).train()
     x = fresh(16, D)
@@ -358,7 +357,7 @@ def test_switch_balance_loss_and_capacity():
 # ---------------------------------------------------------------------------------------- in the model
 
 
-@pytest.mark.parametrize("kind", FFN_KINDS)
+@pytest.mark.parametrize("kind", kinds())
 def test_every_variant_is_causal_in_the_model(kind):
     cfg = load_config(None, [f"model.ffn.kind={kind}", "model.d_model=16", "model.n_heads=2", "model.n_layers=2",
                              "model.ffn.d_ff=32", "model.ffn.n_experts=4", "model.ffn.expert_size=8",
@@ -446,8 +445,6 @@ def test_each_router_initialises_its_bank_as_the_sigma_moe_paper_does(kind, opti
 
 
 def test_sbase_expert_dropout_removes_dropped_experts_from_the_balanced_selection():
-    from sffn_lab.config import SBaseOptions
-    from sffn_lab.layers.routers import sinkhorn
 
     m = layer("sbase", n_experts=6, top_k=2, sbase=SBaseOptions(expert_dropout=0.5)).train()
     x = fresh(60, D)
@@ -467,7 +464,6 @@ def test_sbase_expert_dropout_removes_dropped_experts_from_the_balanced_selectio
 def test_pkm_reading_every_slot_sums_the_heads_scores(activation):
     """knn = 0 (the σ-MoE authors' PKM runs): slot (i, j) scores Σ_h (q₁·k₁ᵢ + q₂·k₂ⱼ) with q the input itself,
     the activation runs over all n_keys² slots, and every slot's value is read."""
-    from sffn_lab.config import PKMOptions
 
     m = layer("pkm", pkm=PKMOptions(heads=3, n_keys=4, knn=0, activation=activation, query="input"))
 

@@ -56,8 +56,10 @@ def count_smlp(cfg: ModelConfig, vocab_size: int, seq_len: int) -> Cost:
     sparse_block = unit + s.n_chunks * mixing + router + 2 * D + ffn.total_params
     sparse_active = unit + s.n_chunks * mixing + router + 2 * D + ffn.active_params
     head = vocab_size * D
-    total = head + 2 * D + s.n_dense_blocks * dense_block + s.n_sparse_blocks * sparse_block
-    active = head + 2 * D + s.n_dense_blocks * dense_block + s.n_sparse_blocks * sparse_active
+    embed = 0 if cfg.tie_embeddings else vocab_size * D  # tied: the output matrix is the embedding
+    input_row = 0 if cfg.tie_embeddings else D  # a tied input row is part of the output matrix
+    total = embed + head + 2 * D + s.n_dense_blocks * dense_block + s.n_sparse_blocks * sparse_block
+    active = input_row + head + 2 * D + s.n_dense_blocks * dense_block + s.n_sparse_blocks * sparse_active
     flops = 2 * head + (s.n_dense_blocks + s.n_sparse_blocks) * unit_flops + s.n_sparse_blocks * (
         ffn.flops_per_token + router_flops
     )

@@ -38,7 +38,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from sffn_lab.config import BLOCK_KINDS, Config, ModelConfig
+from sffn_lab.config import Config, ModelConfig
+from sffn_lab.variants import variant
 
 STATE_BYTES_PER_PARAM = 16
 ALLREDUCE_BYTES_PER_PARAM = 8
@@ -220,7 +221,7 @@ def _activation_dtype(precision: str) -> torch.dtype:
 
 def _experts_per_token(cfg: ModelConfig) -> int:
     """K, as the accounting counts it (0: no expert bank to spread over devices)."""
-    return cfg.ffn.top_k if cfg.ffn.kind in BLOCK_KINDS else 0
+    return cfg.ffn.top_k if variant(cfg.ffn.kind).uses_bank else 0
 
 
 def _expert_layers(cfg: ModelConfig) -> int:

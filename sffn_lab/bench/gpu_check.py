@@ -303,12 +303,13 @@ def large_index_check(device, T: int = 2_200_000, D: int = 1024, K: int = 1, E: 
 
 # ---------------------------------------------------------------------------------------------- 5. training
 def training_checks(device, quick: bool) -> Iterator[CheckResult]:
-    from sffn_lab.config import FFN_KINDS, load_config
+    from sffn_lab.config import load_config
+    from sffn_lab.variants import kinds
 
     size = (["model.d_model=32", "model.n_heads=2", "model.ffn.d_ff=64", "model.ffn.expert_size=16"] if quick
             else ["model.d_model=256", "model.n_heads=4", "model.ffn.d_ff=1024", "model.ffn.expert_size=128"])
     steps, seq_len, batch = (2, 16, 2) if quick else (5, 128, 16)
-    for kind in FFN_KINDS:
+    for kind in kinds():
         config = load_config(None, [*size, "model.n_layers=2", "model.ffn.n_experts=8", "model.ffn.top_k=2",
                                     f"model.ffn.kind={kind}"])
         with pinned_configs():
@@ -367,9 +368,9 @@ def host_syncs_are_errors(device) -> Iterator[None]:
 def host_sync_checks(device, quick: bool) -> Iterator[CheckResult]:
     """One bf16-autocast forward+backward of each FFN kind's layer (Triton backend, one pinned config, so nothing
     is timed) with host syncs made errors, after two warm-up steps (compiles)."""
-    from sffn_lab.config import FFN_KINDS
+    from sffn_lab.variants import kinds
 
-    for kind in FFN_KINDS:
+    for kind in kinds():
         name = f"{kind}: no host sync in the layer"
         if kind in SYNCING_KINDS:
             yield CheckResult("host syncs", name, True, f"not checked: {SYNCING_KINDS[kind]}")
@@ -492,7 +493,7 @@ def plan(device="cuda", quick: bool = False, full: bool = False) -> list[Part]:
     """The parts in order, with the Triton compiles and autotune timings each will add (compiles: the distinct
     specialisations it launches that no earlier part compiled, times the configs it runs; none where the
     interpreter runs the kernels) and an estimate of its time."""
-    from sffn_lab.config import FFN_KINDS
+    from sffn_lab.variants import bank_kinds, kinds
 
     on_gpu = torch.device(device).type == "cuda"
     if not triton_available():
@@ -502,7 +503,7 @@ def plan(device="cuda", quick: bool = False, full: bool = False) -> list[Part]:
     else:
         n_gather, n_grad = (len(k.configs) for k in _autotuned_kernels())
     launches = LAUNCHES if on_gpu else 0
-    bank_kinds = len(FFN_KINDS) - 3  # dense, Top-K and PKM do not use the expert bank
+    n_bank_kinds = len(bank_kinds())  # dense, Top-K and PKM do not use the expert bank
     parts = [
         Part("configs", "every config of both kernels alone, bf16 model path, EVEN_K and not, vs float64",
              on_gpu * 2 * (4 * n_gather + 2 * n_grad + 1), 0, 2 * max(n_gather, n_grad) * 0.3,
@@ -518,9 +519,9 @@ def plan(device="cuda", quick: bool = False, full: bool = False) -> list[Part]:
                           lambda: iter([large_index_check(device)])))
     parts += [
         Part("training", "bf16-mixed steps of every FFN kind, Triton vs torch", 2 * launches, 0,
-             len(FFN_KINDS) * 1.5, lambda: training_checks(device, quick)),
+             len(kinds()) * 1.5, lambda: training_checks(device, quick)),
         Part("host syncs", "every FFN kind's layer under sync debug mode 'error'", 2 * launches, 0,
-             bank_kinds * 0.5, lambda: host_sync_checks(device, quick)),
+             n_bank_kinds * 0.5, lambda: host_sync_checks(device, quick)),
     ]
     if on_gpu and not quick:
         cases = len(SPEED_CASES) * len(speed_dtypes(full))

@@ -7,20 +7,20 @@ from torch import nn
 
 from sffn_lab.config import FFNConfig
 from sffn_lab.kernels import RoutingPlan
-from sffn_lab.layers.expert_bank import ExpertBank
 from sffn_lab.layers.ffn_output import FFNOutput
-from sffn_lab.layers.routers import build_router
+from sffn_lab.variants.registry import variant
 
 
 class MoEFFN(nn.Module):
     """x [B, S, D] (token ids [B, S]) → ``FFNOutput`` with y [B, S, D] and expert counts [N_E]."""
 
-    def __init__(self, cfg: FFNConfig, d_model: int, n_layers: int, vocab_size: int, bank: nn.Module | None = None):
+    def __init__(self, cfg: FFNConfig, d_model: int, n_layers: int, vocab_size: int):
+        """The variant ``cfg.kind`` (a ``RouterVariant``) makes the bank (the ``ExpertBank``, or a module with its
+        interface: BASE's fairseq form's ``FairseqBaseExperts``) and its router, which initialises the bank."""
         super().__init__()
-        # the expert bank, or another module with its interface (BASE's fairseq form: ``FairseqBaseExperts``)
-        self.bank = bank if bank is not None else ExpertBank(d_model, cfg.n_experts, cfg.expert_size,
-                                                             cfg.activation, cfg.dropout)
-        self.router = build_router(cfg, d_model, n_layers, vocab_size)
+        kind = variant(cfg.kind)
+        self.bank = kind.make_bank(cfg, d_model)
+        self.router = kind.router_class()(cfg, d_model, n_layers, vocab_size)
         self.router.init_bank(self.bank)
 
     def forward(self, x: torch.Tensor, token_ids: torch.Tensor | None = None) -> FFNOutput:

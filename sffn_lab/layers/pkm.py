@@ -21,7 +21,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sffn_lab.config import PKMOptions, pkm_query_size
 from sffn_lab.errors import UserError
 from sffn_lab.kernels.precision import autocast_operands
 from sffn_lab.kernels.routing_plan import counts_per_id
@@ -32,10 +31,11 @@ from sffn_lab.layers.routers import at_least_fp32
 class ProductKeyMemory(nn.Module):
     """x [B, S, D] → ``FFNOutput`` (y [B, S, D], counts [n_keys²] of the slots read)."""
 
-    def __init__(self, d_model: int, opts: PKMOptions, dropout: float = 0.0):
+    def __init__(self, d_model: int, opts, dropout: float = 0.0):
+        """``opts``: ``model.ffn.pkm`` (``sffn_lab.variants.pkm.PKMOptions``)."""
         super().__init__()
         self.opts = opts
-        H, n, dk = opts.heads, opts.n_keys, pkm_query_size(opts, d_model)
+        H, n, dk = opts.heads, opts.n_keys, opts.query_size(d_model)
         if dk % 2:
             raise UserError(f"model.ffn.pkm.query=input splits d_model ({d_model}) in halves: it must be even.")
         self.query = nn.Linear(d_model, H * dk, bias=False) if opts.query == "projection" else None

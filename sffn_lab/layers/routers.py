@@ -1,7 +1,9 @@
 """Routers: which K of the N_E expert blocks each token uses, with which gate, at which auxiliary cost.
 
 Every router maps x [T, D] (plus token ids [B, S] or [T] and the expert bank, for routers that need them)
-to a ``Routing``. Batch statistics in auxiliary losses (σ-MoE's entropy, Switch's balance) are
+to a ``Routing``. The built-in routers are registered as variants by their declarations under
+``sffn_lab/variants/`` (options, checks, accounting, without importing torch); a plugin's router is
+registered itself (``Router`` carries the expert-bank variant's defaults). Batch statistics in auxiliary losses (σ-MoE's entropy, Switch's balance) are
 taken over the global batch: ``global_mean`` averages them across DDP ranks.
 """
 
@@ -19,6 +21,7 @@ from sffn_lab.config import FFNConfig
 from sffn_lab.errors import UserError
 from sffn_lab.layers.balanced_assignment import balanced_assignment
 from sffn_lab.layers.expert_bank import ExpertBank
+from sffn_lab.variants.bank import RouterVariant
 
 
 @dataclass
@@ -67,10 +70,24 @@ def renorm_rows_keep_std(weight: torch.Tensor) -> None:
         weight.mul_(std / weight.std())
 
 
-class Router(nn.Module):
+class Router(nn.Module, RouterVariant):
     """Base of every router: ``forward(x [T, D], token_ids [B, S] | None, bank) -> Routing``; the variant's
     own initialisation of the expert bank it routes to (``init_bank``: by default the bank's own), and the
-    σ-MoE paper's scaled init of the router and its bank (``paper_init_``, which ``model.init=paper`` uses)."""
+    σ-MoE paper's scaled init of the router and its bank (``paper_init_``, which ``model.init=paper`` uses).
+
+    Built from the whole ``model.ffn`` section; ``self.opts`` is the variant's own section (its ``Options``).
+    A ``Router`` subclass is itself a variant when registered (``@register("name")``, as a plugin's is): the
+    expert bank, its checks and its accounting come from ``RouterVariant``.
+    """
+
+    @classmethod
+    def router_class(cls) -> type:
+        return cls
+
+    def __init__(self, cfg: FFNConfig, d_model: int, n_layers: int, vocab_size: int):
+        super().__init__()
+        self.k = cfg.top_k
+        self.opts = cfg.options.get(cfg.kind)
 
     def init_bank(self, bank: ExpertBank) -> None:
         """Initialise ``bank`` as this variant's method prescribes (nothing to change by default)."""
@@ -83,11 +100,13 @@ class Router(nn.Module):
 class LinearRouter(Router):
     """Base of the routers that score experts with a learned selection matrix W_sel [N_E, D]."""
 
-    def __init__(self, d_model: int, n_experts: int, k: int):
-        super().__init__()
-        self.selector = nn.Parameter(torch.empty(n_experts, d_model))
+    selector_params = scores_experts = True
+
+    def __init__(self, cfg: FFNConfig, d_model: int, n_layers: int, vocab_size: int):
+        super().__init__(cfg, d_model, n_layers, vocab_size)
+        self.selector = nn.Parameter(torch.empty(cfg.n_experts, d_model))
         nn.init.normal_(self.selector, std=d_model**-0.5)
-        self.k = k
+
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Routing logits [T, N_E] in fp32 (fp64 for fp64 inputs) whatever the model's precision."""
@@ -120,6 +139,18 @@ def select_dropping_experts(scores: torch.Tensor, k: int, p: float) -> tuple[tor
     return indices, dropped.gather(-1, indices)
 
 
+def gate_values(logits: torch.Tensor, indices: torch.Tensor, kind: str) -> torch.Tensor | None:
+    """Gates [T, K] of the selected experts: sigmoid of their logits, their softmax probability over all
+    experts (``softmax``) or over the K selected logits (``softmax_topk``), or none."""
+    if kind == "sigmoid":
+        return torch.sigmoid(logits.gather(-1, indices))
+    if kind == "softmax":
+        return torch.softmax(logits, dim=-1).gather(-1, indices)
+    if kind == "softmax_topk":
+        return torch.softmax(logits.gather(-1, indices), dim=-1)
+    return None
+
+
 class SigmaMoERouter(LinearRouter):
     """σ-MoE: top-K of W_sel x, sigmoid gates (not renormalised), entropy regulariser, expert dropout.
 
@@ -132,9 +163,8 @@ class SigmaMoERouter(LinearRouter):
     gives the values fan-in G instead, each expert initialised as its own small FFN.
     """
 
-    def __init__(self, d_model: int, n_experts: int, k: int, opts, n_layers: int):
-        super().__init__(d_model, n_experts, k)
-        self.opts = opts
+    def __init__(self, cfg: FFNConfig, d_model: int, n_layers: int, vocab_size: int):
+        super().__init__(cfg, d_model, n_layers, vocab_size)
         self.depth_scale = math.sqrt(2 / n_layers)  # the paper's √(2 / n_layers) on every init std
 
     def init_bank(self, bank: ExpertBank) -> None:
@@ -157,28 +187,12 @@ class SigmaMoERouter(LinearRouter):
         return Routing(indices, gates, aux)
 
 
-def gate_values(logits: torch.Tensor, indices: torch.Tensor, kind: str) -> torch.Tensor | None:
-    """Gates [T, K] of the selected experts: sigmoid of their logits, their softmax probability over all
-    experts (``softmax``) or over the K selected logits (``softmax_topk``), or none."""
-    if kind == "sigmoid":
-        return torch.sigmoid(logits.gather(-1, indices))
-    if kind == "softmax":
-        return torch.softmax(logits, dim=-1).gather(-1, indices)
-    if kind == "softmax_topk":
-        return torch.softmax(logits.gather(-1, indices), dim=-1)
-    return None
-
-
 class SwitchRouter(LinearRouter):
     """Switch: softmax gate, top-K (1 in the paper), balance loss α·N·Σ f_i P_i, optional capacity.
 
     ``model.init=paper`` gives it the σ-MoE paper's Switch baseline init: every std of the scaled rule times
     √init_scale (0.1 there), values with per-expert fan-in G, and a selector without row renormalisation.
     """
-
-    def __init__(self, d_model: int, n_experts: int, k: int, opts):
-        super().__init__(d_model, n_experts, k)
-        self.opts = opts
 
     @torch.no_grad()
     def paper_init_(self, bank: ExpertBank, scale: float) -> None:
@@ -216,10 +230,6 @@ class SBaseRouter(LinearRouter):
     still be picked (fewer than K left): github RobertCsordas/moe, layers/moe_layer.py lines 657-677 at
     6b175aa ("sinkmoid": dropped scores set to −inf, the gates re-read from the raw scores after top-K)."""
 
-    def __init__(self, d_model: int, n_experts: int, k: int, opts):
-        super().__init__(d_model, n_experts, k)
-        self.opts = opts
-
     def forward(self, x, token_ids=None, bank=None) -> Routing:
         logits = self.logits(x)
         if self.training:
@@ -249,9 +259,9 @@ class BaseRouter(LinearRouter):
     ``sffn_lab.layers.balanced_assignment``: every expert gets T·K/N_E tokens), greedy top-K at eval; gates
     σ(x·c_e) of the selector rows c_e (fairseq's expert centroids: orthogonal, gain 0.1, in the fairseq form)."""
 
-    def __init__(self, d_model: int, n_experts: int, k: int, opts):
-        super().__init__(d_model, n_experts, k)
-        if opts.form == "fairseq":
+    def __init__(self, cfg: FFNConfig, d_model: int, n_layers: int, vocab_size: int):
+        super().__init__(cfg, d_model, n_layers, vocab_size)
+        if self.opts.form == "fairseq":
             nn.init.orthogonal_(self.selector, gain=0.1)
 
     def forward(self, x, token_ids=None, bank=None) -> Routing:
@@ -269,10 +279,10 @@ class HashRouter(Router):
     token id of the vocabulary (a table [vocab_size, K]: no folding of ids into fewer buckets); no gate, no
     loss."""
 
-    def __init__(self, n_experts: int, k: int, seed: int, vocab_size: int):
-        super().__init__()
-        generator = torch.Generator().manual_seed(seed)
-        table = torch.rand(vocab_size, n_experts, generator=generator).argsort(dim=1)[:, :k]
+    def __init__(self, cfg: FFNConfig, d_model: int, n_layers: int, vocab_size: int):
+        super().__init__(cfg, d_model, n_layers, vocab_size)
+        generator = torch.Generator().manual_seed(self.opts.seed)
+        table = torch.rand(vocab_size, cfg.n_experts, generator=generator).argsort(dim=1)[:, :self.k]
         self.register_buffer("table", table)
 
     def forward(self, x, token_ids=None, bank=None) -> Routing:
@@ -284,28 +294,7 @@ class HashRouter(Router):
 class AvgKRouter(Router):
     """Avg-K: block score = x · mean of the block's key vectors; top-K blocks; no balancing loss."""
 
-    def __init__(self, k: int, opts):
-        super().__init__()
-        self.k, self.opts = k, opts
-
     def forward(self, x, token_ids=None, bank: ExpertBank | None = None) -> Routing:
         scores = fp32_scores(x, bank.block_means())
         indices = scores.topk(self.k, dim=-1).indices
         return Routing(indices, gate_values(scores, indices, self.opts.gate))
-
-
-def build_router(cfg: FFNConfig, d_model: int, n_layers: int, vocab_size: int) -> Router:
-    E, K = cfg.n_experts, cfg.top_k
-    if cfg.kind == "sigma_moe":
-        return SigmaMoERouter(d_model, E, K, cfg.sigma_moe, n_layers)
-    if cfg.kind == "switch":
-        return SwitchRouter(d_model, E, K, cfg.switch)
-    if cfg.kind == "sbase":
-        return SBaseRouter(d_model, E, K, cfg.sbase)
-    if cfg.kind == "base":
-        return BaseRouter(d_model, E, K, cfg.base)
-    if cfg.kind == "hash":
-        return HashRouter(E, K, cfg.hash.seed, vocab_size)
-    if cfg.kind == "avgk":
-        return AvgKRouter(K, cfg.avgk)
-    raise ValueError(f"no router for FFN kind {cfg.kind!r}")

@@ -1,6 +1,6 @@
 """sMLP (Yu et al. 2022): an attention-free language model of gMLP blocks and sparse all-MLP blocks.
 
-    embeddings → N1 × gMLP block → N2 × sparse block → LN → tied output projection
+    embeddings → N1 × gMLP block → N2 × sparse block → LN → output projection (tied: model.tie_embeddings)
 
 gMLP block (dense): x + W_out( u ⊙ SGU(v) ),  [u, v] = GELU(W_in LN(x)), SGU(v) = W_s LN(v) + b with
 W_s [L, L] lower-triangular, so position t mixes positions ≤ t only. ``model.smlp.mixing`` picks how W_s
@@ -158,7 +158,8 @@ class SparseAllMLP(nn.Module):
         )
         self.ln_out = nn.LayerNorm(cfg.d_model)
         self.head = nn.Linear(cfg.d_model, vocab_size, bias=False)
-        self.head.weight = self.embed.weight
+        if cfg.tie_embeddings:
+            self.head.weight = self.embed.weight
 
     def forward(self, tokens: torch.Tensor) -> LMOutput:
         S = tokens.shape[1]
