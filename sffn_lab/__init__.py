@@ -2,4 +2,4 @@
 
 __version__ = "0.1.0"
 
-from sffn_lab import variants  # noqa: E402,F401  registers the built-in FFN variants before any config is read
+from sffn_lab import variants  # noqa: F401  registers the built-in FFN variants before any config is read

@@ -11,9 +11,10 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import yaml
 
@@ -323,7 +324,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             data["plugins"] = value
     load_plugins(data.get("plugins") or "")
     valid = all_keys()
-    for text, (path, value) in zip(overrides, parsed):
+    for path, value in parsed:
         dotted = ".".join(path)
         if dotted not in valid:
             raise UserError(f"Unknown config key '{dotted}'.{_suggest(dotted, valid)}")

@@ -137,3 +137,13 @@ def test_temperature_zero_is_greedy_whatever_the_seed(run_dir, capsys):
 def test_top_k_one_is_greedy(run_dir, capsys):
     greedy = run_cli(["sample", run_dir, "--temperature", "0", "--tokens", "12"], capsys)[1]
     assert run_cli(["sample", run_dir, "--top-k", "1", "--seed", "5", "--tokens", "12"], capsys)[1] == greedy
+
+
+@pytest.mark.parametrize("temperature", ["4.9e-171", "1e-300"])
+def test_a_vanishing_temperature_samples_greedily(run_dir, capsys, temperature):
+    """Found by the property test: logits / 4.9e-171 overflowed to inf − inf. The logits are shifted first, so a
+    temperature that small picks the largest logit, as greedy decoding does."""
+    greedy = run_cli(["sample", run_dir, "--temperature", "0", "--tokens", "12"], capsys)[1]
+    code, out, err = run_cli(["sample", run_dir, "--temperature", temperature, "--seed", "3", "--tokens", "12"],
+                             capsys)
+    assert code == 0 and out == greedy, err

@@ -13,11 +13,11 @@ from sffn_lab.errors import UserError
 from sffn_lab.kernels import RoutingPlan
 from sffn_lab.layers.expert_bank import ExpertBank
 from sffn_lab.layers.factory import build_ffn
+from sffn_lab.layers.routers import sinkhorn
 from sffn_lab.models import build_model
 from sffn_lab.variants import kinds
 from sffn_lab.variants.avgk import AvgKOptions
 from sffn_lab.variants.pkm import PKMOptions
-from sffn_lab.layers.routers import sinkhorn
 from sffn_lab.variants.sbase import SBaseOptions
 from sffn_lab.variants.sigma_moe import SigmaMoEOptions
 from sffn_lab.variants.switch import SwitchOptions

@@ -12,6 +12,7 @@ import dataclasses
 from sffn_lab.config import FFNConfig
 from sffn_lab.variants import Cost, kinds, variant
 
+
 def count_ffn(cfg: FFNConfig, d_model: int) -> Cost:
     """Total and active parameters and forward FLOPs/token of one FFN layer built from ``cfg``."""
     return variant(cfg.kind).cost(cfg, d_model)

@@ -53,7 +53,9 @@ def generate(
         if temperature <= 0:
             next_token = logits.argmax(dim=-1, keepdim=True)
         else:
-            logits = logits / temperature
+            # in float64 (any positive Python float is nonzero there) and shifted so the largest is 0: a tiny
+            # temperature sends the others to −inf and the largest stays 0, never inf − inf or 0 / 0
+            logits = (logits - logits.amax(dim=-1, keepdim=True)).double() / temperature
             if top_k is not None and top_k < logits.shape[-1]:
                 kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
                 logits = logits.masked_fill(logits < kth, float("-inf"))

@@ -25,6 +25,7 @@ from sffn_lab.variants.bank import RouterVariant
 from sffn_lab.variants.cost import Cost
 from sffn_lab.variants.layer import Layer
 from sffn_lab.variants.registry import Variant, bank_kinds, kinds, register, variant
+
 from sffn_lab.variants import dense, topk, sigma_moe, switch, sbase, base, hash, avgk, pkm  # noqa: F401  isort: skip
 
 _ROUTER_NAMES = ("LinearRouter", "Router", "Routing")

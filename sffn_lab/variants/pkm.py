@@ -91,7 +91,8 @@ class PKM(Layer):
     def compute_equal(cls, cfg: FFNConfig, dense: FFNConfig, d_model: int, options: dict) -> FFNConfig:
         """The number of heads that matches the dense FFN's FLOPs/token."""
         target = variant(dense.kind).cost(dense, d_model).flops_per_token
-        one_head = cls.cost(dataclasses.replace(cfg, pkm=dataclasses.replace(cfg.pkm, heads=1)), d_model).flops_per_token
+        single = dataclasses.replace(cfg, pkm=dataclasses.replace(cfg.pkm, heads=1))
+        one_head = cls.cost(single, d_model).flops_per_token
         return dataclasses.replace(cfg, pkm=dataclasses.replace(cfg.pkm, heads=max(1, round(target / one_head))))
 
 

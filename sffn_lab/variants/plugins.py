@@ -83,6 +83,7 @@ def _import(what: str, run) -> None:
     except UserError:
         raise
     except ModuleNotFoundError as exc:
-        raise UserError(f"Plugin '{what}' cannot be imported: {exc}. Give a file path or an importable module.") from None
+        raise UserError(f"Plugin '{what}' cannot be imported: {exc}. Give a file path or an importable "
+                        "module.") from None
     except Exception as exc:  # the plugin's own code failed: say which plugin and why
         raise UserError(f"Plugin '{what}' failed to load: {type(exc).__name__}: {exc}") from None

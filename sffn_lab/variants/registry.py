@@ -17,7 +17,8 @@ the base; whole layers derive from ``Layer`` (``sffn_lab.variants.layer``).
 
 from __future__ import annotations
 
-from typing import Any, Callable, ClassVar
+from collections.abc import Callable
+from typing import Any, ClassVar
 
 from sffn_lab.config import VARIANTS, FFNConfig, ModelConfig, choice
 from sffn_lab.errors import UserError, did_you_mean
