@@ -4,7 +4,8 @@ Every router maps x [T, D] (plus token ids [B, S] or [T] and the expert bank, fo
 to a ``Routing``. The built-in routers are registered as variants by their declarations under
 ``sffn_lab/variants/`` (options, checks, accounting, without importing torch); a plugin's router is
 registered itself (``Router`` carries the expert-bank variant's defaults). Batch statistics in auxiliary
-losses (σ-MoE's entropy, Switch's balance) are taken over the global batch: ``global_mean`` averages them across DDP ranks.
+losses (σ-MoE's entropy, Switch's balance) are taken over the global batch: ``global_mean`` averages them
+across DDP ranks.
 """
 
 from __future__ import annotations
