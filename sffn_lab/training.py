@@ -13,6 +13,8 @@ import os
 import shlex
 import sys
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -119,6 +121,19 @@ def corpus_info(data: LMDataModule) -> CorpusInfo:
 PRECISION_ALIASES = {"32": "32-true", "16": "16-mixed", "bf16": "bf16-mixed", "64": "64-true"}  # Lightning's
 
 
+@contextmanager
+def lightning_refusals_as_user_errors(t) -> Iterator[None]:
+    """A Trainer that Lightning refuses to build (accelerator, devices, strategy, precision) is the user's
+    setting to fix: said in one line, for training and evaluation alike."""
+    try:
+        yield
+    except (ValueError, ImportError, MisconfigurationException) as exc:
+        raise UserError(
+            f"Lightning cannot run with train.accelerator={t.accelerator}, train.devices={t.devices}, "
+            f"train.strategy={t.strategy}, train.precision={t.precision}: {exc}"
+        ) from None
+
+
 def build_trainer(
     config: Config, run_dir: Path, progress: bool, resume_step: int | None = None, rank_zero: bool = True
 ) -> L.Trainer:
@@ -139,13 +154,8 @@ def build_trainer(
     elif progress:  # a batch job's log file: plain lines
         callbacks.append(PlainProgress(t.log_every))
     loggers = build_loggers(parse_loggers(t.loggers), run_dir, config.name, resume_step, rank_zero)
-    try:
+    with lightning_refusals_as_user_errors(t):
         trainer = _lightning_trainer(t, loggers, callbacks, bar, run_dir)
-    except (ValueError, ImportError, MisconfigurationException) as exc:
-        raise UserError(
-            f"Lightning cannot train with train.accelerator={t.accelerator}, train.devices={t.devices}, "
-            f"train.strategy={t.strategy}, train.precision={t.precision}: {exc}"
-        ) from None
     if PRECISION_ALIASES.get(t.precision, t.precision) != trainer.precision:
         raise UserError(
             f"train.precision={t.precision} is not available on {type(trainer.accelerator).__name__}: Lightning "
@@ -324,14 +334,15 @@ def evaluate(ckpt: Path, split: str, config_overrides: list[str] | None = None, 
             f"The corpus '{config.data.corpus}' has {data.vocab_size} tokens but the checkpoint's model "
             f"expects {module.corpus.vocab_size}: it was trained on a different corpus."
         )
-    trainer = L.Trainer(
-        accelerator=config.train.accelerator,
-        devices=1,
-        precision=config.train.precision,  # scored as validation scored it during training
-        logger=False,
-        enable_progress_bar=progress,
-        enable_model_summary=False,
-    )
+    with lightning_refusals_as_user_errors(config.train):
+        trainer = L.Trainer(
+            accelerator=config.train.accelerator,
+            devices=1,
+            precision=config.train.precision,  # scored as validation scored it during training
+            logger=False,
+            enable_progress_bar=progress,
+            enable_model_summary=False,
+        )
     loader = data.test_dataloader() if split == "test" else data.val_dataloader()
     results = trainer.test(module, dataloaders=loader, verbose=False)[0]
     out = {k.split("/", 1)[1]: float(v) for k, v in results.items() if k.startswith("test/")}

@@ -130,7 +130,9 @@ def test_fairseq_form_equals_fairseq_base_layer(n_experts, training):
                              (bank.keys.grad[e].t(), sub.ff1.weight.grad), (bank.key_bias.grad[e], sub.ff1.bias.grad),
                              (bank.values.grad[e].t(), sub.ff2.weight.grad),
                              (bank.value_bias.grad[e], sub.ff2.bias.grad)]:
-            torch.testing.assert_close(ours, theirs, atol=ATOL, rtol=0)
+            # an expert no token reached: fairseq never runs its sublayer (grad None), the bank's slice is zero
+            torch.testing.assert_close(ours, theirs if theirs is not None else torch.zeros_like(ours), atol=ATOL,
+                                       rtol=0)
 
 
 def test_fairseq_form_with_k_experts_sums_their_updates():

@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 
 from sffn_lab.bench.accuracy import TOLERANCE, compare_with_float64, relative_error
+from sffn_lab.bench.kernel_resources import config_name
 from sffn_lab.kernels import RoutingPlan, expert_down, expert_up, triton_available
 from sffn_lab.kernels.precision import fp32_matmul_precision
 from sffn_lab.markdown import markdown_table
@@ -148,15 +149,10 @@ def pinned_configs(gather_index: int = 0, grad_index: int = 0) -> Iterator[str]:
     try:
         for kernel, config in zip(kernels, chosen, strict=True):
             kernel.configs = [config]
-        yield " / ".join(_config_name(c) for c in chosen)
+        yield " / ".join(config_name(c.kwargs, c.num_warps) for c in chosen)
     finally:
         for kernel, configs in zip(kernels, saved, strict=True):
             kernel.configs = configs
-
-
-def _config_name(config) -> str:
-    sizes = " ".join(f"{k.removeprefix('BLOCK_')}{v}" for k, v in config.kwargs.items() if k.startswith("BLOCK_"))
-    return f"{sizes} w{config.num_warps}"
 
 
 @contextmanager

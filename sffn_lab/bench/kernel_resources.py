@@ -208,8 +208,13 @@ def _config_variants(launch: Launch) -> Iterator[tuple[str, dict]]:
             warps, stages = config.num_warps, config.num_stages
         named = {**dict(zip(jit.arg_names, launch.args, strict=False)), **kwargs}
         kwargs.update({name: rule(named) for name, rule in heuristics.items()})
-        sizes = " ".join(f"{k.removeprefix('BLOCK_')}{v}" for k, v in kwargs.items() if k.startswith("BLOCK"))
-        yield f"{sizes} w{warps} s{stages}", {**kwargs, "num_warps": warps, "num_stages": stages}
+        yield config_name(kwargs, warps, stages), {**kwargs, "num_warps": warps, "num_stages": stages}
+
+
+def config_name(kwargs: dict, warps: int, stages: int | None = None) -> str:
+    """'M64 N64 K32 w4 s3': a config's block sizes (its BLOCK_* keyword arguments), warps and stages."""
+    sizes = " ".join(f"{k.removeprefix('BLOCK_')}{v}" for k, v in kwargs.items() if k.startswith("BLOCK"))
+    return f"{sizes} w{warps}" + ("" if stages is None else f" s{stages}")
 
 
 def compile_for_hopper(jit, args: tuple, kwargs: dict):

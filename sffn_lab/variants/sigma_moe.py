@@ -23,16 +23,8 @@ class SigmaMoEOptions:
 
 @register("sigma_moe")
 class SigmaMoE(RouterVariant):
-    """σ-MoE: top-K of W_sel x, sigmoid gates (not renormalised), entropy regulariser, expert dropout.
-
-    Expert dropout (δ, training only) removes each (token, expert) pair from the selection with probability
-    δ; when fewer than K experts of a token survive, the top-K still picks dropped ones, and those get a
-    gate of 0 (the paper's rule), so a dropped expert never contributes.
-
-    Init (always the paper's scaled rule, s = √(2 / n_layers)): keys N(0, s²/D), selector N(0, s²/D) with
-    rows of equal norm, values N(0, s²/(N_E·G)); ``init=standard`` (the paper's "standard init" ablation)
-    gives the values fan-in G instead, each expert initialised as its own small FFN.
-    """
+    """σ-MoE: top-K of W_sel x, sigmoid gates (not renormalised), entropy regulariser, expert dropout; the rule,
+    expert dropout and init are stated once, on its router (``layers.routers.SigmaMoERouter``)."""
 
     Options = SigmaMoEOptions
     gates = ("sigmoid", "softmax", "softmax_topk", "none")
