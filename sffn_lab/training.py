@@ -13,7 +13,7 @@ import os
 import shlex
 import sys
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -135,7 +135,8 @@ def lightning_refusals_as_user_errors(t) -> Iterator[None]:
 
 
 def build_trainer(
-    config: Config, run_dir: Path, progress: bool, resume_step: int | None = None, rank_zero: bool = True
+    config: Config, run_dir: Path, progress: bool, resume_step: int | None = None, rank_zero: bool = True,
+    extra_callbacks: Sequence[L.Callback] = (),
 ) -> L.Trainer:
     t = config.train
     checkpoints = run_dir / "checkpoints"
@@ -148,6 +149,7 @@ def build_trainer(
     )
     callbacks: list[L.Callback] = [best, last, ValidateAtLastStep(), CheckpointOnInterrupt(checkpoints / LAST_CKPT)]
     callbacks += [UsageHeatmap(run_dir / "expert_usage.png"), FlushLogsBeforeCheckpoint(), StatusFile(run_dir)]
+    callbacks += extra_callbacks
     bar = progress and sys.stdout.isatty()
     if bar:
         callbacks.append(StepProgressBar(leave=True))
@@ -202,9 +204,11 @@ def prepare(config: Config) -> tuple[LMDataModule, LanguageModelModule]:
 
 
 def train(
-    config: Config, progress: bool = True, resume_dir: Path | None = None, run_dir: Path | None = None
+    config: Config, progress: bool = True, resume_dir: Path | None = None, run_dir: Path | None = None,
+    extra_callbacks: Sequence[L.Callback] = (),
 ) -> RunSummary:
-    """Train ``config`` in a new run directory (``run_dir`` or a timestamped one), or continue ``resume_dir``.
+    """Train ``config`` in a new run directory (``run_dir`` or a timestamped one), or continue ``resume_dir``;
+    ``extra_callbacks`` join the trainer's own (the GPU check's sync counter, say).
 
     Under multi-process strategies every rank runs this function; rank 0 creates the run
     directory and the other ranks find it in the environment they inherit.
@@ -237,7 +241,7 @@ def train(
         print(f"run directory: {run_dir}  (follow it: tensorboard --logdir {run_dir})", flush=True)
     trainer = None
     try:
-        trainer = build_trainer(config, run_dir, progress and rank_zero, resume_step, rank_zero)
+        trainer = build_trainer(config, run_dir, progress and rank_zero, resume_step, rank_zero, extra_callbacks)
         trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)  # read through SafeCheckpointIO, weights only
     except TrainingInterrupted:
         if rank_zero:

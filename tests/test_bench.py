@@ -123,9 +123,11 @@ def test_gpu_check_passes_at_quick_sizes_on_this_machine(device, tmp_path):
     lines = []
     assert run_gpu_check(say, device=device.type, quick=True, speed=False, out=tmp_path), "\n".join(lines)
     saved = json.loads((tmp_path / "gpu_check.json").read_text())
-    assert [p["name"] for p in saved["parts"]] == ["configs", "precisions", "edges", "training", "host syncs"]
+    assert [p["name"] for p in saved["parts"]] == ["configs", "precisions", "edges", "training", "host syncs",
+                                                      "trainer"]
     n_backends = 2  # triton and torch
     expected = 2 + n_backends * len(gpu_check.PRECISIONS) + (n_backends + 1) + n_backends + 2 * len(kinds())
+    expected += len(gpu_check.TRAINER_QUICK_RUNS)
     assert len(saved["results"]) == expected and all(r["passed"] for r in saved["results"])
     assert written == sorted(written) and written[-1] == expected  # the file grew with the results
     assert [line for line in lines if line.startswith("PASS  part")] == [f"PASS  part {p['name']}"
@@ -162,14 +164,15 @@ def test_gpu_check_dry_run_prints_the_plan_without_a_gpu(capsys):
     code, out, _ = run_cli(["bench", "--gpu-check", "--dry-run"], capsys)
     assert code == 0
     names = [line.split(":")[0] for line in out.splitlines()]
-    assert names == ["configs", "precisions", "edges", "large", "training", "host syncs", "speed", "total"]
+    assert names == ["configs", "precisions", "edges", "large", "training", "host syncs", "trainer", "speed",
+                     "total"]
     parts = gpu_check.plan("cuda")
     gather, grad = gpu_check.gpu_configs()
     assert parts[0].compiles == 2 * (4 * len(gather) + 2 * len(grad) + 1)
-    assert parts[-1].timings > 0 and all(p.timings == 0 for p in parts[:-1])
+    assert all(p.timings > 0 for p in parts[-2:]) and all(p.timings == 0 for p in parts[:-2])  # trainer, speed
     assert sum(p.estimate_s() for p in parts) <= gpu_check.BUDGET_S
     full = gpu_check.plan("cuda", full=True)
-    assert full[-1].timings == 2 * parts[-1].timings
+    assert full[-1].timings == 2 * parts[-1].timings and full[-2].timings == parts[-2].timings
 
 
 @pytest.mark.skipif(not triton_available(), reason="no triton")
