@@ -164,15 +164,15 @@ def test_gpu_check_dry_run_prints_the_plan_without_a_gpu(capsys):
     code, out, _ = run_cli(["bench", "--gpu-check", "--dry-run"], capsys)
     assert code == 0
     names = [line.split(":")[0] for line in out.splitlines()]
-    assert names == ["configs", "precisions", "edges", "large", "training", "host syncs", "trainer", "speed",
+    assert names == ["configs", "precisions", "edges", "large", "training", "host syncs", "speed", "trainer",
                      "total"]
     parts = gpu_check.plan("cuda")
     gather, grad = gpu_check.gpu_configs()
     assert parts[0].compiles == 2 * (4 * len(gather) + 2 * len(grad) + 1)
-    assert all(p.timings > 0 for p in parts[-2:]) and all(p.timings == 0 for p in parts[:-2])  # trainer, speed
+    assert all(p.timings > 0 for p in parts[-2:]) and all(p.timings == 0 for p in parts[:-2])  # speed, trainer
     assert sum(p.estimate_s() for p in parts) <= gpu_check.BUDGET_S
     full = gpu_check.plan("cuda", full=True)
-    assert full[-1].timings == 2 * parts[-1].timings and full[-2].timings == parts[-2].timings
+    assert full[-2].timings == 2 * parts[-2].timings and full[-1].timings == parts[-1].timings
 
 
 @pytest.mark.skipif(not triton_available(), reason="no triton")
