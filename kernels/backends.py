@@ -15,7 +15,8 @@ from __future__ import annotations
 import functools
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -73,6 +74,20 @@ def triton_available() -> bool:
 @functools.cache
 def _say_once(message: str) -> None:
     log.warning(message)
+
+
+@contextmanager
+def forced_backend(backend: str) -> Iterator[None]:
+    """Inside the block, ``auto`` means ``backend`` (``SFFN_KERNEL`` set, and put back after)."""
+    before = os.environ.get("SFFN_KERNEL")
+    os.environ["SFFN_KERNEL"] = backend
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("SFFN_KERNEL")
+        else:
+            os.environ["SFFN_KERNEL"] = before
 
 
 def pick_backend(x: torch.Tensor, backend: str | None) -> str:

@@ -51,6 +51,85 @@ def test_active_params_by_hand():
     assert pkm.active_params == D * 2 * 8 + 2 * 10 * 8 + 2 * 4 * D  # query, sub-keys, read values
 
 
+def closed_form(cfg: FFNConfig, D: int) -> tuple[int, int, int]:
+    """(total, active, FLOPs/token) of a built-in layer, written out by hand: the oracle of the measured costs."""
+    E, G, K, d_ff = cfg.n_experts, cfg.expert_size, cfg.top_k, cfg.d_ff
+    if cfg.kind == "dense":
+        params = 2 * D * d_ff + d_ff + D
+        return params, params, 4 * D * d_ff
+    if cfg.kind == "topk":  # every key computed, K value columns read
+        return 2 * D * d_ff + d_ff + D, D * d_ff + d_ff + K * D + D, 2 * D * d_ff + 2 * K * D
+    if cfg.kind == "pkm":
+        p = cfg.pkm
+        key_dim = D if p.query == "input" else p.key_dim
+        query = 0 if p.query == "input" else D * p.heads * key_dim
+        sub_keys, values = p.heads * p.n_keys * key_dim, p.n_keys**2 * D
+        total = query + sub_keys + values
+        if p.knn == 0:
+            return total, total, 2 * query + 2 * sub_keys + p.heads * p.n_keys**2 + 2 * values
+        return (total, query + sub_keys + p.heads * p.knn * D,
+                2 * query + 2 * sub_keys + p.heads * p.knn**2 + 2 * p.heads * p.knn * D)
+    selector = cfg.kind in ("sigma_moe", "switch", "sbase", "base")  # a learned W_sel [N_E, D]
+    scores = selector or cfg.kind == "avgk"  # N_E scores per token (Avg-K: against the blocks' mean keys)
+    block = 2 * G * D + (G + 3 * D if cfg.kind == "base" and cfg.base.form == "fairseq" else 0)
+    router = E * D if selector else 0
+    return E * block + router, K * block + router, 4 * K * G * D + (2 * E * D if scores else 0)
+
+
+SHAPES = {
+    "default": BASE,
+    "knn 0": dataclasses.replace(BASE, pkm=PKMOptions(heads=2, n_keys=6, knn=0, key_dim=8)),
+    "query=input": dataclasses.replace(BASE, pkm=PKMOptions(heads=1, n_keys=8, knn=3, query="input")),
+    "fairseq form": dataclasses.replace(BASE, base=BaseOptions(form="fairseq")),
+    "K = N_E": dataclasses.replace(BASE, top_k=6, d_ff=96),
+}
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("kind", FFN_KINDS)
+def test_costs_measured_from_the_built_layer_equal_the_closed_forms(kind, shape):
+    """Counted parameters and FlopCounterMode's FLOPs of one forward, with what each variant declares (its
+    inactive parameters, the FLOPs the counter cannot see), equal the hand-written counts."""
+    cfg = dataclasses.replace(SHAPES[shape], kind=kind)
+    cost = count_ffn(cfg, D)
+    assert (cost.total_params, cost.active_params, cost.flops_per_token) == closed_form(cfg, D)
+
+
+def test_a_plugin_router_with_a_routing_product_of_its_own_is_counted_without_a_formula():
+    """A router with a two-layer scoring MLP (D → 2D → N_E): its parameters and both products are counted, and
+    compute_equal sizes G for them, with nothing written about its cost."""
+    import torch.nn as nn
+
+    from sffn_lab.variants import LinearRouter, Routing, register
+    from sffn_lab.variants.registry import VARIANTS
+
+    class MLPRouter(LinearRouter):
+        def __init__(self, cfg, d_model, n_layers, vocab_size):
+            super().__init__(cfg, d_model, n_layers, vocab_size)
+            self.hidden = nn.Linear(d_model, 2 * d_model, bias=False)
+
+        def forward(self, x, token_ids=None, bank=None) -> Routing:
+            scores = torch.nn.functional.linear(self.hidden(x)[..., : x.shape[-1]], self.selector)
+            gates, indices = scores.softmax(-1).topk(self.k, dim=-1)
+            return Routing(indices, gates)
+
+    register("mlp_router_test")(MLPRouter)
+    try:
+        cfg = dataclasses.replace(BASE, kind="mlp_router_test")
+        E, G, K = 6, 32, 2
+        cost = count_ffn(cfg, D)
+        assert cost.total_params == E * 2 * G * D + E * D + 2 * D * D
+        assert cost.active_params == K * 2 * G * D + E * D + 2 * D * D
+        assert cost.flops_per_token == 4 * K * G * D + 2 * E * D + 2 * D * 2 * D
+        dense = FFNConfig(kind="dense", d_ff=1024)
+        sized = compute_equal(dense, "mlp_router_test", 256, n_experts=16, top_k=2)
+        target = count_ffn(dense, 256).flops_per_token
+        assert abs(count_ffn(sized, 256).flops_per_token - target) <= 4 * 2 * 256  # one cell of G
+        assert sized.expert_size == round((target - 2 * 16 * 256 - 2 * 256 * 512) / (4 * 2 * 256))
+    finally:
+        VARIANTS.pop("mlp_router_test")
+
+
 @pytest.mark.parametrize("kind", FFN_KINDS)
 def test_param_equal_matches_the_dense_total_within_one_percent(kind):
     dense = FFNConfig(kind="dense", d_ff=1024)

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -45,6 +44,7 @@ import torch
 from sffn_lab.bench.accuracy import TOLERANCE, compare_with_float64, relative_error
 from sffn_lab.bench.kernel_resources import config_name
 from sffn_lab.kernels import RoutingPlan, expert_down, expert_up, triton_available
+from sffn_lab.kernels.backends import forced_backend
 from sffn_lab.kernels.precision import fp32_matmul_precision
 from sffn_lab.markdown import markdown_table
 
@@ -172,19 +172,6 @@ def whole_spans() -> Iterator[None]:
         yield
     finally:
         triton_ops.rows_per_span = saved
-
-
-@contextmanager
-def kernel_backend(backend: str) -> Iterator[None]:
-    before = os.environ.get("SFFN_KERNEL")
-    os.environ["SFFN_KERNEL"] = backend
-    try:
-        yield
-    finally:
-        if before is None:
-            os.environ.pop("SFFN_KERNEL")
-        else:
-            os.environ["SFFN_KERNEL"] = before
 
 
 # ---------------------------------------------------------------------------------------------- 1. configs
@@ -343,7 +330,7 @@ def bf16_training_losses(model_config, device, steps: int, backend: str, seq_len
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     generator = torch.Generator().manual_seed(1)
     losses = []
-    with kernel_backend(backend):
+    with forced_backend(backend):
         for _ in range(steps):
             tokens = torch.randint(0, vocab, (batch, seq_len + 1), generator=generator).to(device)
             losses.append(float(plain_training_step(model, optimizer, tokens, torch.bfloat16)))
@@ -378,7 +365,7 @@ def host_sync_checks(device, quick: bool) -> Iterator[CheckResult]:
             yield CheckResult("host syncs", name, True, f"not checked: {SYNCING_KINDS[kind]}")
             continue
         step = layer_step(kind, device, quick)
-        with kernel_backend("triton"), pinned_configs():
+        with forced_backend("triton"), pinned_configs():
             step()
             step()
             try:

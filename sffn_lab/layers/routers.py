@@ -101,8 +101,6 @@ class Router(nn.Module, RouterVariant):
 class LinearRouter(Router):
     """Base of the routers that score experts with a learned selection matrix W_sel [N_E, D]."""
 
-    selector_params = scores_experts = True
-
     def __init__(self, cfg: FFNConfig, d_model: int, n_layers: int, vocab_size: int):
         super().__init__(cfg, d_model, n_layers, vocab_size)
         self.selector = nn.Parameter(torch.empty(cfg.n_experts, d_model))

@@ -21,7 +21,6 @@ class AvgK(RouterVariant):
 
     Options = AvgKOptions
     gates = ("none", "softmax", "sigmoid")
-    scores_experts = True  # against the blocks' mean keys: N_E·D multiply-adds, no parameters
 
     @classmethod
     def router_class(cls) -> type:

@@ -12,7 +12,6 @@ from typing import Any, ClassVar
 
 from sffn_lab.config import FFNConfig, ModelConfig
 from sffn_lab.errors import UserError
-from sffn_lab.variants.cost import Cost
 from sffn_lab.variants.registry import Variant, variant
 
 
@@ -21,8 +20,6 @@ class RouterVariant(Variant):
     ``top_k`` of them per token (``build``: ``MoEFFN``, which makes both)."""
 
     uses_bank = True
-    selector_params: ClassVar[bool] = False  # a learned selection matrix W_sel [N_E, D]
-    scores_experts: ClassVar[bool] = False  # scores every expert per token: N_E·D multiply-adds
     table_top_k: ClassVar[int | None] = None  # the K its paper routes with, for ``sffn variants`` (None: any)
 
     @classmethod
@@ -56,16 +53,11 @@ class RouterVariant(Variant):
         return MoEFFN(cfg, d_model, n_layers, vocab_size)
 
     @classmethod
-    def block_params(cls, cfg: FFNConfig, d_model: int) -> int:
-        """Parameters of one expert block: its G keys and G values (FLOPs count these products only)."""
-        return 2 * cfg.expert_size * d_model
-
-    @classmethod
-    def cost(cls, cfg: FFNConfig, d_model: int) -> Cost:
-        E, G, K, D = cfg.n_experts, cfg.expert_size, cfg.top_k, d_model
-        router = E * D if cls.selector_params else 0
-        block = cls.block_params(cfg, D)
-        return Cost(E * block + router, K * block + router, 4 * K * G * D + (2 * E * D if cls.scores_experts else 0))
+    def inactive_params(cls, cfg: FFNConfig, d_model: int, layer: Any) -> int:
+        """The N_E − K experts a token is not routed to: that share of the expert bank's parameters (each has
+        the N_E experts as its leading dimension)."""
+        bank = sum(p.numel() for p in layer.bank.parameters())
+        return bank * (cfg.n_experts - cfg.top_k) // cfg.n_experts
 
     @classmethod
     def sizes(cls, cfg: FFNConfig) -> str:
@@ -90,9 +82,9 @@ class RouterVariant(Variant):
     def compute_equal(cls, cfg: FFNConfig, dense: FFNConfig, d_model: int, options: dict) -> FFNConfig:
         """N_E and K fixed, G solved for the dense FFN's FLOPs/token."""
         target = variant(dense.kind).cost(dense, d_model).flops_per_token
-        per_cell = cls.cost(dataclasses.replace(cfg, expert_size=1), d_model).flops_per_token
-        router = cls.cost(dataclasses.replace(cfg, expert_size=0), d_model).flops_per_token
-        return dataclasses.replace(cfg, expert_size=max(1, round((target - router) / (per_cell - router))))
+        one, two = (cls.cost(dataclasses.replace(cfg, expert_size=g), d_model).flops_per_token for g in (1, 2))
+        per_cell = two - one  # FLOPs are linear in G: the experts' products, plus routing that does not depend on G
+        return dataclasses.replace(cfg, expert_size=max(1, round((target - (one - per_cell)) / per_cell)))
 
 
 def _exact_div(d_ff: int, size: int, name: str) -> int:

@@ -27,7 +27,6 @@ class Base(RouterVariant):
     σ(x·c_e) of the selector rows c_e (fairseq's expert centroids: orthogonal, gain 0.1, in the fairseq form)."""
 
     Options = BaseOptions
-    selector_params = scores_experts = True
 
     @classmethod
     def router_class(cls) -> type:
@@ -50,10 +49,3 @@ class Base(RouterVariant):
 
             return FairseqBaseExperts(d_model, cfg.n_experts, cfg.expert_size, cfg.activation, cfg.dropout)
         return super().make_bank(cfg, d_model)
-
-    @classmethod
-    def block_params(cls, cfg: FFNConfig, d_model: int) -> int:
-        """The fairseq form's experts also have a LayerNorm (2D) and two biases (G + D); FLOPs count the
-        products only, as the dense FFN's do."""
-        extra = cfg.expert_size + 3 * d_model if cfg.base.form == "fairseq" else 0
-        return super().block_params(cfg, d_model) + extra

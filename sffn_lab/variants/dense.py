@@ -6,7 +6,6 @@ from __future__ import annotations
 from typing import Any
 
 from sffn_lab.config import FFNConfig
-from sffn_lab.variants.cost import Cost
 from sffn_lab.variants.layer import Layer
 from sffn_lab.variants.registry import register
 
@@ -18,8 +17,3 @@ class Dense(Layer):
         from sffn_lab.layers.dense import DenseFFN
 
         return DenseFFN(d_model, cfg.d_ff, cfg.activation, cfg.dropout)
-
-    @classmethod
-    def cost(cls, cfg: FFNConfig, d_model: int) -> Cost:
-        params = 2 * d_model * cfg.d_ff + cfg.d_ff + d_model
-        return Cost(params, params, 4 * d_model * cfg.d_ff)

@@ -10,7 +10,6 @@ from typing import Any
 
 from sffn_lab.config import FFNConfig, ModelConfig, choice
 from sffn_lab.errors import UserError
-from sffn_lab.variants.cost import Cost
 from sffn_lab.variants.layer import Layer
 from sffn_lab.variants.registry import register, variant
 
@@ -59,18 +58,20 @@ class PKM(Layer):
         return ProductKeyMemory(d_model, cfg.pkm, cfg.dropout)
 
     @classmethod
-    def cost(cls, cfg: FFNConfig, d_model: int) -> Cost:
-        p, D = cfg.pkm, d_model
-        key_dim = p.query_size(D)
-        query = D * p.heads * key_dim if p.query == "projection" else 0
-        sub_keys = p.heads * p.n_keys * key_dim
-        values = p.n_keys**2 * D
-        if p.knn == 0:  # every slot: head-summed pair scores, then a dense read of the whole table
-            return Cost(query + sub_keys + values, query + sub_keys + values,
-                        2 * query + 2 * sub_keys + p.heads * p.n_keys**2 + 2 * values)
-        active = query + sub_keys + p.heads * p.knn * D
-        flops = 2 * query + 2 * sub_keys + p.heads * p.knn**2 + 2 * p.heads * p.knn * D
-        return Cost(query + sub_keys + values, active, flops)
+    def inactive_params(cls, cfg: FFNConfig, d_model: int, layer: Any) -> int:
+        """Each head reads knn value rows of the n_keys² (knn 0: every row, all active)."""
+        p = cfg.pkm
+        return 0 if p.knn == 0 else layer.values.numel() - p.heads * p.knn * d_model
+
+    @classmethod
+    def uncounted_flops(cls, cfg: FFNConfig, d_model: int) -> int:
+        """The pair scores are sums (knn² per head, or n_keys² summed over heads when every slot is read),
+        counted one FLOP each; the knn-row read is an embedding-bag (2·knn·D per head), which the counter has
+        no formula for. The dense read of every slot is a matrix product, counted."""
+        p = cfg.pkm
+        if p.knn == 0:
+            return p.heads * p.n_keys**2
+        return p.heads * p.knn**2 + 2 * p.heads * p.knn * d_model
 
     @classmethod
     def sizes(cls, cfg: FFNConfig) -> str:

@@ -9,7 +9,9 @@ section and to validate the chosen kind, without importing any variant). A regis
 - ``uses_bank``: whether it routes tokens to the expert bank (``model.ffn.n_experts``, ``expert_size``);
 - ``check(model)``: refuse impossible settings with a ``UserError`` that says what to change;
 - ``build(cfg, d_model, n_layers, vocab_size)``: one FFN layer, x [B, S, D] (token ids [B, S]) → ``FFNOutput``;
-- ``cost(cfg, d_model)``, ``sizes(cfg)``, ``param_equal(...)``, ``compute_equal(...)``: its accounting.
+- its accounting: ``cost(cfg, d_model)``, measured from the built layer (``sffn_lab.variants.measure``) with
+  what the counter cannot see declared in ``inactive_params`` and ``uncounted_flops``; ``sizes(cfg)``,
+  ``param_equal(...)``, ``compute_equal(...)``.
 
 ``Router`` subclasses (``sffn_lab.layers.routers``) get all but ``Options``, ``forward`` and their init from
 the base; whole layers derive from ``Layer`` (``sffn_lab.variants.layer``).
@@ -46,8 +48,22 @@ class Variant:
 
     @classmethod
     def cost(cls, cfg: FFNConfig, d_model: int) -> Cost:
-        """Total and active parameters and forward FLOPs/token of one layer."""
-        raise NotImplementedError
+        """Total and active parameters and forward FLOPs/token of one layer, measured from the built layer
+        (``sffn_lab.variants.measure``) with what the two declarations below add."""
+        from sffn_lab.variants.measure import measure
+
+        return measure(cls, cfg, d_model)
+
+    @classmethod
+    def inactive_params(cls, cfg: FFNConfig, d_model: int, layer: Any) -> int:
+        """Parameters of the built ``layer`` that one token does not touch (a data-dependent choice)."""
+        return 0
+
+    @classmethod
+    def uncounted_flops(cls, cfg: FFNConfig, d_model: int) -> int:
+        """Forward FLOPs per token that ``FlopCounterMode`` does not see in this layer's code (negative: what
+        the code spends beyond the method's own)."""
+        return 0
 
     @classmethod
     def sizes(cls, cfg: FFNConfig) -> str:

@@ -28,7 +28,6 @@ class SBase(RouterVariant):
     6b175aa ("sinkmoid": dropped scores set to −inf, the gates re-read from the raw scores after top-K)."""
 
     Options = SBaseOptions
-    selector_params = scores_experts = True
 
     @classmethod
     def router_class(cls) -> type:

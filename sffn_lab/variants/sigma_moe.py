@@ -28,7 +28,6 @@ class SigmaMoE(RouterVariant):
 
     Options = SigmaMoEOptions
     gates = ("sigmoid", "softmax", "softmax_topk", "none")
-    selector_params = scores_experts = True
 
     @classmethod
     def router_class(cls) -> type:

@@ -28,7 +28,6 @@ class Switch(RouterVariant):
     """
 
     Options = SwitchOptions
-    selector_params = scores_experts = True
     table_top_k = 1
 
     @classmethod

@@ -7,7 +7,6 @@ from typing import Any
 
 from sffn_lab.config import FFNConfig, ModelConfig
 from sffn_lab.errors import UserError
-from sffn_lab.variants.cost import Cost
 from sffn_lab.variants.layer import Layer
 from sffn_lab.variants.registry import register
 
@@ -27,12 +26,15 @@ class TopK(Layer):
         return TopKFFN(d_model, cfg.d_ff, cfg.top_k, cfg.activation, cfg.dropout)
 
     @classmethod
-    def cost(cls, cfg: FFNConfig, d_model: int) -> Cost:
-        """Every key (and its bias) is computed; only K value columns are read."""
-        D = d_model
-        total = 2 * D * cfg.d_ff + cfg.d_ff + D
-        active = D * cfg.d_ff + cfg.d_ff + cfg.top_k * D + D
-        return Cost(total, active, 2 * D * cfg.d_ff + 2 * cfg.top_k * D)
+    def inactive_params(cls, cfg: FFNConfig, d_model: int, layer: Any) -> int:
+        """Every key (and its bias) is computed; only K of the d_ff value columns are read."""
+        return (cfg.d_ff - cfg.top_k) * d_model
+
+    @classmethod
+    def uncounted_flops(cls, cfg: FFNConfig, d_model: int) -> int:
+        """The layer multiplies the masked activations by the whole value matrix (2·d_ff·D); the method reads
+        K value columns (2·K·D)."""
+        return -2 * (cfg.d_ff - cfg.top_k) * d_model
 
     @classmethod
     def sizes(cls, cfg: FFNConfig) -> str:
