@@ -89,6 +89,15 @@ def test_analysis_does_not_import_the_benchmarks():
             assert not upward, f"{name} imports {sorted(upward)}"
 
 
+def test_layers_and_kernels_raise_their_own_errors_not_the_clis():
+    """A user's mistake is refused when the config is read (``UserError``, sffn_lab.errors); the modules that compute
+    raise Python's own errors for a wrong call, as any library does."""
+    found = modules()
+    for name, path in found.items():
+        if name.startswith(("sffn_lab.layers", "sffn_lab.kernels", "sffn_lab.models")):
+            assert "sffn_lab.errors" not in imports_of(path, set(found)), name
+
+
 def test_new_leaves_import_nothing_of_the_package():
     found = modules()
     for leaf in ("sffn_lab.units", "sffn_lab.durations"):

@@ -21,7 +21,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sffn_lab.errors import UserError
 from sffn_lab.kernels.precision import autocast_operands
 from sffn_lab.kernels.routing_plan import counts_per_id
 from sffn_lab.layers.ffn_output import FFNOutput
@@ -37,7 +36,7 @@ class ProductKeyMemory(nn.Module):
         self.opts = opts
         H, n, dk = opts.heads, opts.n_keys, opts.query_size(d_model)
         if dk % 2:
-            raise UserError(f"model.ffn.pkm.query=input splits d_model ({d_model}) in halves: it must be even.")
+            raise ValueError(f"a query of {dk} splits in two halves: it must be even (query=input: d_model {d_model})")
         self.query = nn.Linear(d_model, H * dk, bias=False) if opts.query == "projection" else None
         self.sub_keys = nn.Parameter(torch.randn(H, 2, n, dk // 2) * (dk // 2) ** -0.5)
         self.values = nn.Parameter(torch.empty(n * n, d_model))

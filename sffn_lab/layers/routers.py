@@ -19,7 +19,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from sffn_lab.config import FFNConfig
-from sffn_lab.errors import UserError
 from sffn_lab.layers.balanced_assignment import balanced_assignment
 from sffn_lab.layers.expert_bank import ExpertBank
 from sffn_lab.variants.bank import RouterVariant
@@ -286,7 +285,7 @@ class HashRouter(Router):
 
     def forward(self, x, token_ids=None, bank=None) -> Routing:
         if token_ids is None:
-            raise UserError("model.ffn.kind=hash routes by token id, but this layer received no token ids.")
+            raise ValueError("the hash router routes by token id: call the layer with token_ids [B, S]")
         return Routing(self.table[token_ids.reshape(-1)])
 
 

@@ -45,6 +45,9 @@ class PKM(Layer):
         choice(p.value_fan_in, ("d_model", "slots"), "model.ffn.pkm.value_fan_in")
         if p.heads < 1 or p.key_dim < 2 or p.key_dim % 2:
             raise UserError("model.ffn.pkm needs heads ≥ 1 and an even key_dim ≥ 2.")
+        if p.query == "input" and model.d_model % 2:
+            raise UserError(f"model.ffn.pkm.query=input splits d_model ({model.d_model}) in halves: it must be "
+                            "even (or query with a projection: model.ffn.pkm.query=projection).")
         if not 0 <= p.knn <= p.n_keys:
             raise UserError(
                 f"model.ffn.pkm.knn ({p.knn}) must be between 1 and model.ffn.pkm.n_keys ({p.n_keys}): each half "
