@@ -317,14 +317,14 @@ def _validation_tokens(config: Config) -> int:
 
 def run_state(run_dir: Path) -> str:
     """'finished', 'resumable' (a checkpoint to continue from) or 'new'."""
-    from sffn_lab.checkpoints import LAST_CKPT
-    from sffn_lab.run_dir import read_status
+    from sffn_lab.run_dir import RunDir
 
+    run = RunDir(run_dir)
     if not run_dir.exists():
         return "new"
-    if read_status(run_dir).get("status") == "finished" and (run_dir / "summary.json").is_file():
+    if run.finished():
         return "finished"
-    if (run_dir / "checkpoints" / LAST_CKPT).is_file():
+    if run.last_checkpoint.is_file():
         return "resumable"
     return "new"
 
@@ -348,7 +348,9 @@ def execute(run: PlannedRun, sweep_dir: Path, threads: int | None = None) -> str
         training.train(run.config, progress=False, run_dir=run_dir)
         what = "trained"
     if run.evaluate_test and not (run_dir / TEST_FILE).is_file():
-        best = json.loads((run_dir / "summary.json").read_text())["best_checkpoint"]
+        from sffn_lab.run_dir import RunDir
+
+        best = RunDir(run_dir).read_summary()["best_checkpoint"]
         (run_dir / TEST_FILE).write_text(json.dumps(training.evaluate(Path(best), "test"), indent=1) + "\n")
         what += ", scored on test"
     return what

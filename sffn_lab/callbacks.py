@@ -14,7 +14,7 @@ from lightning.pytorch.callbacks import RichProgressBar
 
 from sffn_lab.durations import format_duration
 from sffn_lab.errors import UserError
-from sffn_lab.run_dir import write_status
+from sffn_lab.run_dir import RunDir
 
 
 class TrainingInterrupted(UserError):
@@ -99,7 +99,7 @@ class StatusFile(L.Callback):
     validation loss and bits, and an ETA at this process' pace; each write replaces the file atomically."""
 
     def __init__(self, run_dir: Path):
-        self.run_dir = Path(run_dir)
+        self.run = RunDir(run_dir)
         self._start: float | None = None
         self._start_step = 0
 
@@ -118,8 +118,8 @@ class StatusFile(L.Callback):
             return
         step, metrics = trainer.global_step, trainer.callback_metrics
         eta = eta_seconds(time.perf_counter() - self._start, step - self._start_step, trainer.max_steps - step)
-        write_status(
-            self.run_dir, "running", step=step, max_steps=trainer.max_steps, tokens_seen=pl_module.tokens_seen,
+        self.run.write_status(
+            "running", step=step, max_steps=trainer.max_steps, tokens_seen=pl_module.tokens_seen,
             elapsed_s=round(pl_module.wall_time_s(), 3), eta_s=None if math.isnan(eta) else round(eta, 1),
             **{key.replace("/", "_"): float(metrics[key]) for key in ("val/loss", "val/bits") if key in metrics},
         )
@@ -158,7 +158,7 @@ class CheckpointOnInterrupt(L.Callback):
             self.on_train_end(trainer, pl_module)
             raise TrainingInterrupted(
                 f"Interrupted at step {trainer.global_step}; saved {self.last_checkpoint}. "
-                f"Continue with: sffn train --resume {self.last_checkpoint.parent.parent}"
+                f"Continue with: sffn train --resume {RunDir.of_checkpoint(self.last_checkpoint).path}"
             )
 
 

@@ -21,9 +21,7 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from sffn_lab.config import Config, from_dict, load_config, read_yaml, to_dict
 from sffn_lab.errors import UserError
 from sffn_lab.lm_module import LanguageModelModule
-from sffn_lab.run_dir import CONFIG_FILE
-
-LAST_CKPT = "last.ckpt"
+from sffn_lab.run_dir import CONFIG_FILE, RunDir
 
 
 class SafeCheckpointIO(TorchCheckpointIO):
@@ -52,7 +50,7 @@ class SafeCheckpointIO(TorchCheckpointIO):
             raise UserError(
                 f"Could not write checkpoint '{path}': {exc.strerror or exc}. The run stopped at step "
                 f"{checkpoint.get('global_step', '?')}; earlier checkpoints are intact. Free some space "
-                f"(or fix the permissions) and continue with: sffn train --resume {path.parent.parent}"
+                f"(or fix the permissions) and continue with: sffn train --resume {RunDir.of_checkpoint(path).path}"
             ) from None
 
 
@@ -115,11 +113,11 @@ def _changed_keys(a: dict, b: dict, prefix: str = "") -> set[str]:
 
 def load_run_config(run_dir: Path, overrides: list[str]) -> Config:
     """The config a run was made with; only ``train.max_steps`` may be changed when resuming."""
-    run_dir = Path(run_dir)
-    if not (run_dir / CONFIG_FILE).is_file():
+    run = RunDir(run_dir)
+    if not run.is_run():
         raise UserError(f"'{run_dir}' is not a run directory (no {CONFIG_FILE} in it).")
-    config = load_config(run_dir / CONFIG_FILE, overrides)
-    changed = config_changes(read_yaml(run_dir / CONFIG_FILE), config)
+    config = load_config(run.config, overrides)
+    changed = config_changes(read_yaml(run.config), config)
     if changed:
         raise UserError(
             f"Cannot resume '{run_dir}' with a different config (changed: {', '.join(sorted(changed))}). "
@@ -142,8 +140,8 @@ def checkpoint_file(path: Path) -> Path:
     """``path`` itself, or for a run directory its best checkpoint, else its last."""
     path = Path(path)
     if path.is_dir():
-        candidates = sorted((path / "checkpoints").glob("best-*.ckpt")) or [path / "checkpoints" / LAST_CKPT]
-        path = candidates[-1]
+        run = RunDir(path)
+        path = (run.best_checkpoints() or [run.last_checkpoint])[-1]
     return path
 
 

@@ -29,7 +29,7 @@ from sffn_lab.data.tokenizers import Tokenizer, tokenizer_from_dict, tokenizer_t
 from sffn_lab.errors import UserError
 from sffn_lab.lm_module import LanguageModelModule
 from sffn_lab.markdown import markdown_table
-from sffn_lab.run_dir import CONFIG_FILE, SUMMARY_FILE, TOKENIZER_FILE
+from sffn_lab.run_dir import CONFIG_FILE, TOKENIZER_FILE, RunDir
 from sffn_lab.variants import variant
 
 WEIGHTS_FILE = "model.safetensors"
@@ -49,9 +49,9 @@ def load_trained(path: Path) -> LanguageModelModule:
 def saved_tokenizer(path: Path, module: LanguageModelModule) -> Tokenizer:
     """The tokenizer of the model ``path`` holds: ``tokenizer.json`` of the export folder or run directory (a
     checkpoint file: its run's), else (runs older than that file) rebuilt from the corpus."""
-    folder = Path(path) if Path(path).is_dir() else Path(path).parent.parent
-    if (folder / TOKENIZER_FILE).is_file():
-        return tokenizer_from_dict(json.loads((folder / TOKENIZER_FILE).read_text()))
+    saved = (RunDir(path) if Path(path).is_dir() else RunDir.of_checkpoint(path)).tokenizer  # an export: the same name
+    if saved.is_file():
+        return tokenizer_from_dict(json.loads(saved.read_text()))
     return LMDataModule(module.config.data, seed=module.config.train.seed).corpus.tokenizer
 
 
@@ -107,8 +107,8 @@ def model_card(module: LanguageModelModule, tokenizer_kind: str, ckpt: Path, ste
     config, corpus = module.config, module.corpus
     m, f = config.model, config.model.ffn
     cost = count_model(m, corpus.vocab_size, config.data.seq_len)
-    run_dir = ckpt.parent.parent
-    summary = json.loads((run_dir / SUMMARY_FILE).read_text()) if (run_dir / SUMMARY_FILE).is_file() else {}
+    run = RunDir.of_checkpoint(ckpt)
+    summary = run.read_summary()
     ffn = f"{f.kind}: {variant(f.kind).describe(f)}"
     rows = [
         ("variant", ffn),
@@ -118,7 +118,7 @@ def model_card(module: LanguageModelModule, tokenizer_kind: str, ckpt: Path, ste
                        f"{cost.flops_per_token:,} forward FLOPs per token"),
         ("corpus", f"{config.data.corpus} ({corpus.unit}s, vocabulary {corpus.vocab_size})"),
         ("tokenizer", tokenizer_kind),
-        ("weights", f"step {step} ({ckpt.name} of {run_dir.name})"),
+        ("weights", f"step {step} ({ckpt.name} of {run.path.name})"),
     ]
     return "\n".join([
         f"# {config.name}", "", "A language model trained with sffn-lab.", "",

@@ -26,6 +26,7 @@ from lightning.pytorch.loggers import CSVLogger, Logger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
 from sffn_lab.errors import UserError
+from sffn_lab.run_dir import RunDir
 
 LOGGERS = ("csv", "tensorboard", "wandb", "mlflow")
 TRACKER_IDS = "trackers.json"  # W&B / MLflow run ids, for resuming the same tracker run
@@ -135,7 +136,7 @@ def build_loggers(names: list[str], run_dir: Path, run_name: str, resume_step: i
     """The loggers of a run; ``resume_step`` is the step of the checkpoint a resumed run continues from.
     Only rank zero touches the run directory's history (other DDP ranks' loggers never write)."""
     if resume_step is not None and rank_zero:
-        keep_history_to(run_dir / "metrics.csv", resume_step)
+        keep_history_to(RunDir(run_dir).metrics, resume_step)
     loggers: list[Logger] = [AppendingCSVLogger(save_dir=str(run_dir), name="", version="")]
     ids = _read_ids(run_dir)
     if "tensorboard" in names:

@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,82 @@ CONFIG_FILE = "config.yaml"
 STATUS_FILE = "status.json"
 SUMMARY_FILE = "summary.json"
 TOKENIZER_FILE = "tokenizer.json"  # the corpus' tokenizer, so that sampling needs no corpus
+METRICS_FILE = "metrics.csv"
+CHECKPOINTS = "checkpoints"
+LAST_CKPT = "last.ckpt"
 RUN_DIR_ENV = "SFFN_RUN_DIR"  # passes rank 0's run directory to the other DDP ranks
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """One run directory's layout (the module docstring): the only place its files are named."""
+
+    path: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "path", Path(self.path))
+
+    @classmethod
+    def of_checkpoint(cls, checkpoint: Path) -> RunDir:
+        """The run a checkpoint file belongs to (``<run>/checkpoints/<name>.ckpt``)."""
+        return cls(Path(checkpoint).parent.parent)
+
+    @property
+    def config(self) -> Path:
+        return self.path / CONFIG_FILE
+
+    @property
+    def summary(self) -> Path:
+        return self.path / SUMMARY_FILE
+
+    @property
+    def status(self) -> Path:
+        return self.path / STATUS_FILE
+
+    @property
+    def tokenizer(self) -> Path:
+        return self.path / TOKENIZER_FILE
+
+    @property
+    def metrics(self) -> Path:
+        return self.path / METRICS_FILE
+
+    @property
+    def expert_usage(self) -> Path:
+        """The heatmap of expert usage per layer, redrawn at every validation."""
+        return self.path / "expert_usage.png"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / CHECKPOINTS
+
+    @property
+    def last_checkpoint(self) -> Path:
+        return self.checkpoints / LAST_CKPT
+
+    def best_checkpoints(self) -> list[Path]:
+        """The run's best-<step>.ckpt files, earliest step first."""
+        return sorted(self.checkpoints.glob("best-*.ckpt"), key=lambda p: int(p.stem.split("-")[-1]))
+
+    def is_run(self) -> bool:
+        """Whether this is a run directory (it holds the run's config)."""
+        return self.config.is_file()
+
+    def read_summary(self) -> dict[str, Any]:
+        """summary.json of a finished run; {} before the run has finished."""
+        return json.loads(self.summary.read_text()) if self.summary.is_file() else {}
+
+    def read_status(self) -> dict[str, Any]:
+        return json.loads(self.status.read_text()) if self.status.is_file() else {}
+
+    def write_status(self, status: str, **extra: Any) -> None:
+        """Replace status.json atomically: ``{"status": status, **extra}``."""
+        tmp = self.path / f".{STATUS_FILE}.tmp"
+        tmp.write_text(json.dumps({"status": status, **extra}, indent=2))
+        os.replace(tmp, self.status)
+
+    def finished(self) -> bool:
+        return self.read_status().get("status") == "finished" and self.summary.is_file()
 
 
 def new_run_dir(config: Config, path: Path | None = None) -> Path:
@@ -48,24 +124,13 @@ def new_run_dir(config: Config, path: Path | None = None) -> Path:
     return run_dir
 
 
-def write_status(run_dir: Path, status: str, **extra: Any) -> None:
-    tmp = run_dir / f".{STATUS_FILE}.tmp"
-    tmp.write_text(json.dumps({"status": status, **extra}, indent=2))
-    os.replace(tmp, run_dir / STATUS_FILE)
-
-
-def read_status(run_dir: Path) -> dict[str, Any]:
-    path = Path(run_dir) / STATUS_FILE
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
 def record_failure(run_dir: Path, step: int, exc: BaseException, created: bool) -> None:
     """Mark the run failed; a run directory this call ``created`` is removed if it holds no checkpoint."""
-    checkpoints = run_dir / "checkpoints"
-    if created and not any(checkpoints.glob("*.ckpt")):
+    run = RunDir(run_dir)
+    if created and not any(run.checkpoints.glob("*.ckpt")):
         shutil.rmtree(run_dir, ignore_errors=True)
         return
-    write_status(run_dir, "failed", step=step, error=str(exc) or type(exc).__name__)
+    run.write_status("failed", step=step, error=str(exc) or type(exc).__name__)
 
 
 def launched_rank_run_dir(given: Path | None) -> Path:

@@ -34,7 +34,6 @@ from sffn_lab.callbacks import (
     ValidateAtLastStep,
 )
 from sffn_lab.checkpoints import (
-    LAST_CKPT,
     SafeCheckpointIO,
     check_resumable,
     read_checkpoint,
@@ -54,17 +53,14 @@ from sffn_lab.export import load_trained, saved_tokenizer
 from sffn_lab.lm_module import CorpusInfo, LanguageModelModule
 from sffn_lab.loggers import FlushLogsBeforeCheckpoint, build_loggers, check_installed, parse_loggers
 from sffn_lab.run_dir import (
-    CONFIG_FILE,
     RUN_DIR_ENV,
-    SUMMARY_FILE,
-    TOKENIZER_FILE,
+    RunDir,
     eval_protocol,
     is_launched_rank,
     launched_rank_run_dir,
     new_run_dir,
     record_failure,
     scored_tokens,
-    write_status,
 )
 
 
@@ -139,7 +135,8 @@ def build_trainer(
     extra_callbacks: Sequence[L.Callback] = (),
 ) -> L.Trainer:
     t = config.train
-    checkpoints = run_dir / "checkpoints"
+    run = RunDir(run_dir)
+    checkpoints = run.checkpoints
     best = ModelCheckpoint(
         dirpath=checkpoints, filename="best-{step}", monitor="val/loss", mode="min", save_top_k=1,
         auto_insert_metric_name=False,
@@ -147,8 +144,8 @@ def build_trainer(
     last = ModelCheckpoint(
         dirpath=checkpoints, save_top_k=0, save_last=True, every_n_train_steps=t.checkpoint_every or t.val_every,
     )
-    callbacks: list[L.Callback] = [best, last, ValidateAtLastStep(), CheckpointOnInterrupt(checkpoints / LAST_CKPT)]
-    callbacks += [UsageHeatmap(run_dir / "expert_usage.png"), FlushLogsBeforeCheckpoint(), StatusFile(run_dir)]
+    callbacks: list[L.Callback] = [best, last, ValidateAtLastStep(), CheckpointOnInterrupt(run.last_checkpoint)]
+    callbacks += [UsageHeatmap(run.expert_usage), FlushLogsBeforeCheckpoint(), StatusFile(run_dir)]
     callbacks += extra_callbacks
     bar = progress and sys.stdout.isatty()
     if bar:
@@ -218,7 +215,7 @@ def train(
     created = False
     if resume_dir is not None:
         run_dir = Path(resume_dir)
-        last = run_dir / "checkpoints" / LAST_CKPT
+        last = RunDir(run_dir).last_checkpoint
         if last.is_file():
             checkpoint = read_checkpoint(last)
             check_resumable(checkpoint, config, last)
@@ -226,18 +223,18 @@ def train(
             if (finished := finished_summary(run_dir, resume_step, config.train.max_steps)) is not None:
                 return finished
         if not is_launched_rank():
-            save_config(config, run_dir / CONFIG_FILE)  # a new train.max_steps is the run's from now on
+            save_config(config, RunDir(run_dir).config)  # a new train.max_steps is the run's from now on
     elif is_launched_rank():
         run_dir = launched_rank_run_dir(run_dir)
     else:
         run_dir = new_run_dir(config, run_dir)
         created = True
-        save_config(config, run_dir / CONFIG_FILE)
-        (run_dir / TOKENIZER_FILE).write_text(json.dumps(tokenizer_to_dict(data.corpus.tokenizer)))
+        save_config(config, RunDir(run_dir).config)
+        RunDir(run_dir).tokenizer.write_text(json.dumps(tokenizer_to_dict(data.corpus.tokenizer)))
     os.environ[RUN_DIR_ENV] = str(run_dir)
     rank_zero = not is_launched_rank()
     if rank_zero:
-        write_status(run_dir, "running", step=resume_step or 0)
+        RunDir(run_dir).write_status("running", step=resume_step or 0)
         print(f"run directory: {run_dir}  (follow it: tensorboard --logdir {run_dir})", flush=True)
     trainer = None
     try:
@@ -245,7 +242,7 @@ def train(
         trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)  # read through SafeCheckpointIO, weights only
     except TrainingInterrupted:
         if rank_zero:
-            write_status(run_dir, "interrupted", step=trainer.global_step)
+            RunDir(run_dir).write_status("interrupted", step=trainer.global_step)
         raise
     except BaseException as exc:
         if rank_zero:
@@ -257,16 +254,15 @@ def train(
         trainer.validate(module, datamodule=data, verbose=False)
     summary = summarize(run_dir, trainer, module, module.wall_time_s())
     if rank_zero:
-        (run_dir / SUMMARY_FILE).write_text(json.dumps(asdict(summary), indent=2))
-        write_status(run_dir, "finished", step=trainer.global_step)
+        RunDir(run_dir).summary.write_text(json.dumps(asdict(summary), indent=2))
+        RunDir(run_dir).write_status("finished", step=trainer.global_step)
     return summary
 
 
 def finished_summary(run_dir: Path, step: int, max_steps: int) -> RunSummary | None:
     """The saved summary of a run whose last checkpoint already reached ``max_steps`` (said so on the console),
     else None."""
-    path = run_dir / SUMMARY_FILE
-    saved = json.loads(path.read_text()) if step >= max_steps and path.is_file() else {}
+    saved = RunDir(run_dir).read_summary() if step >= max_steps else {}
     if saved.get("step") != step:
         return None
     if not is_launched_rank():

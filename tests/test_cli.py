@@ -11,7 +11,7 @@ import pytest
 
 from sffn_lab import training
 from sffn_lab.durations import format_duration
-from sffn_lab.run_dir import read_status
+from sffn_lab.run_dir import RunDir
 from tests.histories import csv_history, tensorboard_history
 from tests.support import TINY as TINY_OVERRIDES
 from tests.support import add_to_every_trainer, as_flags, interrupt_training_at, run_cli
@@ -66,7 +66,7 @@ class ReadStatus(L.Callback):
 
     def on_train_batch_start(self, trainer, *args):
         val = trainer.callback_metrics.get("val/loss")
-        status = read_status(Path(trainer.default_root_dir))
+        status = RunDir(trainer.default_root_dir).read_status()
         self.seen.append((trainer.global_step, status, None if val is None else float(val)))
 
 

@@ -66,7 +66,7 @@ def test_invalid_yaml_and_missing_file(tmp_path):
 def test_cross_field_validation():
     with pytest.raises(UserError, match="divisible"):
         load_config(None, ["model.d_model=30", "model.n_heads=4"])
-    with pytest.raises(UserError, match="splits d_model .65. in halves"):  # refused before the layer is built
+    with pytest.raises(UserError, match=r"splits d_model \(65\) in halves"):  # refused before the layer is built
         load_config(None, ["model.ffn.kind=pkm", "model.ffn.pkm.query=input", "model.d_model=65", "model.n_heads=5",
                            "model.positions=learned"])
 

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import csv
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from sffn_lab.errors import UserError
+from sffn_lab.run_dir import RunDir
 from sffn_lab.units import METRIC_NAMES, metric_label
 
 X_COLUMNS = {"steps": ("step", "step"), "tokens": ("tokens_seen", "tokens seen"), "time": ("elapsed_s", "seconds"),
@@ -26,7 +26,7 @@ class Curve:
 
 def read_metrics(run_dir: Path) -> list[dict[str, float]]:
     """Rows of a run's metrics.csv as floats (empty cells dropped); later rows win for a repeated step."""
-    path = Path(run_dir) / "metrics.csv"
+    path = RunDir(run_dir).metrics
     if not path.is_file():
         raise UserError(f"'{run_dir}' has no metrics.csv: is it a run directory of sffn train?")
     rows = []
@@ -38,15 +38,14 @@ def read_metrics(run_dir: Path) -> list[dict[str, float]]:
 
 def run_unit(run_dir: Path) -> str | None:
     """The unit of a finished run's corpus (byte, word, token); None before its summary exists."""
-    summary = Path(run_dir) / "summary.json"
-    return json.loads(summary.read_text()).get("unit") if summary.is_file() else None
+    return RunDir(run_dir).read_summary().get("unit")
 
 
 def run_corpus(run_dir: Path) -> str:
     """The corpus a run trained on, with the tokenizer that re-tokenizes it if any: ``wikitext103 (bpe:8000)``."""
     import yaml
 
-    path = Path(run_dir) / "config.yaml"
+    path = RunDir(run_dir).config
     data = (yaml.safe_load(path.read_text()) or {}).get("data", {}) if path.is_file() else {}
     corpus = str(data.get("corpus", "?"))
     return f"{corpus} ({data['tokenizer']})" if data.get("tokenizer") else corpus
@@ -64,10 +63,10 @@ def validation_curve(run_dir: Path, x_axis: str = "steps", metric: str | None = 
     x_key = X_COLUMNS[x_axis][0]
     scale = 1.0
     if x_axis == "flops":
-        summary = Path(run_dir) / "summary.json"
-        if not summary.is_file():
+        summary = RunDir(run_dir).read_summary()
+        if not summary:
             raise UserError(f"'{run_dir}' has no summary.json, so its FLOPs per token are unknown.")
-        scale = TRAIN_FLOPS_PER_FORWARD * json.loads(summary.read_text())["flops_per_token"]
+        scale = TRAIN_FLOPS_PER_FORWARD * summary["flops_per_token"]
     by_step: dict[float, tuple[float, float]] = {}
     for row in read_metrics(run_dir):
         if metric in row and x_key in row:

@@ -21,7 +21,7 @@ from sffn_lab.analysis.compare import Difference, difference
 from sffn_lab.analysis.curves import X_COLUMNS, line_styles, read_metrics, validation_curve, value_at
 from sffn_lab.errors import UserError
 from sffn_lab.markdown import markdown_table
-from sffn_lab.run_dir import EVERY_TOKEN
+from sffn_lab.run_dir import EVERY_TOKEN, RunDir
 from sffn_lab.units import METRIC_NAMES, metric_label
 
 RUN_DIR = re.compile(r"^(?P<name>.+)-s(?P<seed>\d+)$")
@@ -75,7 +75,7 @@ def _finished_runs(sweep_dir: Path) -> dict[str, list[Path]]:
     groups: dict[str, list[Path]] = {}
     for run_dir in sorted(p for p in sweep_dir.iterdir() if p.is_dir()):
         match = RUN_DIR.match(run_dir.name)
-        if match and (run_dir / "summary.json").is_file():
+        if match and RunDir(run_dir).summary.is_file():
             groups.setdefault(match["name"], []).append(run_dir)
     return groups
 
@@ -97,10 +97,10 @@ def _nothing_to_report(folder: Path) -> str:
     """Why ``folder`` has no finished sweep runs: a sweep still running, a run directory, or other runs."""
     if (folder / SWEEP_FILE).is_file():
         return f"'{folder}' is a sweep with no finished runs yet."
-    if (folder / "config.yaml").is_file():
+    if RunDir(folder).is_run():
         return (f"'{folder}' is a run directory of sffn train, not a sweep of sffn ablate: plot it with  sffn plot "
                 f"{folder}  or score it with  sffn eval {folder}")
-    runs = sorted(p.name for p in folder.iterdir() if (p / "config.yaml").is_file())
+    runs = sorted(p.name for p in folder.iterdir() if RunDir(p).is_run())
     if runs:
         return (f"'{folder}' holds {len(runs)} run directories of sffn train ({', '.join(runs[:3])}"
                 f"{', …' if len(runs) > 3 else ''}), not a sweep of sffn ablate (no {SWEEP_FILE}): overlay them "
@@ -133,7 +133,7 @@ def summarize_sweep(*sweep_dirs: Path, baseline: str | None = None, budget: str 
     groups = collect(*sweep_dirs)
     at = common_budget(groups, budget) if budget != "final" else None
     for name, run_dirs in groups.items():
-        summaries = [json.loads((d / "summary.json").read_text()) for d in run_dirs]
+        summaries = [RunDir(d).read_summary() for d in run_dirs]
         metric = "val/ppl" if summaries[0]["unit"] == "word" else "val/bits"
         if at is None:
             values = [s["val_ppl"] if metric == "val/ppl" else s["val_bits"] for s in summaries]

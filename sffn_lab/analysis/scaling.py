@@ -9,7 +9,6 @@ least 4 sizes (3 parameters and one degree of freedom for the error).
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ from sffn_lab.analysis.curves import TRAIN_FLOPS_PER_FORWARD, run_unit
 from sffn_lab.analysis.report import collect, summarize_sweep
 from sffn_lab.errors import UserError
 from sffn_lab.markdown import markdown_table
+from sffn_lab.run_dir import RunDir
 from sffn_lab.units import metric_label
 
 AXES = {"active_params": "active parameters", "train_flops": "training FLOPs"}
@@ -71,8 +71,8 @@ def size_points(rows, run_dirs: dict[str, list[Path]]) -> list[SizePoint]:
     points = []
     for row in rows:
         run_dir = run_dirs[row.name][0]
-        summary = json.loads((run_dir / "summary.json").read_text())
-        model = yaml.safe_load((run_dir / "config.yaml").read_text())["model"]
+        summary = RunDir(run_dir).read_summary()
+        model = yaml.safe_load(RunDir(run_dir).config.read_text())["model"]
         variant = model["ffn"]["kind"] if model["backbone"] == "transformer" else model["backbone"]
         flops = TRAIN_FLOPS_PER_FORWARD * summary["flops_per_token"] * summary["tokens_seen"]
         points.append(SizePoint(variant, row.active_params, flops, row.mean))

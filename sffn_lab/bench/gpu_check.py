@@ -47,6 +47,7 @@ from sffn_lab.kernels import RoutingPlan, expert_down, expert_up, triton_availab
 from sffn_lab.kernels.backends import forced_backend
 from sffn_lab.kernels.precision import fp32_matmul_precision
 from sffn_lab.markdown import markdown_table
+from sffn_lab.run_dir import RunDir
 
 # Training agreement: the first loss is the same model and batch through two kernels (bf16 rounding only);
 # later losses also carry the differences of earlier updates.
@@ -466,7 +467,7 @@ def trainer_checks(device, quick: bool) -> Iterator[CheckResult]:
             config = load_config(None, [*size, *overrides, "train.loggers=csv", f"train.out_dir={out}"])
             counter = HostSyncCounter(warmup=2)
             summary = training.train(config, progress=False, extra_callbacks=[counter])
-            last = Path(summary.run_dir) / "checkpoints" / "last.ckpt"
+            last = RunDir(summary.run_dir).last_checkpoint
             start_loss = math.log(config.data.synthetic.vocab_size)
             finite = summary.val_loss is not None and math.isfinite(summary.val_loss)
             learned = finite and (quick or summary.val_loss < start_loss - 0.1)  # toy sizes: too few steps to learn
