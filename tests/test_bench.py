@@ -22,6 +22,7 @@ from sffn_lab.bench.sizes import QUICK
 from sffn_lab.kernels import triton_available
 from sffn_lab.kernels.reference import expert_down_reference, expert_up_reference
 from sffn_lab.variants import kinds
+from sffn_lab.variants import variant as registered_variant
 from tests.support import host_reads_are_errors, run_cli
 
 
@@ -183,7 +184,7 @@ def test_host_sync_check_passes_every_layer_but_base_and_catches_base(monkeypatc
     lines = [r.line() for r in gpu_check.host_sync_checks("cpu", quick=True)]
     assert [line for line in lines if line.startswith("FAIL")] == [], "\n".join(lines)
     assert any("base" in line and "not checked" in line for line in lines)
-    monkeypatch.setattr(gpu_check, "SYNCING_KINDS", {})
+    monkeypatch.setattr(registered_variant("base"), "host_syncs", None)
     failed = [line for line in (r.line() for r in gpu_check.host_sync_checks("cpu", quick=True))
               if line.startswith("FAIL")]
     assert len(failed) == 1 and failed[0].startswith("FAIL  base") and "host read" in failed[0]

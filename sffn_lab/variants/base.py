@@ -27,6 +27,7 @@ class Base(RouterVariant):
     σ(x·c_e) of the selector rows c_e (fairseq's expert centroids: orthogonal, gain 0.1, in the fairseq form)."""
 
     Options = BaseOptions
+    host_syncs = "its balanced assignment is an auction whose rounds end on the unmet demand, read on the host"
 
     @classmethod
     def router_class(cls) -> type:

@@ -7,6 +7,7 @@ section and to validate the chosen kind, without importing any variant). A regis
   (the comment beside each field is its ``sffn config keys`` help);
 - ``gates``: the choices of ``Options.gate``, when it has one;
 - ``uses_bank``: whether it routes tokens to the expert bank (``model.ffn.n_experts``, ``expert_size``);
+- ``host_syncs``: why its training step waits for the device, when it does so by design (None: it does not);
 - ``check(model)``: refuse impossible settings with a ``UserError`` that says what to change;
 - ``build(cfg, d_model, n_layers, vocab_size)``: one FFN layer, x [B, S, D] (token ids [B, S]) → ``FFNOutput``;
 - its accounting: ``cost(cfg, d_model)``, measured from the built layer (``sffn_lab.variants.measure``) with
@@ -34,6 +35,7 @@ class Variant:
     Options: ClassVar[type | None] = None  # the dataclass of section model.ffn.<name>; None: no options
     gates: ClassVar[tuple[str, ...]] = ()  # the choices of Options.gate
     uses_bank: ClassVar[bool] = False
+    host_syncs: ClassVar[str | None] = None  # why a training step waits for the device, if it does by design
 
     @classmethod
     def check(cls, model: ModelConfig) -> None:
