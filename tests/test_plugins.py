@@ -106,3 +106,30 @@ def test_an_installed_package_s_entry_point_registers_its_variant_without_plugin
     monkeypatch.setattr(importlib.metadata, "entry_points", lambda group: [entry] if group == entry.group else [])
     plugins.load_installed()
     assert load_config(None, ["model.ffn.kind=mine", "model.ffn.mine.temperature=2"]).model.ffn.mine.temperature == 2
+
+
+def test_the_readme_example_joins_a_compute_matched_grid_sized_from_its_measured_cost(tmp_path, registry):
+    """A grid naming the plugin (the key ``plugins``) plans its run at the dense run's FLOPs per token: G solved
+    from the router's cost as measured from the built layer (a learned W_sel adds N_E·D multiply-adds), with
+    nothing about its cost written in the plugin."""
+    from sffn_lab.ablation import check_matching, load_grid
+
+    code, _ = readme_example()
+    plugin = tmp_path / "outside" / "mine.py"
+    plugin.parent.mkdir()
+    plugin.write_text(code)
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(
+        "name: plugin_grid\n"
+        f"set: [{', '.join(repr(s) for s in TINY)}, 'model.ffn.d_ff=128', 'plugins={plugin}']\n"
+        "match: compute_equal\nbaseline: dense\nseeds: [0]\nruns:\n"
+        "  - {name: dense, set: ['model.ffn.kind=dense']}\n"
+        "  - {name: mine, set: ['model.ffn.kind=mine', 'model.ffn.n_experts=8', 'model.ffn.top_k=2']}\n")
+    sweep = load_grid(grid)
+    check_matching(sweep)  # raises unless every run is within 2% of the baseline's FLOPs
+    dense, mine = sweep.runs
+    D = mine.config.model.d_model
+    G = mine.config.model.ffn.expert_size
+    assert mine.config.model.ffn.kind == "mine" and mine.config.plugins == str(plugin)
+    assert 4 * 2 * G * D + 2 * 8 * D == pytest.approx(4 * 128 * D, abs=4 * 2 * D)  # K·G cells + N_E scores
+    assert abs(mine.flops_per_token - dense.flops_per_token) <= 0.02 * dense.flops_per_token
