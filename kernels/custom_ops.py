@@ -19,6 +19,7 @@ Shapes: T tokens, K experts per token, E experts, D model width, G expert width.
 
 import torch
 from torch import Tensor
+from torch.utils.flop_counter import register_flop_formula
 
 from sffn_lab.kernels.backends import get_backend
 from sffn_lab.kernels.routing_plan import RoutingPlan
@@ -127,3 +128,35 @@ def _down_backward(ctx, grad_y):
 
 
 expert_down_op.register_autograd(_down_backward, setup_context=_down_setup)
+
+
+# FLOP formulas for torch.utils.flop_counter.FlopCounterMode, which sees a custom op and not its body: the
+# products each op computes, P = T·K routed pairs of D × G (multiply-add = 2), from the shapes alone (the
+# plan's first tensor is the indices [T, K]). A gradient costs one such product; the gate gradient takes the
+# per-pair outputs (one product) and their dot products with dL/dy (2·P·D).
+def _pairs(plan_shapes) -> int:
+    T, K = plan_shapes[0]
+    return T * K
+
+
+@register_flop_formula(torch.ops.sffn.expert_up)
+def _(x_shape, weight_shape, plan_shapes, *args, **kwargs) -> int:
+    return 2 * _pairs(plan_shapes) * weight_shape[1] * weight_shape[2]
+
+
+@register_flop_formula(torch.ops.sffn.expert_down)
+def _(h_shape, weight_shape, plan_shapes, *args, **kwargs) -> int:
+    return 2 * _pairs(plan_shapes) * weight_shape[1] * weight_shape[2]
+
+
+@register_flop_formula(torch.ops.sffn.expert_up_backward)
+def _(grad_shape, x_shape, weight_shape, plan_shapes, backend, expert_order, need_x, need_w, **kwargs) -> int:
+    return (need_x + need_w) * 2 * _pairs(plan_shapes) * weight_shape[1] * weight_shape[2]
+
+
+@register_flop_formula(torch.ops.sffn.expert_down_backward)
+def _(grad_shape, h_shape, weight_shape, plan_shapes, gates_shape, backend, expert_order, need_h, need_w,
+      need_gates, **kwargs) -> int:
+    P, G, D = _pairs(plan_shapes), weight_shape[1], weight_shape[2]
+    gates = need_gates and gates_shape is not None
+    return (need_h + need_w + gates) * 2 * P * G * D + gates * 2 * P * D

@@ -230,3 +230,29 @@ def test_the_smlp_honours_tie_embeddings_and_its_count_follows(tie):
     model = build_model(cfg, vocab_size=50, max_seq_len=32)
     assert (model.head.weight is model.embed.weight) == tie
     assert count_model(cfg, 50, 32).total_params == numel(model)
+
+
+def test_the_expert_custom_ops_count_the_flops_of_the_products_they_compute():
+    """FlopCounterMode sees a custom op, not its body: the registered formulas give the compiled path's ops the
+    FLOPs the eager PyTorch path's matrix products count (forward), and one product per gradient asked for."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from sffn_lab.kernels import RoutingPlan, custom_ops, expert_down, expert_up
+    from sffn_lab.kernels.backends import get_backend
+
+    T, K, E, D, G = 16, 2, 4, 8, 6
+    x = torch.randn(T, D, requires_grad=True)
+    keys, values = torch.randn(E, D, G, requires_grad=True), torch.randn(E, G, D, requires_grad=True)
+    gates = torch.rand(T, K, requires_grad=True)
+    plan = RoutingPlan.of(torch.rand(T, E).topk(K, dim=1).indices, E)
+    tensors = plan.tensors(get_backend("torch").reads(x, E))
+    with FlopCounterMode(display=False) as ops:
+        y = custom_ops.expert_down_op(custom_ops.expert_up_op(x, keys, tensors, "torch", False).relu(), values,
+                                      tensors, gates, "torch", False)
+    with FlopCounterMode(display=False) as eager:
+        expert_down(expert_up(x, keys, plan, "torch").relu(), values, plan, gates, "torch")
+    product = 2 * T * K * D * G
+    assert ops.get_total_flops() == eager.get_total_flops() == 2 * product
+    with FlopCounterMode(display=False) as backward:
+        y.sum().backward()
+    assert backward.get_total_flops() == 2 * product + 3 * product + 2 * T * K * D  # dx, dW; dh, dW, dgates
