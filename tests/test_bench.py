@@ -194,3 +194,25 @@ def test_host_sync_check_passes_every_layer_but_base_and_catches_base(monkeypatc
 def test_gpu_check_without_a_gpu_says_so_and_exits_0(capsys):
     code, out, _ = run_cli(["bench", "--gpu-check"], capsys)
     assert code == 0 and "no CUDA GPU on this machine" in out
+
+
+def test_the_trainer_part_counts_the_syncs_cuda_reports_in_batches_that_log_nothing(monkeypatch):
+    """HostSyncCounter turns the sync debug mode to "warn" around each non-log batch after the warm-up, and
+    names each synchronising call reported there (CUDA's warning stood in for by the same warning text)."""
+    import warnings
+    from types import SimpleNamespace
+
+    modes = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", modes.append)
+    counter = gpu_check.HostSyncCounter(warmup=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # outside the counted batches
+        for step, logs in ((0, False), (1, False), (2, False), (3, True), (4, False)):
+            trainer, module = SimpleNamespace(global_step=step), SimpleNamespace(is_log_step=lambda logs=logs: logs)
+            counter.on_train_batch_start(trainer, module, None, step)
+            warnings.warn("called a synchronizing CUDA operation", UserWarning, stacklevel=1)
+            counter.on_train_batch_end(trainer, module, None, None, step)
+    assert counter.batches == 2 and len(counter.syncs) == 2  # steps 2 and 4: after the warm-up, not logging
+    assert counter.syncs[0].startswith("test_bench.py:") and "synchronizing CUDA operation" in counter.syncs[0]
+    assert modes == ["warn", "default"] * 2
