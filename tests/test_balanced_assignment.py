@@ -45,7 +45,9 @@ def low_rank_scores(T: int, E: int, rank: int) -> torch.Tensor:
     (64, 8, 2, 4), (96, 6, 3, 3), (50, 7, 2, 3), (64, 8, 2, 64),  # K > 1; (50, 7, 2): 100 slots of 105
     (128, 32, 1, 4), (60, 20, 3, 3),  # many experts: late rounds bid for a few of them only
 ])
-def test_auction_is_within_eps_of_the_optimal_balanced_assignment(T, E, k, rank):
+@pytest.mark.parametrize("tail", [0, auction.TAIL_BIDS])  # rounds of device ops only; a host tail as shipped
+def test_auction_is_within_eps_of_the_optimal_balanced_assignment(T, E, k, rank, tail, monkeypatch):
+    monkeypatch.setattr(auction, "TAIL_BIDS", tail)
     scores = low_rank_scores(T, E, rank)
     indices = balanced_assignment(scores, k)
     C = -(-T * k // E)
@@ -89,17 +91,25 @@ def test_an_unfinished_last_phase_returns_the_last_finished_one(monkeypatch):
         if len(phases) < 2:
             return slots
         monkeypatch.setattr(auction, "bidding_round", lambda s, want, k, slots, eps, size: slots)
+        monkeypatch.setattr(auction, "sequential_bids", lambda s, want, slots, eps, budget: (slots, budget))
         return auction.Slots(slots.price, torch.full_like(slots.owner, slots.n_tokens), slots.n_tokens)
 
     monkeypatch.setattr(auction.Slots, "free_violations", stall_in_phase_two)
     assert torch.equal(balanced_assignment(scores, 2, n_phases=2), first)
 
 
+real_fill = auction.fill_round_robin
+
+
 @pytest.mark.parametrize("k", [1, 3])
-def test_an_auction_that_never_finishes_is_completed_exactly(k):
-    """One round per phase leaves tokens short in every phase; the round-robin fill still gives exact loads
-    and distinct experts."""
+def test_an_auction_that_never_finishes_is_completed_exactly(k, monkeypatch):
+    """One round per phase (and no host tail) leaves tokens short in every phase; the round-robin fill still
+    gives exact loads and distinct experts."""
+    monkeypatch.setattr(auction, "TAIL_BIDS", 0)
+    filled = []
+    monkeypatch.setattr(auction, "fill_round_robin", lambda *a: filled.append(1) or real_fill(*a))
     indices = balanced_assignment(low_rank_scores(60, 6, 3), k, max_rounds=1)
+    assert filled == [1]
     assert torch.equal(torch.bincount(indices.view(-1), minlength=6), torch.full((6,), 10 * k))
     assert all(len(set(row)) == k for row in indices.tolist())
 
