@@ -475,7 +475,7 @@ def trainer_checks(device, quick: bool) -> Iterator[CheckResult]:
             yield CheckResult(
                 "trainer", f"{name}: {summary.step} steps of sffn's training, {config.train.precision}",
                 learned and last.is_file() and not syncs and summary.step == config.train.max_steps,
-                f"val loss {summary.val_loss:.3f} (uniform {start_loss:.3f}); "
+                f"val loss {summary.val_loss if finite else float('nan'):.3f} (uniform {start_loss:.3f}); "
                 f"{summary.tokens_seen / summary.wall_time_s:,.0f} tokens/s over the whole fit; "
                 f"last.ckpt {'written' if last.is_file() else 'MISSING'}; "
                 f"{len(counter.syncs)} host syncs in {counter.batches} non-log batches"
