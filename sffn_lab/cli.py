@@ -372,8 +372,8 @@ def ablate(
                                       "unfinished run (each resumable) and return."),
     sbatch: list[str] = typer.Option([], "--sbatch", help="An SBATCH option for every job, e.g. "
                                      "--sbatch partition=gpu --sbatch time=12:00:00 (replaces a default)."),
-    run: str | None = typer.Option(None, "--run", help="Train only this run of the grid, e.g. dense-s0 (what "
-                                   "each cluster job does)."),
+    run: str | None = typer.Option(None, "--run", help="Train only this run of the grid: one seed's, e.g. dense-s0 "
+                                   "(what each cluster job does), or every seed of a run, e.g. dense."),
 ) -> None:
     """Train a grid of matched runs over several seeds (resumable), then report mean ± std."""
     seed_list = [int(s) for s in seeds.split(",")] if seeds else None
@@ -387,15 +387,17 @@ def ablate(
     sweep = load_grid(grid_path, list(set_), seed_list)
     sweep_dir = out / sweep.name
     if run is not None:
-        chosen = [r for r in sweep.runs if r.dir_name == run]
+        chosen = [r for r in sweep.runs if run in (r.dir_name, r.name)]
         if not chosen:
-            raise UserError(f"Grid '{sweep.name}' has no run '{run}'; its runs: "
-                            f"{', '.join(r.dir_name for r in sweep.runs)}.")
+            names = ", ".join(dict.fromkeys(r.name for r in sweep.runs))
+            raise UserError(f"Grid '{sweep.name}' has no run '{run}'; its runs: {names} (one seed's: "
+                            f"{sweep.runs[0].dir_name}, …).")
         if not dry_run:
             from sffn_lab.ablation import write_sweep_spec
 
             write_sweep_spec(sweep, sweep_dir)
-            console.print(f"{run}: {execute(chosen[0], sweep_dir)}")
+            for planned in chosen:
+                console.print(f"{planned.dir_name}: {execute(planned, sweep_dir)}")
         return
     estimate_seconds(sweep)
     base = sweep.base_config or "the built-in defaults (the grid has no config:; see sffn config keys)"

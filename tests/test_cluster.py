@@ -117,3 +117,14 @@ def test_without_sbatch_the_scripts_are_kept_and_the_error_says_where(tmp_path, 
                                                                                            "sigma_moe-s0.sbatch"]
     code, _, err = run_cli(["ablate", grid, "--out", tmp_path / "sweeps", "--run", "dense-s7"], capsys)
     assert code != 0 and "has no run 'dense-s7'" in err and "dense-s0" in err
+
+
+def test_run_trains_every_seed_of_a_named_run(tmp_path, capsys):
+    """``--run NAME`` (a run of the grid, not one seed's directory) trains each of its seeds, in order."""
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(yaml.safe_dump(GRID))
+    code, out, err = run_cli(["ablate", grid, "--out", tmp_path / "sweeps", "--run", "dense", "--seeds", "0,1"],
+                             capsys)
+    assert code == 0, err
+    assert "dense-s0: trained" in out and "dense-s1: trained" in out and "sigma_moe" not in out
+    assert sorted(p.name for p in (tmp_path / "sweeps" / "tiny").iterdir() if p.is_dir()) == ["dense-s0", "dense-s1"]
