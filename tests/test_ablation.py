@@ -108,6 +108,8 @@ def test_report_marks_runs_scored_on_part_of_the_tokens_and_never_calls_them_bes
     rows = {r.name: r for r in summarize_sweep(tmp_path)}
     assert rows["full"].best and not rows["partial"].best  # 2.0 < 2.5, but over other tokens
     assert rows["partial"].scored == partial and rows["full"].mean == pytest.approx(2.55)
+    rows = {r.name: r for r in summarize_sweep(tmp_path, baseline="full")}
+    assert rows["partial"].vs_baseline is None and rows["partial"].verdict == "not compared: other tokens scored"
 
 
 @pytest.mark.parametrize("n", [1, 10, 12, 45])

@@ -48,11 +48,14 @@ class Row:
     values: dict[int, float] | None = None  # final metric per seed
     is_baseline: bool = False
     vs_baseline: Difference | None = None  # None for the baseline, or with fewer than 2 seeds a side
+    other_tokens: bool = False  # scored on other tokens than the baseline: not compared with it
 
     @property
     def verdict(self) -> str:
         if self.is_baseline:
             return "baseline"
+        if self.other_tokens:
+            return "not compared: other tokens scored"
         return self.vs_baseline.verdict if self.vs_baseline else "n < 2: no interval"
 
 
@@ -173,8 +176,12 @@ def compare_with(rows: list[Row], baseline: str | None) -> list[Row]:
         raise UserError(f"Baseline run '{baseline}' is not among the finished runs: {sorted(r.name for r in rows)}.")
     base.is_baseline = True
     for r in rows:
-        if not r.is_baseline and r.scored == base.scored:  # other tokens: no comparison
+        if r.is_baseline:
+            continue
+        if r.scored == base.scored:
             r.vs_baseline = difference(r.values, base.values)
+        else:
+            r.other_tokens = True
     rank = {"baseline": 0, "better": 1, "worse": 3}
     return sorted(rows, key=lambda r: (rank.get(r.verdict, 2), r.mean))
 
