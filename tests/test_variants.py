@@ -172,7 +172,7 @@ def test_hash_routing_is_a_fixed_function_of_the_token_id():
     assert_same_outputs_and_grads(m, fresh(3, 7, D), ids, reference)
     again = m.router(fresh(21, D), ids.flatten().flip(0)).indices.flip(0)  # other inputs, other order
     assert torch.equal(again, m.router(fresh(21, D), ids.flatten()).indices)
-    with pytest.raises(UserError, match="token id"):
+    with pytest.raises(ValueError, match="token id"):
         m(fresh(1, 2, D), None)
 
 
