@@ -23,6 +23,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from sffn_lab.config import FFNConfig
+from sffn_lab.kernels.backends import forced_backend
 from sffn_lab.variants.cost import Cost
 
 PROBE_BATCH, PROBE_LEN, PROBE_VOCAB = 2, 32, 512  # the probe batch: [B, S] token ids, x [B, S, D]
@@ -40,8 +41,6 @@ def measure(variant: Any, cfg: FFNConfig, d_model: int) -> Cost:
 
 def _measure(variant: Any, cfg: FFNConfig, d_model: int) -> tuple[int, int, float]:
     """(total parameters, inactive parameters, counted forward FLOPs per token) of one built layer."""
-    from sffn_lab.kernels.backends import forced_backend
-
     generator = torch.Generator().manual_seed(0)
     with torch.random.fork_rng(devices=[]):  # the caller's random state is left as it was
         torch.manual_seed(0)
