@@ -222,19 +222,19 @@ def train(
             ckpt_path, resume_step = str(last), checkpoint["global_step"]
             if (finished := finished_summary(run_dir, resume_step, config.train.max_steps)) is not None:
                 return finished
-        if not is_launched_rank():
-            save_config(config, RunDir(run_dir).config)  # a new train.max_steps is the run's from now on
     elif is_launched_rank():
         run_dir = launched_rank_run_dir(run_dir)
     else:
         run_dir = new_run_dir(config, run_dir)
         created = True
-        save_config(config, RunDir(run_dir).config)
-        RunDir(run_dir).tokenizer.write_text(json.dumps(tokenizer_to_dict(data.corpus.tokenizer)))
+    run = RunDir(run_dir)
     os.environ[RUN_DIR_ENV] = str(run_dir)
     rank_zero = not is_launched_rank()
     if rank_zero:
-        RunDir(run_dir).write_status("running", step=resume_step or 0)
+        save_config(config, run.config)  # resumed: a new train.max_steps is the run's from now on
+        if created:
+            run.tokenizer.write_text(json.dumps(tokenizer_to_dict(data.corpus.tokenizer)))
+        run.write_status("running", step=resume_step or 0)
         print(f"run directory: {run_dir}  (follow it: tensorboard --logdir {run_dir})", flush=True)
     trainer = None
     try:
@@ -242,7 +242,7 @@ def train(
         trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)  # read through SafeCheckpointIO, weights only
     except TrainingInterrupted:
         if rank_zero:
-            RunDir(run_dir).write_status("interrupted", step=trainer.global_step)
+            run.write_status("interrupted", step=trainer.global_step)
         raise
     except BaseException as exc:
         if rank_zero:
@@ -254,8 +254,8 @@ def train(
         trainer.validate(module, datamodule=data, verbose=False)
     summary = summarize(run_dir, trainer, module, module.wall_time_s())
     if rank_zero:
-        RunDir(run_dir).summary.write_text(json.dumps(asdict(summary), indent=2))
-        RunDir(run_dir).write_status("finished", step=trainer.global_step)
+        run.summary.write_text(json.dumps(asdict(summary), indent=2))
+        run.write_status("finished", step=trainer.global_step)
     return summary
 
 
