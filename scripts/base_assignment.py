@@ -6,8 +6,9 @@ Prints the machine, then (1) how far each method's total score is from the optim
 ``scipy.optimize.linear_sum_assignment`` on capacity-expanded scores (K = 1, low-rank scores like W_sel x,
 at the shapes of issue 26) and (2) the time per call of each at T 8192 / E 64 (K = 1 and 2) and, for the
 auction, at T 3072 / E 128 / K 32 (``cpu_avgk_compute_equal.yaml``'s base_e128), median of ``--repeats``
-calls, with the ratio. ``--previous`` adds the auction as it was at a git revision (read with ``git show``
-into a temporary module) as another column, on the same scores.
+calls. "auction, warm" starts from the prices the auction returned for another batch of the same router
+(scores x W with a new x), as a BASE router does from step to step. ``--previous`` adds the auction as it
+was at a git revision (read with ``git show`` into a temporary module) as another column, on the same scores.
 """
 
 from __future__ import annotations
@@ -57,10 +58,14 @@ def greedy_assignment(scores: torch.Tensor, k: int) -> torch.Tensor:
     return torch.stack(columns, dim=1)
 
 
-def low_rank_scores(T: int, E: int, rank: int, generator: torch.Generator) -> torch.Tensor:
-    x = torch.randn(T, rank, generator=generator, dtype=torch.float64)
-    w = torch.randn(rank, E, generator=generator, dtype=torch.float64)
-    return (x @ w).float()
+def low_rank_scores(T: int, router: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Scores like W_sel x for a router [rank, E]: x [T, rank] · router (fp32)."""
+    x = torch.randn(T, router.shape[0], generator=generator, dtype=torch.float64)
+    return (x @ router).float()
+
+
+def low_rank_router(E: int, rank: int, generator: torch.Generator) -> torch.Tensor:
+    return torch.randn(rank, E, generator=generator, dtype=torch.float64)
 
 
 def optimum(scores: torch.Tensor) -> float:
@@ -80,7 +85,7 @@ def previous_auction(ref: str):
     spec = importlib.util.spec_from_file_location("previous_balanced_assignment", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.balanced_assignment
+    return lambda scores, k: getattr(result := module.balanced_assignment(scores, k), "experts", result)
 
 
 def median_seconds(fn, repeats: int) -> float:
@@ -102,7 +107,7 @@ def main() -> None:
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
                platform.processor())
     print(f"machine: {cpu}, {torch.get_num_threads()} torch threads; torch {torch.__version__}; seed {args.seed}")
-    methods = {"greedy": greedy_assignment, "auction": balanced_assignment}
+    methods = {"greedy": greedy_assignment, "auction": lambda scores, k: balanced_assignment(scores, k).experts}
     if args.previous:
         methods[f"auction@{args.previous}"] = previous_auction(args.previous)
     generator = torch.Generator().manual_seed(args.seed)
@@ -110,18 +115,21 @@ def main() -> None:
     print("(balancing itself costs: unconstrained top-1 above the optimum)")
     print("T     E   rank  " + "".join(f"{name:<20}" for name in methods) + "balancing costs")
     for T, E, rank in [(256, 8, 4), (1024, 16, 8), (2048, 64, 16)]:
-        scores = low_rank_scores(T, E, rank, generator)
+        scores = low_rank_scores(T, low_rank_router(E, rank, generator), generator)
         best = optimum(scores)
         gaps = [100 * (best - float(scores.double().gather(1, fn(scores, 1)).sum())) / abs(best)
                 for fn in methods.values()]
         free = 100 * (float(scores.double().max(1).values.sum()) - best) / abs(best)
         print(f"{T:<5} {E:<3} {rank:<5} " + "".join(f"{gap:<20.4f}" for gap in gaps) + f"{free:.2f}%")
     print(f"\ntime per call (low-rank 16), median of {args.repeats}; total score in brackets")
-    print("T     E    K   " + "".join(f"{name:<28}" for name in methods))
+    print("T     E    K   " + "".join(f"{name:<28}" for name in [*methods, "auction, warm"]))
     for T, E, k in [(8192, 64, 1), (8192, 64, 2), (3072, 128, 32)]:
-        scores = low_rank_scores(T, E, 16, generator)
+        router = low_rank_router(E, 16, generator)
+        scores = low_rank_scores(T, router, generator)
+        prices = balanced_assignment(low_rank_scores(T, router, generator), k).prices
+        warm = {"auction, warm": lambda scores, k, prices=prices: balanced_assignment(scores, k, prices).experts}
         cells = []
-        for name, fn in methods.items():
+        for name, fn in {**methods, **warm}.items():
             if name == "greedy" and k > 2:  # the greedy heuristic's swap step is not reproduced (see above)
                 cells.append("-")
                 continue

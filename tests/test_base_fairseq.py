@@ -109,10 +109,12 @@ def test_fairseq_form_equals_fairseq_base_layer(n_experts, training):
     x0 = torch.randn(2, 12, D, dtype=torch.float64)
     w = torch.randn_like(x0)
     x = x0.clone().requires_grad_(True)
+    cold = layer.router.auction_prices.clone()
     out = x + layer(x).y
     (out * w).sum().backward()
     assignment = None
     if training:  # the routing our layer used (the auction's), for fairseq's sort into workers
+        layer.router.auction_prices.copy_(cold)  # the same start as the layer's call: the same auction
         assignment = layer.router(x0.reshape(-1, D)).indices[:, 0]
         loads = torch.bincount(assignment, minlength=n_experts)
         assert torch.equal(loads, torch.full((n_experts,), 24 // n_experts))

@@ -11,6 +11,7 @@ import torch
 from sffn_lab.config import FFNConfig, ModelConfig, load_config, validate_ffn
 from sffn_lab.errors import UserError
 from sffn_lab.kernels import RoutingPlan
+from sffn_lab.layers import routers
 from sffn_lab.layers.expert_bank import ExpertBank
 from sffn_lab.layers.factory import build_ffn
 from sffn_lab.layers.routers import sinkhorn
@@ -278,6 +279,37 @@ def test_base_gives_exactly_balanced_loads_in_training(k):
     assert torch.equal(out.expert_counts, torch.full((6,), 48.0 * k / 6, dtype=out.expert_counts.dtype))
     indices = m.router(fresh(48, D)).indices
     assert all(len(set(row.tolist())) == k for row in indices)  # distinct experts per token
+
+
+def test_base_starts_each_auction_from_the_previous_steps_prices_and_saves_them(monkeypatch):
+    """The router hands the auction the prices of its previous training step; they are saved with the model,
+    so a resumed run assigns as the uninterrupted one; a router saved before the prices existed starts cold."""
+    starts = []
+    real = routers.balanced_assignment
+
+    def recorded(scores, k, start):
+        starts.append(None if start is None else start.clone())  # the buffer itself changes after the call
+        return real(scores, k, start)
+
+    monkeypatch.setattr(routers, "balanced_assignment", recorded)
+    m = layer("base", n_experts=6, top_k=2).train()
+    assert m.router.auction_prices.isnan().all()
+    m(fresh(4, 12, D))
+    after_first = m.router.auction_prices.clone()
+    assert starts == [None] and after_first.isfinite().all()
+    resumed = layer("base", n_experts=6, top_k=2).train()
+    resumed.load_state_dict(m.state_dict())
+    x = fresh(48, D)
+    assert torch.equal(m.router(x).indices, resumed.router(x).indices)
+    assert torch.equal(starts[1], after_first) and torch.equal(starts[2], after_first)
+    torch.testing.assert_close(m.router.auction_prices, resumed.router.auction_prices, atol=0, rtol=0)
+    saved_before = {name: v for name, v in m.state_dict().items() if not name.endswith("auction_prices")}
+    old = layer("base", n_experts=6, top_k=2)
+    old.router.auction_prices.zero_()
+    old.load_state_dict(saved_before)
+    assert old.router.auction_prices.isnan().all()
+    m.eval()(x.view(4, 12, D))  # greedy top-K at evaluation: no auction, the prices stay
+    assert len(starts) == 3 and torch.equal(m.router.auction_prices, resumed.router.auction_prices)
 
 
 def test_sinkhorn_balances_the_marginals():

@@ -255,21 +255,32 @@ def sinkhorn(logits: torch.Tensor, iters: int) -> torch.Tensor:
 class BaseRouter(LinearRouter):
     """BASE layers: the optimal balanced assignment in training (the auction of
     ``sffn_lab.layers.balanced_assignment``: every expert gets T·K/N_E tokens), greedy top-K at eval; gates
-    σ(x·c_e) of the selector rows c_e (fairseq's expert centroids: orthogonal, gain 0.1, in the fairseq form)."""
+    σ(x·c_e) of the selector rows c_e (fairseq's expert centroids: orthogonal, gain 0.1, in the fairseq form).
+    Each training step's auction starts from the previous step's expert prices (``auction_prices`` [N_E], a
+    buffer saved with the model so that a resumed run continues exactly; NaN: no step yet, a cold start)."""
 
     def __init__(self, cfg: FFNConfig, d_model: int, n_layers: int, vocab_size: int):
         super().__init__(cfg, d_model, n_layers, vocab_size)
         if self.opts.form == "fairseq":
             nn.init.orthogonal_(self.selector, gain=0.1)
+        self.register_buffer("auction_prices", torch.full((cfg.n_experts,), float("nan")))
+        self.register_load_state_dict_pre_hook(cold_start_without_prices)
 
     def forward(self, x, token_ids=None, bank=None) -> Routing:
         logits = self.logits(x)
         if self.training:
             with torch.no_grad():
-                indices = balanced_assignment(at_least_fp32(logits), self.k)
+                start = None if bool(self.auction_prices.isnan().any()) else self.auction_prices
+                indices, prices = balanced_assignment(at_least_fp32(logits), self.k, start)
+                self.auction_prices.copy_(prices)
         else:
             indices = logits.topk(self.k, dim=-1).indices
         return Routing(indices, torch.sigmoid(logits.gather(-1, indices)))
+
+
+def cold_start_without_prices(router: BaseRouter, state_dict: dict, prefix: str, *args) -> None:
+    """Load a BASE router saved before its auction kept prices: it starts its next auction cold."""
+    state_dict.setdefault(prefix + "auction_prices", torch.full_like(router.auction_prices, float("nan")))
 
 
 class HashRouter(Router):
