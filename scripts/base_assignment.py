@@ -9,6 +9,13 @@ auction, at T 3072 / E 128 / K 32 (``cpu_avgk_compute_equal.yaml``'s base_e128),
 calls. "auction, warm" starts from the prices the auction returned for another batch of the same router
 (scores x W with a new x), as a BASE router does from step to step. ``--previous`` adds the auction as it
 was at a git revision (read with ``git show`` into a temporary module) as another column, on the same scores.
+
+    python scripts/base_assignment.py --trained RUN_DIR [--repeats 5]
+
+times the auction instead on the routing scores of a trained BASE model (the run's last checkpoint, its
+training batches of steps 0–5 from its own corpus and data seed): each BASE layer's scores of batch b, cold
+and warm from the prices it returned for batch b − 1, median over b = 1 … 5 (each call timed ``--repeats``
+times, the median taken).
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from sffn_lab.layers.balanced_assignment import balanced_assignment
+from sffn_lab.layers.balanced_assignment import Assignment, balanced_assignment
 
 
 def greedy_assignment(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -98,15 +105,67 @@ def median_seconds(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
+def trained_scores(run_dir: Path, batches: int) -> tuple[list[list[torch.Tensor]], int]:
+    """The routing scores [T, E] that each BASE router of the run's last checkpoint hands its auction, for its
+    training batches of steps 0 … ``batches`` − 1: [batch][layer]; and the routers' K."""
+    from sffn_lab.checkpoints import load_checkpoint
+    from sffn_lab.data.datamodule import LMDataModule, TrainWindows
+    from sffn_lab.layers import routers
+    from sffn_lab.run_dir import RunDir
+
+    module = load_checkpoint(RunDir(run_dir).last_checkpoint).train()
+    data = LMDataModule.of(module.config)
+    d = module.config.data
+    windows = TrainWindows(data.split_tokens("train"), d.seq_len, d.batch_size, module.config.train.seed, 0)
+    captured = []
+
+    def capture(scores: torch.Tensor, k: int, start: torch.Tensor | None):
+        captured[-1].append(scores.clone())
+        return Assignment(scores.topk(k, dim=1).indices, scores.new_zeros(scores.shape[1]))
+
+    routers.balanced_assignment = capture
+    with torch.no_grad():
+        for step in range(batches):
+            captured.append([])
+            module.model(windows.batch(step)[0])
+    if not captured[0]:
+        raise SystemExit(f"{run_dir}: no BASE router in this model")
+    return captured, module.config.model.ffn.top_k
+
+
+def time_trained(run_dir: Path, repeats: int) -> None:
+    batches, k = trained_scores(run_dir, 6)
+    print(f"\n{run_dir}: {len(batches[0])} BASE layers, T {batches[0][0].shape[0]}, E {batches[0][0].shape[1]}, "
+          f"K {k}; median over batches 1-5 of the median of {repeats} calls; total score in brackets")
+    print("layer  cold                      warm                      cold / warm")
+    for layer in range(len(batches[0])):
+        cells = {"cold": [], "warm": []}
+        for b in range(1, len(batches)):
+            scores, previous = batches[b][layer], batches[b - 1][layer]
+            prices = balanced_assignment(previous, k).prices
+            for name, start in (("cold", None), ("warm", prices)):
+                seconds = median_seconds(lambda s=scores, start=start: balanced_assignment(s, k, start), repeats)
+                total = float(scores.double().gather(1, balanced_assignment(scores, k, start).experts).sum())
+                cells[name].append((seconds, total))
+        cold, warm = (statistics.median(t for t, _ in cells[name]) for name in ("cold", "warm"))
+        totals = {name: sum(total for _, total in cells[name]) for name in cells}
+        print(f"{layer:<6} {1e3 * cold:7.1f} ms ({totals['cold']:.1f})    {1e3 * warm:7.1f} ms ({totals['warm']:.1f})"
+              f"    {cold / warm:.1f}×")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--previous", metavar="GIT_REF", help="also time the auction as it was at this revision")
+    parser.add_argument("--trained", metavar="RUN_DIR", type=Path, help="time cold and warm on a trained BASE model")
     args = parser.parse_args()
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
                platform.processor())
     print(f"machine: {cpu}, {torch.get_num_threads()} torch threads; torch {torch.__version__}; seed {args.seed}")
+    if args.trained:
+        time_trained(args.trained, args.repeats)
+        return
     methods = {"greedy": greedy_assignment, "auction": lambda scores, k: balanced_assignment(scores, k).experts}
     if args.previous:
         methods[f"auction@{args.previous}"] = previous_auction(args.previous)
