@@ -34,8 +34,8 @@ Warm start: ``start_prices`` [E] (the prices an earlier call returned, in units 
 centred; a router passes the previous training step's) sets every slot's starting price and skips the first,
 coarsest phase. Any starting prices keep the guarantee (every slot is filled at the end, every held pair
 satisfies ε-complementary slackness); prices near the equilibrium make the phases short. On the trained
-routers of the Avg-K compute-equal sweep, with the prices of another batch, a call took 2–5× fewer rounds
-at the same total score (docs/results.md).
+routers of the Avg-K compute-equal sweep, from the prices of the previous batch, a call took 2.9–5.1× less
+time on the CPU at the same total score (docs/results.md, "The warm start").
 
 Bounded work: ``n_phases`` phases of at most ``max_rounds`` rounds (a tail's bids count as rounds of
 ``TAIL_BIDS`` bids). Device-side until the tail; the only other host read is the
