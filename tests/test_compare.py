@@ -9,6 +9,7 @@ import pytest
 from scipy import stats
 
 from sffn_lab.analysis.compare import difference
+from sffn_lab.errors import UserError
 
 
 def test_paired_interval_worked_by_hand():
@@ -66,6 +67,24 @@ def test_report_orders_by_verdict_and_merges_sweeps(tmp_path):
     csv_text = (tmp_path / "merged" / "results.csv").read_text()
     assert "verdict" in csv_text.splitlines()[0] and ",better," in csv_text
     assert summarize_sweep(a, baseline="worse")[0].name == "worse"
+
+
+def test_sweeps_of_the_same_name_merge_under_their_parent_folders(tmp_path):
+    """A grid rerun into another --out folder keeps its name: its runs are told apart by the folders above,
+    not merged into (or overwriting) the first sweep's; the same sweep twice is refused."""
+    from sffn_lab.analysis.report import summarize_sweep
+
+    first, rerun = tmp_path / "runs" / "grid", tmp_path / "runs" / "warm" / "grid"
+    first.parent.mkdir()
+    rerun.parent.mkdir()
+    write_runs(first, "ref", {0: 2.00, 1: 2.10, 2: 2.20}, baseline="ref")
+    write_runs(first, "base", {0: 2.30, 1: 2.41, 2: 2.50})
+    write_runs(rerun, "base", {0: 1.90, 1: 2.05, 2: 2.10})
+    rows = {r.name: r for r in summarize_sweep(first, rerun)}
+    assert set(rows) == {"ref", "runs/grid/base", "warm/grid/base"}
+    assert rows["warm/grid/base"].verdict == "better" and rows["runs/grid/base"].verdict == "worse"
+    with pytest.raises(UserError, match="given twice"):
+        summarize_sweep(first, tmp_path / "runs" / ".." / "runs" / "grid")
 
 
 def test_equal_budget_values_are_interpolated_at_what_every_run_reached(tmp_path):

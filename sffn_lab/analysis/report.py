@@ -4,7 +4,8 @@ interval and a verdict, as a table, results.md / results.csv and a PNG.
 A sweep directory holds one run directory per (run name, seed), named ``<name>-s<seed>``, and the grid's
 ``sweep.json`` (its name and baseline). Only finished runs (with a summary.json) enter the report.
 Several sweep directories merge into one table; a run name two of them share is prefixed with its
-sweep's directory name.
+sweep's directory name, or with as many of its parent folders as tell the sweeps apart (``runs/grid`` and
+``warm/grid`` for runs/grid and runs/warm/grid).
 """
 
 from __future__ import annotations
@@ -86,14 +87,29 @@ def _finished_runs(sweep_dir: Path) -> dict[str, list[Path]]:
 def collect(*sweep_dirs: Path) -> dict[str, list[Path]]:
     """Finished run directories grouped by run name, over one or several sweeps."""
     per_sweep = {Path(d): _finished_runs(Path(d)) for d in sweep_dirs}
+    labels = sweep_labels(list(per_sweep))
     names = [name for groups in per_sweep.values() for name in groups]
     groups = {}
     for sweep_dir, runs in per_sweep.items():
         for name, run_dirs in runs.items():
-            groups[f"{sweep_dir.name}/{name}" if names.count(name) > 1 else name] = run_dirs
+            groups[f"{labels[sweep_dir]}/{name}" if names.count(name) > 1 else name] = run_dirs
     if not groups:
         raise UserError(" ".join(_nothing_to_report(Path(d)) for d in sweep_dirs))
     return groups
+
+
+def sweep_labels(sweep_dirs: list[Path]) -> dict[Path, str]:
+    """Each sweep directory's shortest trailing path (its name, then with its parents) that no other of them
+    shares; the same directory given twice is refused."""
+    resolved = [d.resolve() for d in sweep_dirs]
+    twice = {str(d) for d in sweep_dirs if resolved.count(d.resolve()) > 1}
+    if twice:
+        raise UserError(f"Sweep directory given twice: {', '.join(sorted(twice))}. Name each sweep once.")
+    for depth in range(1, max(len(d.parts) for d in resolved) + 1):
+        labels = ["/".join(d.parts[-depth:]).removeprefix("//") for d in resolved]
+        if len(set(labels)) == len(labels):
+            break
+    return dict(zip(sweep_dirs, labels, strict=True))
 
 
 def _nothing_to_report(folder: Path) -> str:
