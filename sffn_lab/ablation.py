@@ -31,6 +31,7 @@ import itertools
 import json
 import os
 import shutil
+import statistics
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -234,10 +235,12 @@ def check_matching(sweep: Sweep) -> None:
 
 
 ESTIMATE_METHOD = (
-    "measured here: the fastest of 3 training steps (forward, backward, AdamW) of each distinct model, on "
-    "up to 16 windows and at most 20 GFLOP a step (a model too large for that: the cheapest model's time scaled by "
-    "FLOPs per token), scaled to the run's steps and batch; validation at 1/3 of a training token's time over "
-    "the validation tokens of every validation; 3 s of start-up per run; data loading not counted"
+    "a finished run: the time it took; a run with finished seeds: their median time per trained token (validation "
+    "and start-up included), scaled to its tokens; else measured here: the fastest of 3 training steps (forward, "
+    "backward, AdamW) of each distinct model, on up to 16 windows and at most 20 GFLOP a step (a model too large "
+    "for that: the cheapest model's time scaled by FLOPs per token), scaled to the run's steps and batch; "
+    "validation at 1/3 of a training token's time over the validation tokens of every validation; 3 s of start-up "
+    "per run; data loading not counted"
 )
 CHEAP_STEP_FLOPS = 2e10  # a step of this size takes about a second on a laptop core
 MEASURED_WINDOWS = 16  # at most this many batch rows per measured step (small batches run below the real rate)
@@ -249,13 +252,20 @@ def measured_windows(config: Config, flops_per_token: int) -> int:
     return max(1, min(config.data.batch_size, MEASURED_WINDOWS, affordable))
 
 
-def estimate_seconds(sweep: Sweep) -> None:
-    """Set each run's ``estimated_s`` from step times measured on this machine (see ESTIMATE_METHOD)."""
+def estimate_seconds(sweep: Sweep, sweep_dir: Path | None = None) -> None:
+    """Set each run's ``estimated_s``: from the runs of ``sweep_dir`` that finished, else from step times measured
+    on this machine (see ESTIMATE_METHOD)."""
 
     def model_key(run: PlannedRun) -> str:  # runs that differ only in seed or steps time alike
         c = run.config
         return repr((c.model, c.data.seq_len, c.data.batch_size, c.train.precision))
 
+    took, per_token_finished = {}, {}  # dir name → seconds; model key → seconds per trained token of each
+    for run in sweep.runs:
+        summary = finished_summary(sweep_dir / run.dir_name) if sweep_dir is not None else None
+        if summary:
+            took[run.dir_name] = summary["wall_time_s"]
+            per_token_finished.setdefault(model_key(run), []).append(summary["wall_time_s"] / summary["tokens_seen"])
     models = {}
     for run in sweep.runs:
         models.setdefault(model_key(run), run)
@@ -263,21 +273,40 @@ def estimate_seconds(sweep: Sweep) -> None:
     def affordable(run: PlannedRun) -> bool:
         return 3 * run.flops_per_token * run.config.data.seq_len <= CHEAP_STEP_FLOPS  # one window fits
 
-    cheapest = min(models.values(), key=lambda run: run.flops_per_token * run.config.data.seq_len)
-    cheapest_s = measured_seconds_per_token(cheapest.config, cheapest.flops_per_token)
+    unmeasured = {key: run for key, run in models.items() if key not in per_token_finished}
     per_token = {}
-    for key, run in models.items():
-        if run is cheapest:
-            per_token[key] = cheapest_s
-        elif affordable(run):
-            per_token[key] = measured_seconds_per_token(run.config, run.flops_per_token)
-        else:
-            per_token[key] = cheapest_s * run.flops_per_token / cheapest.flops_per_token
+    if unmeasured:
+        cheapest = min(unmeasured.values(), key=lambda run: run.flops_per_token * run.config.data.seq_len)
+        cheapest_s = measured_seconds_per_token(cheapest.config, cheapest.flops_per_token)
+        for key, run in unmeasured.items():
+            if run is cheapest:
+                per_token[key] = cheapest_s
+            elif affordable(run):
+                per_token[key] = measured_seconds_per_token(run.config, run.flops_per_token)
+            else:
+                per_token[key] = cheapest_s * run.flops_per_token / cheapest.flops_per_token
     for run in sweep.runs:
         c = run.config
         train_tokens = c.train.max_steps * c.data.batch_size * c.data.seq_len
-        validations = c.train.max_steps // c.train.val_every + 1
-        run.estimated_s = per_token[model_key(run)] * (train_tokens + validations * _validation_tokens(c) / 3) + 3.0
+        key = model_key(run)
+        if run.dir_name in took:
+            run.estimated_s = took[run.dir_name]
+        elif key in per_token_finished:
+            run.estimated_s = statistics.median(per_token_finished[key]) * train_tokens
+        else:
+            validations = c.train.max_steps // c.train.val_every + 1
+            run.estimated_s = per_token[key] * (train_tokens + validations * _validation_tokens(c) / 3) + 3.0
+
+
+def finished_summary(run_dir: Path) -> dict | None:
+    """The summary of a finished run that says how long it took for how many tokens, else None."""
+    from sffn_lab.run_dir import RunDir
+
+    run = RunDir(run_dir)
+    if not run.finished():
+        return None
+    summary = run.read_summary()
+    return summary if summary.get("wall_time_s") and summary.get("tokens_seen") else None
 
 
 def measured_seconds_per_token(config: Config, flops_per_token: int, steps: int = 3) -> float:

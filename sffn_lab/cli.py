@@ -399,24 +399,27 @@ def ablate(
             for planned in chosen:
                 console.print(f"{planned.dir_name}: {execute(planned, sweep_dir)}")
         return
-    estimate_seconds(sweep)
+    estimate_seconds(sweep, sweep_dir)
     base = sweep.base_config or "the built-in defaults (the grid has no config:; see sffn config keys)"
     table = Table(title=f"Plan: {sweep.name} ({len(sweep.runs)} runs, matched: {sweep.match}, "
                         f"baseline: {sweep.baseline}) → {sweep_dir}\nevery run starts from {base}")
     for column in ("run", "variant", "seed", "total params", "active params", "FLOPs/token", "est. time", "state"):
         table.add_column(column, justify="left" if column in ("run", "variant", "state") else "right")
+    states = {planned.dir_name: run_state(sweep_dir / planned.dir_name) for planned in sweep.runs}
     for planned in sweep.runs:
         table.add_row(planned.name, planned.variant, str(planned.seed), f"{planned.total_params:,}",
                       f"{planned.active_params:,}", f"{planned.flops_per_token:,}",
-                      format_duration(planned.estimated_s), run_state(sweep_dir / planned.dir_name))
+                      format_duration(planned.estimated_s), states[planned.dir_name])
     total = sum(planned.estimated_s for planned in sweep.runs)
+    left = [planned.estimated_s for planned in sweep.runs if states[planned.dir_name] != "finished"]
     table.add_section()
     table.add_row("total", "", "", "", "", "", format_duration(total), "", style="bold")
+    if len(left) < len(sweep.runs):
+        table.add_row("left", "", "", "", "", "", format_duration(sum(left)), f"{len(left)} runs", style="bold")
     console.print(table)
-    if launcher is Launcher.local and jobs > 1:
-        longest = max(planned.estimated_s for planned in sweep.runs)
-        console.print(f"with --jobs {jobs}: at least {format_duration(max(total / jobs, longest))} of wall time",
-                      soft_wrap=True)
+    if launcher is Launcher.local and jobs > 1 and left:
+        console.print(f"with --jobs {jobs}: at least {format_duration(max(sum(left) / jobs, max(left)))} of wall "
+                      "time", soft_wrap=True)
     console.print(f"estimated times: {ESTIMATE_METHOD}", soft_wrap=True)
     if launcher is Launcher.slurm:
         _submit_to_slurm(sweep, sweep_dir, grid_path, out, list(set_), sbatch, dry_run)

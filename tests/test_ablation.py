@@ -177,7 +177,7 @@ def test_a_grids_missing_config_is_named_with_where_it_was_looked_for(tmp_path):
 def test_grid_plan_names_its_base_durations_and_total(tmp_path, capsys, monkeypatch):
     from sffn_lab import ablation
 
-    def fake_estimates(sweep):
+    def fake_estimates(sweep, sweep_dir):
         for run, seconds in zip(sweep.runs, [7040, 7.05e6, 65, 4.2], strict=True):
             run.estimated_s = seconds
 
@@ -188,6 +188,39 @@ def test_grid_plan_names_its_base_durations_and_total(tmp_path, capsys, monkeypa
     assert "1 h 57 min" in out and "81 d 14 h" in out and "1 min 5 s" in out and "4.2 s" in out and "e+" not in out
     total = next(line for line in out.splitlines() if line.startswith("│ total"))
     assert "81 d 16 h" in total  # 7040 + 7.05e6 + 65 + 4.2 s
+
+
+def test_finished_seeds_time_the_rest_of_their_run(tmp_path, capsys, monkeypatch):
+    """A finished run shows the time it took; another seed of it is estimated from that time per token; a run
+    with nothing finished is measured; the plan adds what is left."""
+    from sffn_lab import ablation
+    from sffn_lab.run_dir import RunDir
+
+    measured = []
+
+    def measured_seconds_per_token(config, flops_per_token):
+        measured.append(config.model.ffn.kind)
+        return 1e-3
+
+    monkeypatch.setattr(ablation, "measured_seconds_per_token", measured_seconds_per_token)
+    grid = write_grid(tmp_path, RUNS)
+    sweep = ablation.load_grid(grid)
+    sweep_dir = tmp_path / "sweeps" / "tiny"
+    finished = RunDir(sweep_dir / "sigma_moe-s0")
+    finished.path.mkdir(parents=True)
+    finished.summary.write_text(json.dumps({"wall_time_s": 600.0, "tokens_seen": 1000}))
+    finished.write_status("finished")
+    ablation.estimate_seconds(sweep, sweep_dir)
+    seconds = {run.dir_name: run.estimated_s for run in sweep.runs}
+    c = sweep.runs[0].config
+    tokens = c.train.max_steps * c.data.batch_size * c.data.seq_len
+    assert seconds["sigma_moe-s0"] == 600.0 and seconds["sigma_moe-s1"] == pytest.approx(0.6 * tokens)
+    assert seconds["dense-s0"] == seconds["dense-s1"] > 1e-3 * tokens  # measured: training and validation
+    assert measured == ["dense"]  # the cheapest model, timed; σ-MoE's time comes from its finished seed
+    code, out, err = run_cli(["ablate", grid, "--dry-run", "--out", tmp_path / "sweeps"], capsys)
+    assert code == 0, err
+    left = next(line for line in out.splitlines() if line.startswith("│ left"))
+    assert "3 runs" in left and "a finished run: the time it took" in " ".join(out.split())
 
 
 @pytest.mark.parametrize("content, message", [
