@@ -267,12 +267,17 @@ def sequential_bids(s: np.ndarray, want: np.ndarray, slots: Slots, eps: float, b
             continue
         value = s[t] - price[:, -1]
         value[holds[t]] = -np.inf
-        best = np.argsort(-value, kind="stable")
-        w = value[best[d]]
-        for e in best[:d].tolist():
+        if d == 1:  # most bids: the first best (ties: the lower expert), then the best of the others
+            best = [int(value.argmax())]
+            value[best[0]] = -np.inf
+            w = value.max()
+        else:
+            order = (-value).argsort(kind="stable")
+            best, w = order[:d].tolist(), value[order[d]]
+        for e in best:
             bid = s[t, e] - w + eps
             displaced = int(owner[e, -1])
-            at = int(np.searchsorted(-price[e, :-1], -bid, side="right"))  # after every slot of price ≥ bid
+            at = int((-price[e, :-1]).searchsorted(-bid, side="right"))  # after every slot of price ≥ bid
             price[e, at + 1:], owner[e, at + 1:] = price[e, at:-1].copy(), owner[e, at:-1].copy()
             price[e, at], owner[e, at] = bid, t
             holds[t, e] = True
