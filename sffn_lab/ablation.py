@@ -46,6 +46,7 @@ from sffn_lab.analysis.report import LR_MARK, SWEEP_FILE, TEST_FILE
 from sffn_lab.config import Config, read_yaml
 from sffn_lab.errors import UserError
 from sffn_lab.experiments import resolve, shipped_names
+from sffn_lab.kernels.precision import fp32_matmul_precision
 
 # Vocabulary sizes of the word-level corpora as published (Merity et al. 2016), used to plan a grid
 # before the corpus is downloaded.
@@ -258,7 +259,7 @@ def estimate_seconds(sweep: Sweep, sweep_dir: Path | None = None) -> None:
 
     def model_key(run: PlannedRun) -> str:  # runs that differ only in seed or steps time alike
         c = run.config
-        return repr((c.model, c.data.seq_len, c.data.batch_size, c.train.precision))
+        return repr((c.model, c.data.seq_len, c.data.batch_size, c.train.precision, c.train.matmul_precision))
 
     took, per_token_finished = {}, {}  # dir name → seconds; model key → seconds per trained token of each
     for run in sweep.runs:
@@ -323,12 +324,13 @@ def measured_seconds_per_token(config: Config, flops_per_token: int, steps: int 
     tokens = torch.randint(0, vocab, (windows, config.data.seq_len + 1), device=device)
     dtype = torch.bfloat16 if "bf16" in config.train.precision else None
 
-    plain_training_step(model, optimizer, tokens, dtype)  # warm-up
     times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        plain_training_step(model, optimizer, tokens, dtype).item()  # .item() waits for the device
-        times.append(time.perf_counter() - start)
+    with fp32_matmul_precision(config.train.matmul_precision):
+        plain_training_step(model, optimizer, tokens, dtype)  # warm-up
+        for _ in range(steps):
+            start = time.perf_counter()
+            plain_training_step(model, optimizer, tokens, dtype).item()  # .item() waits for the device
+            times.append(time.perf_counter() - start)
     return min(times) / tokens[:, 1:].numel()  # the fastest step: the least disturbed by other work
 
 

@@ -43,6 +43,17 @@ def _warn_if_cpu_busy() -> None:
         console.print(f"[yellow]warning:[/yellow] {warning}", soft_wrap=True)
 
 
+def _warn_if_slow_fp32(config) -> None:
+    """Before GPU training: say so when fp32 products would bypass the tensor cores."""
+    import torch
+
+    from sffn_lab.training import slow_fp32_warning
+
+    capability = torch.cuda.get_device_capability() if torch.cuda.is_available() else None
+    if warning := slow_fp32_warning(config.train, capability):
+        console.print(f"[yellow]warning:[/yellow] {warning}", soft_wrap=True)
+
+
 def _typed_overrides(**values) -> list[str]:
     """Typed CLI options → dotted overrides, for the options the user actually gave."""
     keys = {
@@ -152,6 +163,7 @@ def train(
     from sffn_lab import training
 
     _warn_if_cpu_busy()
+    _warn_if_slow_fp32(cfg)
     summary = training.train(cfg, progress=progress, resume_dir=resume, run_dir=run_dir)
     if not is_launched_rank():
         console.print(_format_summary(summary))

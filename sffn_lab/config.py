@@ -170,6 +170,7 @@ class TrainConfig:
     num_nodes: int = 1  # machines, each running train.devices processes (launched by SLURM, torchrun or by hand)
     strategy: str = "auto"  # Lightning strategy: auto, ddp, fsdp …
     precision: str = "32-true"  # 32-true, bf16-mixed, bf16-true, 16-mixed (GPU) …
+    matmul_precision: str = "highest"  # fp32 products: highest (IEEE), high (TF32 on GPUs), medium (bf16 passes)
     compile: bool = False  # torch.compile the model (the expert products are custom ops: no graph breaks)
     accumulate_grad_batches: int = 1  # batches whose gradients add up to one optimizer step
     loggers: str = "csv,tensorboard"  # comma-separated: csv (always), tensorboard, wandb, mlflow
@@ -376,6 +377,9 @@ def save_config(config: Config, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
 
 
+MATMUL_PRECISIONS = ("highest", "high", "medium")  # torch.set_float32_matmul_precision's
+
+
 def choice(value: str, options: tuple[str, ...], key: str) -> None:
     """Refuse a value that is not one of ``options``, suggesting the closest."""
     if value not in options:
@@ -388,6 +392,7 @@ def validate(config: Config) -> None:
     choice(m.backbone, BACKBONES, "model.backbone")
     choice(m.positions, POSITIONS, "model.positions")
     choice(m.init, ("default", "paper"), "model.init")
+    choice(t.matmul_precision, MATMUL_PRECISIONS, "train.matmul_precision")
     if m.d_model <= 0 or m.n_layers <= 0 or m.n_heads <= 0:
         raise UserError("model.d_model, model.n_layers and model.n_heads must be positive.")
     if m.backbone == "transformer" and not m.head_dim and m.d_model % m.n_heads:

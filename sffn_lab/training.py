@@ -40,6 +40,7 @@ from sffn_lab.checkpoints import (
 )
 from sffn_lab.config import (
     Config,
+    TrainConfig,
     apply_overrides,
     from_dict,
     save_config,
@@ -50,6 +51,7 @@ from sffn_lab.data.datamodule import LMDataModule
 from sffn_lab.data.tokenizers import tokenizer_to_dict
 from sffn_lab.errors import UserError
 from sffn_lab.export import load_trained, saved_tokenizer
+from sffn_lab.kernels.precision import fp32_matmul_precision
 from sffn_lab.lm_module import CorpusInfo, LanguageModelModule
 from sffn_lab.loggers import FlushLogsBeforeCheckpoint, build_loggers, check_installed, parse_loggers
 from sffn_lab.run_dir import (
@@ -115,6 +117,18 @@ def corpus_info(data: LMDataModule) -> CorpusInfo:
 
 
 PRECISION_ALIASES = {"32": "32-true", "16": "16-mixed", "bf16": "bf16-mixed", "64": "64-true"}  # Lightning's
+
+
+def slow_fp32_warning(t: TrainConfig, capability: tuple[int, int] | None) -> str | None:
+    """What to say when ``t`` trains in fp32 with IEEE products on a GPU of this compute capability (None: no
+    GPU) whose tensor cores (capability ≥ 8) would run them as TF32; else None."""
+    if capability is None or capability[0] < 8 or t.accelerator == "cpu":
+        return None
+    if PRECISION_ALIASES.get(t.precision, t.precision) != "32-true" or t.matmul_precision != "highest":
+        return None
+    return ("train.precision=32-true with train.matmul_precision=highest runs every fp32 product in IEEE precision, "
+            "off the GPU's tensor cores: --set train.matmul_precision=high runs them as TF32, --precision bf16-mixed "
+            "in bf16 (as the paper grids do).")
 
 
 @contextmanager
@@ -237,21 +251,22 @@ def train(
         run.write_status("running", step=resume_step or 0)
         print(f"run directory: {run_dir}  (follow it: tensorboard --logdir {run_dir})", flush=True)
     trainer = None
-    try:
-        trainer = build_trainer(config, run_dir, progress and rank_zero, resume_step, rank_zero, extra_callbacks)
-        trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)  # read through SafeCheckpointIO, weights only
-    except TrainingInterrupted:
-        if rank_zero:
-            run.write_status("interrupted", step=trainer.global_step)
-        raise
-    except BaseException as exc:
-        if rank_zero:
-            record_failure(run_dir, trainer.global_step if trainer else 0, exc, created)
-        raise
-    finally:
-        os.environ.pop(RUN_DIR_ENV, None)
-    if "val/loss" not in trainer.callback_metrics:  # resumed from a checkpoint already at max_steps
-        trainer.validate(module, datamodule=data, verbose=False)
+    with fp32_matmul_precision(config.train.matmul_precision):
+        try:
+            trainer = build_trainer(config, run_dir, progress and rank_zero, resume_step, rank_zero, extra_callbacks)
+            trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)  # read through SafeCheckpointIO, weights only
+        except TrainingInterrupted:
+            if rank_zero:
+                run.write_status("interrupted", step=trainer.global_step)
+            raise
+        except BaseException as exc:
+            if rank_zero:
+                record_failure(run_dir, trainer.global_step if trainer else 0, exc, created)
+            raise
+        finally:
+            os.environ.pop(RUN_DIR_ENV, None)
+        if "val/loss" not in trainer.callback_metrics:  # resumed from a checkpoint already at max_steps
+            trainer.validate(module, datamodule=data, verbose=False)
     summary = summarize(run_dir, trainer, module, module.wall_time_s())
     if rank_zero:
         run.summary.write_text(json.dumps(asdict(summary), indent=2))
@@ -344,7 +359,8 @@ def evaluate(ckpt: Path, split: str, config_overrides: list[str] | None = None, 
             enable_model_summary=False,
         )
     loader = data.test_dataloader() if split == "test" else data.val_dataloader()
-    results = trainer.test(module, dataloaders=loader, verbose=False)[0]
+    with fp32_matmul_precision(config.train.matmul_precision):
+        results = trainer.test(module, dataloaders=loader, verbose=False)[0]
     out = {k.split("/", 1)[1]: float(v) for k, v in results.items() if k.startswith("test/")}
     out.update(split=split, corpus=config.data.corpus, unit=module.corpus.unit, scored=scored_tokens(config),
                protocol=eval_protocol(config),

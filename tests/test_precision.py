@@ -14,6 +14,7 @@ import torch
 from sffn_lab import training
 from sffn_lab.ablation import is_grid, load_grid
 from sffn_lab.config import Config, load_config, validate
+from sffn_lab.errors import UserError
 from sffn_lab.models import build_model
 from sffn_lab.variants import kinds
 
@@ -119,3 +120,50 @@ def test_under_bf16_autocast_fp32_parameters_get_fp32_gradients_and_routing_stay
             assert stat is None or stat.dtype == torch.float32
     grads = {name: p.grad.dtype for name, p in model.named_parameters() if p.grad is not None}
     assert grads and set(grads.values()) == {torch.float32}, grads
+
+
+def test_train_matmul_precision_holds_through_training_and_evaluation_and_is_restored(tmp_path, monkeypatch):
+    import lightning as L
+
+    from sffn_lab.lm_module import LanguageModelModule
+
+    seen = {"train": set(), "test": set()}
+
+    class Record(L.Callback):
+        def on_train_batch_start(self, *args):
+            seen["train"].add(torch.get_float32_matmul_precision())
+
+        def on_validation_batch_start(self, *args):
+            seen["train"].add(torch.get_float32_matmul_precision())
+
+    def record_test(self, *args):
+        seen["test"].add(torch.get_float32_matmul_precision())
+
+    before = torch.get_float32_matmul_precision()
+    config = load_config(None, [*TINY, "train.matmul_precision=medium", f"train.out_dir={tmp_path}"])
+    summary = training.train(config, progress=False, extra_callbacks=[Record()])
+    assert seen["train"] == {"medium"} and torch.get_float32_matmul_precision() == before
+    monkeypatch.setattr(LanguageModelModule, "on_test_batch_start", record_test, raising=False)
+    training.evaluate(Path(summary.run_dir), "valid", ["train.matmul_precision=high"])
+    assert seen["test"] == {"high"} and torch.get_float32_matmul_precision() == before
+
+
+def test_an_unknown_matmul_precision_is_refused_with_the_choices():
+    with pytest.raises(UserError, match=r"train.matmul_precision 'hihg'.*highest, high, medium"):
+        load_config(None, ["train.matmul_precision=hihg"])
+
+
+@pytest.mark.parametrize(("overrides", "capability", "warned"), [
+    ([], (9, 0), True),  # an H100 at the defaults: IEEE fp32 products
+    (["train.precision=32"], (8, 0), True),  # Lightning's alias of 32-true
+    ([], (7, 0), False),  # no TF32 before Ampere
+    ([], None, False),  # no GPU
+    (["train.matmul_precision=high"], (9, 0), False),
+    (["train.precision=bf16-mixed"], (9, 0), False),
+    (["train.accelerator=cpu"], (9, 0), False),
+])
+def test_fp32_training_on_a_tensor_core_gpu_is_told_how_to_use_them(overrides, capability, warned):
+    warning = training.slow_fp32_warning(load_config(None, overrides).train, capability)
+    assert (warning is not None) == warned
+    if warned:
+        assert "train.matmul_precision=high" in warning and "bf16-mixed" in warning
