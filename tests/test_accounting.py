@@ -176,6 +176,40 @@ def test_model_cost_counts_every_parameter():
     assert count_model(cfg.model, 50, 20).total_params == numel(model)
 
 
+BACKBONES = {
+    "learned": [], "rope": ["model.positions=rope"], "relative": ["model.positions=relative"],
+    "narrow_heads": ["model.head_dim=8"], "sigma_moe": ["model.ffn.kind=sigma_moe", "model.ffn.top_k=2"],
+    "smlp": ["model.backbone=smlp", "model.ffn.kind=base", "model.ffn.top_k=1"],
+}
+
+
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_model_flops_equal_the_products_of_a_whole_forward_counted_causally(backbone):
+    """count_model's FLOPs per token against FlopCounterMode over one sequence's forward (the math attention, so
+    its products are seen). The model multiplies every causal product over the whole S × S square (masked);
+    count_model counts a token's causal prefix only, on average (S + 1) / 2 of the S positions: the surplus is
+    the upper triangle, per token 2·2·inner·(S − 1)/2 per attention layer and 2·F·(S − 1)/2 per sMLP unit.
+    (The partial-prediction sMoE multiplies a prefix square and full tail rows: not this rule, not here.)"""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from sffn_lab.config import attention_head_dim
+    from sffn_lab.kernels.backends import forced_backend
+
+    vocab, S = 50, 32
+    cfg = load_config(None, ["model.d_model=64", "model.n_layers=2", "model.n_heads=4", "model.ffn.d_ff=128",
+                             "model.ffn.n_experts=4", "model.ffn.expert_size=32", "model.smlp.d_hidden=64",
+                             f"data.seq_len={S}", *BACKBONES[backbone]]).model
+    model = build_model(cfg, vocab, S).eval()
+    with torch.no_grad(), forced_backend("torch"), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as c:
+        model(torch.randint(0, vocab, (1, S)))
+    if cfg.backbone == "smlp":
+        surplus = (cfg.smlp.n_dense_blocks + cfg.smlp.n_sparse_blocks) * cfg.smlp.d_hidden * (S - 1)
+    else:
+        surplus = cfg.n_layers * 2 * cfg.n_heads * attention_head_dim(cfg) * (S - 1)
+    assert count_model(cfg, vocab, S).flops_per_token == c.get_total_flops() / S - surplus
+
+
 def test_variants_table_lists_every_variant_at_equal_parameters():
     rows = variants_table(512, 2048, expert_size=128, top_k=4)
     assert [r["kind"] for r in rows] == list(FFN_KINDS)
