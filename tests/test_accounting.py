@@ -179,6 +179,8 @@ def test_model_cost_counts_every_parameter():
 BACKBONES = {
     "learned": [], "rope": ["model.positions=rope"], "relative": ["model.positions=relative"],
     "narrow_heads": ["model.head_dim=8"], "sigma_moe": ["model.ffn.kind=sigma_moe", "model.ffn.top_k=2"],
+    "relative_memory": ["model.positions=relative", "model.memory_segments=1"],
+    "rope_memory_2": ["model.positions=rope", "model.memory_segments=2"],
     "smlp": ["model.backbone=smlp", "model.ffn.kind=base", "model.ffn.top_k=1"],
 }
 
@@ -186,7 +188,7 @@ BACKBONES = {
 @pytest.mark.parametrize("backbone", BACKBONES)
 def test_model_flops_equal_the_products_of_a_whole_forward_counted_causally(backbone):
     """count_model's FLOPs per token against FlopCounterMode over one sequence's forward (the math attention, so
-    its products are seen). The model multiplies every causal product over the whole S × S square (masked);
+    its products are seen; with memory, a segment after the memory has filled). The model multiplies every causal product over the whole S × S square (masked);
     count_model counts a token's causal prefix only, on average (S + 1) / 2 of the S positions: the surplus is
     the upper triangle, per token 2·2·inner·(S − 1)/2 per attention layer and 2·F·(S − 1)/2 per sMLP unit.
     (The partial-prediction sMoE multiplies a prefix square and full tail rows: not this rule, not here.)"""
@@ -201,8 +203,12 @@ def test_model_flops_equal_the_products_of_a_whole_forward_counted_causally(back
                              "model.ffn.n_experts=4", "model.ffn.expert_size=32", "model.smlp.d_hidden=64",
                              f"data.seq_len={S}", *BACKBONES[backbone]]).model
     model = build_model(cfg, vocab, S).eval()
-    with torch.no_grad(), forced_backend("torch"), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as c:
-        model(torch.randint(0, vocab, (1, S)))
+    with torch.no_grad(), forced_backend("torch"), sdpa_kernel(SDPBackend.MATH):
+        memory = None
+        for _ in range(cfg.memory_segments):
+            memory = model(torch.randint(0, vocab, (1, S)), memory).memory
+        with FlopCounterMode(display=False) as c:
+            model(torch.randint(0, vocab, (1, S)), *([memory] if memory else []))
     if cfg.backbone == "smlp":
         surplus = (cfg.smlp.n_dense_blocks + cfg.smlp.n_sparse_blocks) * cfg.smlp.d_hidden * (S - 1)
     else:

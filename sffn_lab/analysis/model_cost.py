@@ -35,13 +35,16 @@ def count_model(cfg: ModelConfig, vocab_size: int, seq_len: int) -> Cost:
 
 def transformer_flops(cfg: ModelConfig, vocab_size: int, seq_len: int) -> float:
     """Forward FLOPs per token of the Transformer without its FFN layers: the output head, and per layer the
-    q, k, v and output projections and the attention scores (causal prefix and any cached memory)."""
+    q, k, v and output projections, the keys and values of any cached memory (Transformer-XL caches a layer's
+    inputs, so each segment projects its M cached positions again: M / S of a k and v projection per token)
+    and the attention scores (causal prefix and memory)."""
     d, inner = cfg.d_model, cfg.n_heads * attention_head_dim(cfg)  # H·Dh
     memory = cfg.memory_segments * seq_len  # cached positions every query also reads
+    projection_flops = 2 * 4 * d * inner + 2 * 2 * d * inner * memory / seq_len
     score_flops = 2 * 2 * inner * (memory + (seq_len + 1) / 2)  # q·k and p·v over the memory and causal prefix
     if cfg.positions == "relative":  # (q + v)·W_r R over every offset, and W_r R once per segment
         score_flops += 2 * inner * (memory + seq_len) + 2 * d * inner * (memory + seq_len) / seq_len
-    return 2 * vocab_size * d + cfg.n_layers * (2 * 4 * d * inner + score_flops)
+    return 2 * vocab_size * d + cfg.n_layers * (projection_flops + score_flops)
 
 
 def smlp_flops(cfg: ModelConfig, vocab_size: int, seq_len: int) -> float:
