@@ -263,7 +263,7 @@ def estimate_seconds(sweep: Sweep, sweep_dir: Path | None = None) -> None:
 
     took, per_token_finished = {}, {}  # dir name → seconds; model key → seconds per trained token of each
     for run in sweep.runs:
-        summary = finished_summary(sweep_dir / run.dir_name) if sweep_dir is not None else None
+        summary = finished_run_timing(sweep_dir / run.dir_name) if sweep_dir is not None else None
         if summary:
             took[run.dir_name] = summary["wall_time_s"]
             per_token_finished.setdefault(model_key(run), []).append(summary["wall_time_s"] / summary["tokens_seen"])
@@ -299,8 +299,9 @@ def estimate_seconds(sweep: Sweep, sweep_dir: Path | None = None) -> None:
             run.estimated_s = per_token[key] * (train_tokens + validations * _validation_tokens(c) / 3) + 3.0
 
 
-def finished_summary(run_dir: Path) -> dict | None:
-    """The summary of a finished run that says how long it took for how many tokens, else None."""
+def finished_run_timing(run_dir: Path) -> dict | None:
+    """The summary of a finished run that says how long it took for how many tokens (``wall_time_s``,
+    ``tokens_seen``), else None."""
     from sffn_lab.run_dir import RunDir
 
     run = RunDir(run_dir)

@@ -33,6 +33,10 @@ app = typer.Typer(
 console = Console(width=None if sys.stdout.isatty() else 160)
 
 
+def _print_warning(text: str) -> None:
+    console.print(f"[yellow]warning:[/yellow] {text}", soft_wrap=True)
+
+
 def _warn_if_cpu_busy() -> None:
     """Before CPU work: say so when other processes hold the cores torch's threads need."""
     import torch
@@ -40,7 +44,7 @@ def _warn_if_cpu_busy() -> None:
     from sffn_lab.busy_cpu import contention_warning
 
     if not torch.cuda.is_available() and (warning := contention_warning(torch.get_num_threads())):
-        console.print(f"[yellow]warning:[/yellow] {warning}", soft_wrap=True)
+        _print_warning(warning)
 
 
 def _warn_if_slow_fp32(config) -> None:
@@ -51,7 +55,7 @@ def _warn_if_slow_fp32(config) -> None:
 
     capability = torch.cuda.get_device_capability() if torch.cuda.is_available() else None
     if warning := slow_fp32_warning(config.train, capability):
-        console.print(f"[yellow]warning:[/yellow] {warning}", soft_wrap=True)
+        _print_warning(warning)
 
 
 def _typed_overrides(**values) -> list[str]:
@@ -276,9 +280,8 @@ def plot(
 
     corpora = {run: run_corpus(run) for run in runs}
     if len(set(corpora.values())) > 1:
-        console.print("[yellow]warning:[/yellow] these runs trained on different corpora, so their losses are not "
-                      "comparable: " + ", ".join(f"{run.name}: {corpus}" for run, corpus in corpora.items()),
-                      soft_wrap=True)
+        _print_warning("these runs trained on different corpora, so their losses are not comparable: "
+                       + ", ".join(f"{run.name}: {corpus}" for run, corpus in corpora.items()))
     plot_runs(runs, output, x.value)
     console.print(f"wrote {output}")
 
